@@ -1,0 +1,149 @@
+//! The command line. Every flag has a config-file key of the same name (with `_` for `-`);
+//! a flag overrides the file, and the file overrides `DATABASE_URL`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_duration, AuthMethod, Config, ConfigError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgwarp",
+    version,
+    about = "PostgreSQL connection pooler (transaction mode) with prepared statements that survive pooling",
+    long_about = "pgwarp accepts PostgreSQL clients and runs their transactions on a small pool of \
+                  connections to one origin database. Point DATABASE_URL at pgwarp instead of the \
+                  database: the same user, password and database name keep working.\n\n\
+                  Example:\n  pgwarp --origin postgres://app:secret@db.internal:5432/app\n  \
+                  psql postgres://app:secret@127.0.0.1:6432/app"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file; flags given here override its values (see configs/pgwarp.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to accept clients on [default: 127.0.0.1:6432].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Origin database URL, postgres://user:password@host:port/database [env: DATABASE_URL].
+    /// Its user and password are also what clients log in with.
+    #[arg(long, value_name = "URL")]
+    pub origin: Option<String>,
+    /// Origin connections per (user, database) [default: 20].
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<usize>,
+    /// Most client connections at once; more are refused with SQLSTATE 53300 [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_client_conn: Option<usize>,
+    /// How long a client waits for a free origin connection before SQLSTATE 53300 [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub pool_timeout: Option<Duration>,
+    /// Close origin connections idle this long [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Log level: error, warn, info, debug, trace, or a tracing filter [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// How clients prove their password [default: scram-sha-256].
+    #[arg(long, value_name = "METHOD")]
+    pub auth_method: Option<AuthMethod>,
+}
+
+impl RunArgs {
+    /// Merges defaults, `DATABASE_URL`, the config file and the flags, in rising precedence.
+    pub fn into_config(self, database_url: Option<String>) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if c.origin.is_none() {
+            c.origin = database_url.filter(|u| !u.is_empty());
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.origin {
+            c.origin = Some(v);
+        }
+        if let Some(v) = self.pool_size {
+            c.pool_size = v;
+        }
+        if let Some(v) = self.max_client_conn {
+            c.max_client_conn = v;
+        }
+        if let Some(v) = self.pool_timeout {
+            c.pool_timeout = v;
+        }
+        if let Some(v) = self.idle_timeout {
+            c.idle_timeout = v;
+        }
+        if let Some(v) = self.log_level {
+            c.log_level = v;
+        }
+        if let Some(v) = self.auth_method {
+            c.auth_method = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pgwarp").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_environment() {
+        let cli = parse(&[
+            "--origin",
+            "postgres://a:b@h/db",
+            "--pool-size",
+            "3",
+            "--pool-timeout",
+            "2s",
+        ])
+        .unwrap();
+        let c = cli
+            .run
+            .into_config(Some("postgres://x:y@other/db".into()))
+            .unwrap();
+        assert_eq!(c.origin.as_deref(), Some("postgres://a:b@h/db"));
+        assert_eq!(c.pool_size, 3);
+        assert_eq!(c.pool_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn database_url_is_the_fallback_origin() {
+        let c = parse(&[])
+            .unwrap()
+            .run
+            .into_config(Some("postgres://x:y@h/db".into()))
+            .unwrap();
+        assert_eq!(c.origin.as_deref(), Some("postgres://x:y@h/db"));
+        assert!(parse(&[]).unwrap().run.into_config(None).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(parse(&["--pool-size", "many"]).is_err());
+        assert!(parse(&["--pool-timeout", "forever"]).is_err());
+        let cli = parse(&["--origin", "postgres://a@h/db", "--pool-size", "0"]).unwrap();
+        assert!(cli.run.into_config(None).is_err());
+    }
+}

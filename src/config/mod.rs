@@ -1,0 +1,251 @@
+//! Configuration: the TOML file, the command line and `DATABASE_URL`, merged into one `Config`.
+//!
+//! The struct is the documentation: every field says what it does and has a default, and unknown
+//! keys are refused so a typo is an error rather than a silent default. Precedence: command-line
+//! flags, then the config file, then `DATABASE_URL` (for the origin only), then the defaults.
+
+mod origin_url;
+mod units;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use origin_url::{OriginUrl, SslMode};
+pub use units::{parse_byte_size, parse_duration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid origin URL: {0}")]
+    OriginUrl(String),
+    #[error(
+        "no origin database: pass --origin, set `origin` in the config file, or set DATABASE_URL"
+    )]
+    NoOrigin,
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// How pgwarp checks client passwords.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256, as Postgres does by default.
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 challenge-response, for old clients.
+    #[serde(rename = "md5")]
+    #[value(name = "md5")]
+    Md5,
+}
+
+/// One client login that pgwarp accepts, and the origin credentials its work runs under.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The client's password: plaintext, a SCRAM verifier (`SCRAM-SHA-256$...`, as in pg_authid),
+    /// or an md5 hash (`md5...`). Verifiers work only with the matching auth_method.
+    pub password: String,
+    /// The origin role this user's queries run as. Default: the same name.
+    pub origin_user: Option<String>,
+    /// The origin role's password. Default: `password` when that is plaintext, else the origin
+    /// URL's password.
+    pub origin_password: Option<String>,
+}
+
+/// Everything pgwarp can be told. See configs/pgwarp.toml for an annotated example.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to accept clients on. Default 127.0.0.1:6432 (0.0.0.0:6432 in the container).
+    pub listen: String,
+    /// The origin database as a libpq-style URL: postgres://user:password@host:port/database.
+    /// Its user and password are also the default client login (drop-in use).
+    pub origin: Option<String>,
+    /// Origin connections per (user, database) pool. Default 20.
+    pub pool_size: usize,
+    /// Client connections accepted at once; more are refused with SQLSTATE 53300. Default 10000.
+    pub max_client_conn: usize,
+    /// How long a client waits for an origin connection before SQLSTATE 53300. Default 30s.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub pool_timeout: Duration,
+    /// Origin connections idle this long are closed. Default 10m.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub idle_timeout: Duration,
+    /// How long connecting and logging in to the origin may take. Default 10s.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub connect_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long running transactions get to finish. Default 30s.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub shutdown_timeout: Duration,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive. Default info.
+    pub log_level: String,
+    /// Longest protocol message accepted, in bytes or with a unit ("256MiB"). Hard ceiling 1GiB.
+    #[serde(deserialize_with = "units::de_byte_size")]
+    pub max_message_size: usize,
+    /// How clients prove their password: "scram-sha-256" (default) or "md5".
+    pub auth_method: AuthMethod,
+    /// Prepared statements kept per origin connection (LRU). Default 200.
+    pub statement_cache_size: usize,
+    /// Bytes of saved prepared statements one client may hold. Default 16MiB.
+    #[serde(deserialize_with = "units::de_byte_size")]
+    pub max_client_statement_bytes: usize,
+    /// Extra client logins, by user name. The origin URL's user is always accepted too.
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6432".into(),
+            origin: None,
+            pool_size: 20,
+            max_client_conn: 10_000,
+            pool_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            log_level: "info".into(),
+            max_message_size: 256 << 20,
+            auth_method: AuthMethod::ScramSha256,
+            statement_cache_size: 200,
+            max_client_statement_bytes: 16 << 20,
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned() + &span_hint(text, e.span()))
+    }
+
+    /// The parsed origin URL; an error when none was given or it does not parse.
+    pub fn origin_url(&self) -> Result<OriginUrl, ConfigError> {
+        let raw = self.origin.as_deref().ok_or(ConfigError::NoOrigin)?;
+        OriginUrl::parse(raw).map_err(ConfigError::OriginUrl)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "listen",
+                "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6432",
+            );
+        }
+        if self.pool_size == 0 {
+            return invalid("pool_size", "must be at least 1");
+        }
+        if self.max_client_conn == 0 {
+            return invalid("max_client_conn", "must be at least 1");
+        }
+        if self.statement_cache_size == 0 {
+            return invalid("statement_cache_size", "must be at least 1");
+        }
+        if self.max_message_size < 1024
+            || self.max_message_size > crate::protocol::codec::HARD_MAX_MESSAGE
+        {
+            return invalid("max_message_size", "must be between 1KiB and 1GiB");
+        }
+        if self.pool_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return invalid("pool_timeout", "timeouts must be greater than zero");
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            ConfigError::Invalid {
+                key: "log_level",
+                message: e.to_string(),
+            }
+        })?;
+        self.origin_url()?;
+        Ok(())
+    }
+}
+
+/// Points at the line of a TOML error, since toml's message alone lacks it.
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => format!(
+            " (line {})",
+            text[..r.start.min(text.len())].lines().count().max(1)
+        ),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_in_configs_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/pgwarp.toml");
+        let config = Config::from_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.pool_size, 20);
+        assert!(config.users.contains_key("reporting"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("pool_sise = 3").unwrap_err();
+        assert!(err.contains("pool_sise"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_take_units() {
+        let c =
+            Config::from_toml("pool_timeout = \"1500ms\"\nmax_message_size = \"8MiB\"").unwrap();
+        assert_eq!(c.pool_timeout, Duration::from_millis(1500));
+        assert_eq!(c.max_message_size, 8 << 20);
+        assert!(Config::from_toml("pool_timeout = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn validate_catches_nonsense() {
+        let mut c = Config {
+            origin: Some("postgres://u:p@h/db".into()),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.pool_size = 0;
+        assert!(c.validate().is_err());
+        let c = Config {
+            listen: "localhost".into(),
+            ..c
+        };
+        assert!(c.validate().is_err());
+        assert!(matches!(
+            Config::default().validate(),
+            Err(ConfigError::NoOrigin)
+        ));
+    }
+}

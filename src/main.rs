@@ -1,0 +1,66 @@
+//! `pgwarp`: parse flags and config, start the server, turn signals into shutdown.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pgwarp::cli::Cli;
+use pgwarp::server::{Server, ShutdownHandle};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        match command {}
+    }
+    let config = match cli.run.into_config(std::env::var("DATABASE_URL").ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgwarp: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgwarp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::bind(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("pgwarp: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tokio::spawn(shutdown_on_signal(server.shutdown_handle()));
+        server.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_on_signal(handle: ShutdownHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    handle.shutdown();
+}

@@ -1,0 +1,326 @@
+//! Connecting to the origin and logging in as a client; reading and writing framed messages on
+//! an established connection; pgwarp's own small queries.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::AsyncWriteExt;
+
+use super::settings::Settings;
+use super::statements::ServerStatements;
+use super::OriginError;
+use crate::protocol::backend::{self as be, AuthRequest};
+use crate::protocol::codec::{FrameError, HARD_MAX_MESSAGE};
+use crate::protocol::error::ErrorFields;
+use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader};
+use crate::transport::{self, OriginStream, OriginTarget};
+
+/// Who pgwarp logs in to the origin as.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.user, self.database)
+    }
+}
+
+/// The origin backend's cancel key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// The result of one of pgwarp's own simple queries.
+#[derive(Debug, Default)]
+pub struct QueryOutcome {
+    pub rows: Vec<Vec<Option<String>>>,
+    pub error: Option<ErrorFields>,
+    pub status: u8,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct OriginConn {
+    /// A small number for logs.
+    pub id: u64,
+    stream: OriginStream,
+    reader: MessageReader,
+    pub key: BackendKey,
+    /// The current value of every parameter the origin reports (startup, then ParameterStatus).
+    pub params: BTreeMap<String, String>,
+    /// Session settings pgwarp has applied on this connection (what `pg_settings` shows with
+    /// source = 'session').
+    pub applied: Settings,
+    /// The statements prepared here.
+    pub statements: ServerStatements,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Set when the connection must not go back to the pool.
+    pub broken: bool,
+}
+
+impl std::fmt::Debug for OriginConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OriginConn#{}(pid {})", self.id, self.key.pid)
+    }
+}
+
+impl OriginConn {
+    /// Connects and logs in, within `timeout`.
+    pub async fn connect(
+        target: &OriginTarget,
+        creds: &Credentials,
+        statement_cache: usize,
+        timeout: Duration,
+    ) -> Result<OriginConn, OriginError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, creds, statement_cache))
+            .await
+            .map_err(|_| OriginError::ConnectTimeout)?
+    }
+
+    async fn connect_inner(
+        target: &OriginTarget,
+        creds: &Credentials,
+        statement_cache: usize,
+    ) -> Result<OriginConn, OriginError> {
+        let mut stream = transport::connect(target)
+            .await
+            .map_err(OriginError::Connect)?;
+        let startup = build::startup(&[("user", &creds.user), ("database", &creds.database)]);
+        stream.write_all(&startup).await?;
+        let mut conn = OriginConn {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            reader: MessageReader::new(HARD_MAX_MESSAGE),
+            key: BackendKey { pid: 0, secret: 0 },
+            params: BTreeMap::new(),
+            applied: Settings::new(),
+            statements: ServerStatements::new(statement_cache),
+            created: Instant::now(),
+            last_used: Instant::now(),
+            broken: false,
+        };
+        conn.authenticate(creds).await?;
+        loop {
+            let msg = conn.read().await?;
+            match msg.tag() {
+                be::PARAMETER_STATUS => conn.note_parameter(msg.body()),
+                be::BACKEND_KEY_DATA => {
+                    let (pid, secret) = be::backend_key_data(msg.body()).map_err(protocol)?;
+                    conn.key = BackendKey { pid, secret };
+                }
+                be::READY_FOR_QUERY => return Ok(conn),
+                be::ERROR_RESPONSE => return Err(refused(&msg)),
+                be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL_VERSION => {}
+                other => {
+                    return Err(OriginError::Protocol(format!(
+                        "unexpected {:?} during startup",
+                        other as char
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Answers the origin's authentication requests until AuthenticationOk.
+    async fn authenticate(&mut self, creds: &Credentials) -> Result<(), OriginError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.read().await?;
+            if msg.tag() == be::ERROR_RESPONSE {
+                return Err(refused(&msg));
+            }
+            if msg.tag() != be::AUTHENTICATION {
+                return Err(OriginError::Protocol(format!(
+                    "expected authentication, got {:?}",
+                    msg.tag() as char
+                )));
+            }
+            let password = || creds.password.as_deref().ok_or(OriginError::NoPassword);
+            match be::auth_request(msg.body()).map_err(protocol)? {
+                AuthRequest::Ok => return Ok(()),
+                AuthRequest::Cleartext => {
+                    let mut data = password()?.as_bytes().to_vec();
+                    data.push(0);
+                    self.write(&build::password(&data)).await?;
+                }
+                AuthRequest::Md5 { salt } => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        creds.user.as_bytes(),
+                        password()?.as_bytes(),
+                        salt,
+                    );
+                    let mut data = hash.into_bytes();
+                    data.push(0);
+                    self.write(&build::password(&data)).await?;
+                }
+                AuthRequest::Sasl { mechanisms } => {
+                    if !mechanisms.contains(&"SCRAM-SHA-256") {
+                        return Err(OriginError::UnsupportedAuth(mechanisms.join(", ")));
+                    }
+                    let client =
+                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    self.write(&build::sasl_initial_response(
+                        "SCRAM-SHA-256",
+                        client.message(),
+                    ))
+                    .await?;
+                    scram = Some(client);
+                }
+                AuthRequest::SaslContinue { data } => {
+                    let mut client = scram
+                        .take()
+                        .ok_or_else(|| OriginError::Scram("unexpected SASL continue".into()))?;
+                    let data = data.to_vec();
+                    // The salted-password derivation is deliberately slow: keep it off the workers.
+                    let client =
+                        tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
+                            .await
+                            .map_err(|e| OriginError::Scram(e.to_string()))?
+                            .map_err(|e| OriginError::Scram(e.to_string()))?;
+                    self.write(&build::password(client.message())).await?;
+                    scram = Some(client);
+                }
+                AuthRequest::SaslFinal { data } => {
+                    let mut client = scram
+                        .take()
+                        .ok_or_else(|| OriginError::Scram("unexpected SASL final".into()))?;
+                    client
+                        .finish(data)
+                        .map_err(|e| OriginError::Scram(e.to_string()))?;
+                }
+                AuthRequest::Other(code) => {
+                    return Err(OriginError::UnsupportedAuth(format!("method {code}")))
+                }
+            }
+        }
+    }
+
+    /// Reads one message. Cancel safe.
+    pub async fn read(&mut self) -> Result<Message, OriginError> {
+        match self.reader.read(&mut self.stream).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(OriginError::Closed),
+            Err(FrameError::Io(e)) => Err(OriginError::Io(e)),
+            Err(e) => Err(OriginError::Protocol(e.to_string())),
+        }
+    }
+
+    /// The next message if one is already buffered, without waiting.
+    pub fn try_read(&mut self) -> Result<Option<Message>, OriginError> {
+        self.reader
+            .try_next()
+            .map_err(|e| OriginError::Protocol(e.to_string()))
+    }
+
+    /// One step of full-duplex I/O: writes what it can of `out`, then reads if `want_read`.
+    pub fn poll_io(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut bytes::BytesMut,
+        want_read: bool,
+    ) -> std::task::Poll<Result<Duplex, OriginError>> {
+        poll_duplex(cx, &mut self.stream, &mut self.reader, out, want_read).map_err(|e| match e {
+            FrameError::Io(e) => OriginError::Io(e),
+            e => OriginError::Protocol(e.to_string()),
+        })
+    }
+
+    /// Sends Sync and waits for ReadyForQuery, dropping anything before it; returns the status.
+    pub async fn sync(&mut self) -> Result<u8, OriginError> {
+        self.write(&build::sync()).await?;
+        loop {
+            let msg = self.read().await?;
+            match msg.tag() {
+                be::READY_FOR_QUERY => return be::ready_status(msg.body()).map_err(protocol),
+                be::PARAMETER_STATUS => self.note_parameter(msg.body()),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), OriginError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Records a ParameterStatus the origin sent.
+    pub fn note_parameter(&mut self, body: &[u8]) {
+        if let Ok((name, value)) = be::parameter_status(body) {
+            self.params.insert(name.to_owned(), value.to_owned());
+        }
+    }
+
+    /// Whether an idle connection still looks usable: nothing to read and not closed. An idle
+    /// origin sends nothing unless it is going away (e.g. FATAL 57P01 on shutdown).
+    pub fn is_alive(&mut self) -> bool {
+        if self.broken || self.reader.has_bytes() {
+            return false;
+        }
+        match self.reader.read(&mut self.stream).now_or_never() {
+            None => true,
+            Some(_) => {
+                self.broken = true;
+                false
+            }
+        }
+    }
+
+    /// Runs one of pgwarp's own simple queries to completion, collecting rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryOutcome, OriginError> {
+        self.write(&build::query(sql)).await?;
+        let mut out = QueryOutcome::default();
+        loop {
+            let msg = self.read().await?;
+            match msg.tag() {
+                be::DATA_ROW => out
+                    .rows
+                    .push(be::data_row_text(msg.body()).map_err(protocol)?),
+                be::PARAMETER_STATUS => self.note_parameter(msg.body()),
+                be::ERROR_RESPONSE => {
+                    let fields = ErrorFields::parse(msg.body()).map_err(protocol)?;
+                    if fields.is_fatal() {
+                        self.broken = true;
+                        return Err(OriginError::Refused(fields));
+                    }
+                    out.error = Some(fields);
+                }
+                be::READY_FOR_QUERY => {
+                    out.status = be::ready_status(msg.body()).map_err(protocol)?;
+                    return Ok(out);
+                }
+                // COPY cannot start from pgwarp's own queries; anything else is informational.
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate and closes, best effort.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.stream.write_all(&build::terminate()).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn protocol(e: crate::protocol::DecodeError) -> OriginError {
+    OriginError::Protocol(e.to_string())
+}
+
+fn refused(msg: &Message) -> OriginError {
+    match ErrorFields::parse(msg.body()) {
+        Ok(fields) => OriginError::Refused(fields),
+        Err(e) => protocol(e),
+    }
+}

@@ -1,0 +1,160 @@
+//! The accept loop, the state every session shares, and graceful shutdown.
+//!
+//! Shutdown has two phases. `drain` (SIGTERM/SIGINT): stop accepting, close idle clients with
+//! 57P01, and let clients inside a transaction finish. `kill` (after shutdown_timeout): close
+//! everyone that is left.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::UserDirectory;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, ConfigError};
+use crate::pool::{PoolConfig, PoolSet};
+use crate::session;
+use crate::transport::{ClientStream, OriginTarget};
+
+/// What every session shares.
+pub struct ServerContext {
+    pub config: Config,
+    pub users: UserDirectory,
+    pub pools: PoolSet,
+    pub cancels: Arc<CancelRegistry>,
+    pub client_slots: Arc<Semaphore>,
+    pub drain: CancellationToken,
+    pub kill: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Triggers shutdown from outside (signals, tests).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    drain: CancellationToken,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.drain.cancel();
+    }
+}
+
+pub struct Server {
+    ctx: Arc<ServerContext>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Validates the configuration, prepares the users, and binds the listener.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let origin = config.origin_url()?;
+        let users = UserDirectory::build(&config, &origin).await?;
+        let target = OriginTarget {
+            host: origin.host.clone(),
+            port: origin.port,
+        };
+        let pools = PoolSet::new(
+            target,
+            PoolConfig {
+                size: config.pool_size,
+                pool_timeout: config.pool_timeout,
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.idle_timeout,
+                statement_cache: config.statement_cache_size,
+            },
+        );
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        let ctx = Arc::new(ServerContext {
+            users,
+            pools,
+            cancels: Arc::new(CancelRegistry::default()),
+            client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
+            drain: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            config,
+        });
+        Ok(Server { ctx, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            drain: self.ctx.drain.clone(),
+        }
+    }
+
+    pub fn context(&self) -> &Arc<ServerContext> {
+        &self.ctx
+    }
+
+    /// Accepts clients until shutdown, then drains them.
+    pub async fn run(self) {
+        let Server { ctx, listener } = self;
+        let tracker = TaskTracker::new();
+        tracing::info!(listen = %ctx.config.listen, "pgwarp accepting clients");
+        loop {
+            tokio::select! {
+                _ = ctx.drain.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        let _ = socket.set_nodelay(true);
+                        tracker.spawn(session::serve_client(ctx.clone(), ClientStream::Tcp(socket), peer));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        tracker.close();
+        tracing::info!(
+            clients = tracker.len(),
+            "shutting down: letting running transactions finish"
+        );
+        if tokio::time::timeout(ctx.config.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                clients = tracker.len(),
+                "shutdown timeout reached: closing remaining clients"
+            );
+            ctx.kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        for pool in ctx.pools.all() {
+            pool.close_idle();
+        }
+        // Let the Terminate messages go out.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tracing::info!("pgwarp stopped");
+    }
+}

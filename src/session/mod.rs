@@ -1,0 +1,611 @@
+//! One client, from login to goodbye.
+//!
+//! The session reads the client's messages into a batch until a boundary (Sync, Flush, Query,
+//! FunctionCall), takes an origin connection for it if it has none, plans the batch against
+//! that connection (`plan`), and routes every answer through the response queue. The connection
+//! goes back to the pool the moment the client is idle (ReadyForQuery `I`, nothing outstanding);
+//! a transaction, an unfinished extended-protocol sequence (Flush), a COPY, or session-scoped
+//! state keeps it. Reading and writing on both sockets run in one loop, full duplex, with
+//! high-water marks so that neither side can buffer without bound.
+
+mod plan;
+pub mod startup;
+pub mod statements;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use crate::cancel::{self, CancelHandle};
+use crate::origin::settings::{sync_sql, Settings, CAPTURE_SQL};
+use crate::origin::{Expect, OriginError, Owner, ResponseQueue};
+use crate::pool::{Pool, PoolError, PooledConn};
+use crate::protocol::backend as be;
+use crate::protocol::codec::FrameError;
+use crate::protocol::error::{ErrorFields, Severity, SqlState};
+use crate::protocol::frontend as fe;
+use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader};
+use crate::server::ServerContext;
+use crate::sql::inspect;
+use crate::transport::ClientStream;
+use plan::{apply_undo, Planner};
+use startup::Established;
+use statements::StatementMap;
+
+/// Past this many bytes waiting for one side, stop reading from the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// A batch this large is sent on before its Sync arrives (the connection stays pinned).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// How long clean-up after a vanished client may take before the connection is dropped.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts one client connection: handshake, then the session, inside a tracing span.
+pub async fn serve_client(
+    ctx: Arc<ServerContext>,
+    stream: ClientStream,
+    peer: std::net::SocketAddr,
+) {
+    let span = tracing::info_span!("client", %peer);
+    async move {
+        // Boxed so the handshake's state is freed once it is done: idle clients stay small.
+        let Some(session) = Box::pin(startup::handshake(ctx, stream)).await else {
+            return;
+        };
+        session.run().await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent Terminate.
+    Terminate,
+    /// The client's socket closed or failed.
+    ClientGone,
+    /// The client broke the protocol.
+    Protocol(String),
+    /// The origin connection died under the client.
+    OriginLost { already_told: bool },
+    /// pgwarp is shutting down.
+    Shutdown,
+}
+
+/// An origin connection checked out for this client, and what it still owes.
+struct Attached {
+    conn: PooledConn,
+    queue: ResponseQueue,
+    to_origin: BytesMut,
+    /// Extended-protocol messages were sent since the last Sync.
+    needs_sync: bool,
+    /// The origin sent a FATAL error: it is going away.
+    origin_fatal: bool,
+}
+
+pub struct Session {
+    ctx: Arc<ServerContext>,
+    client: ClientStream,
+    reader: MessageReader,
+    to_client: BytesMut,
+    pool: Arc<Pool>,
+    /// Settings from the startup packet (what RESET returns to).
+    startup_settings: Settings,
+    /// Settings this client's work must run under.
+    wanted: Settings,
+    /// The client's transaction status, as its last ReadyForQuery said.
+    status: u8,
+    statements: StatementMap,
+    batch: Vec<Message>,
+    batch_bytes: usize,
+    origin: Option<Box<Attached>>,
+    copy_in: bool,
+    /// pgwarp answered an error itself; drop messages until the client's Sync.
+    skip_until_sync: bool,
+    /// The client may have changed settings: read them back before releasing the connection.
+    settings_dirty: bool,
+    /// Session-scoped state in use: keep the origin connection until the client leaves.
+    session_pin: Option<&'static str>,
+    draining: bool,
+    cancel: CancelHandle,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Session {
+    fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established) -> Session {
+        let pool = ctx.pools.get(&e.creds);
+        let cancel = ctx.cancels.register();
+        let statements = StatementMap::new(ctx.config.max_client_statement_bytes);
+        let _ = (&e.user, &e.database);
+        Session {
+            client,
+            reader: e.reader,
+            to_client: BytesMut::new(),
+            pool,
+            wanted: e.settings.clone(),
+            startup_settings: e.settings,
+            status: b'I',
+            statements,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            origin: None,
+            copy_in: false,
+            skip_until_sync: false,
+            settings_dirty: false,
+            session_pin: None,
+            draining: false,
+            cancel,
+            _slot: e.permit,
+            ctx,
+        }
+    }
+
+    async fn run(mut self) {
+        self.to_client.extend_from_slice(&build::backend_key_data(
+            self.cancel.pid,
+            self.cancel.secret,
+        ));
+        self.to_client
+            .extend_from_slice(&build::ready_for_query(b'I'));
+        let end = self.serve().await;
+        self.finish(end).await;
+    }
+
+    async fn serve(&mut self) -> End {
+        loop {
+            if self.origin.is_none() && !self.reader.has_bytes() && self.to_client.is_empty() {
+                if self.draining {
+                    return End::Shutdown;
+                }
+                // Idle: hold no buffers while waiting.
+                self.reader.shrink_if_empty();
+                self.to_client = BytesMut::new();
+                tokio::select! {
+                    r = self.client.readable() => if r.is_err() { return End::ClientGone },
+                    _ = self.ctx.drain.cancelled() => return End::Shutdown,
+                }
+            }
+            if let Err(end) = Box::pin(self.until_idle()).await {
+                return end;
+            }
+        }
+    }
+
+    /// Serves until nothing is outstanding in either direction.
+    async fn until_idle(&mut self) -> Result<(), End> {
+        loop {
+            if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
+                return Ok(());
+            }
+            if self.origin.is_none() && self.draining && self.to_client.is_empty() {
+                return Err(End::Shutdown);
+            }
+            let origin_backlog = self.origin.as_ref().map_or(0, |a| a.to_origin.len());
+            let read_client = origin_backlog < HIGH_WATER;
+            let read_origin = self.to_client.len() < HIGH_WATER;
+            let client_active = read_client || !self.to_client.is_empty();
+            let origin_active = self
+                .origin
+                .as_ref()
+                .is_some_and(|a| read_origin || !a.to_origin.is_empty());
+            tokio::select! {
+                biased;
+                _ = self.ctx.kill.cancelled() => return Err(End::Shutdown),
+                r = std::future::poll_fn(|cx| match self.origin.as_mut() {
+                    Some(a) => a.conn.poll_io(cx, &mut a.to_origin, read_origin),
+                    None => std::task::Poll::Pending,
+                }), if origin_active => match r {
+                    Ok(Duplex::Message(msg)) => self.on_origin(msg).await?,
+                    Ok(Duplex::Flushed) => {}
+                    Ok(Duplex::Eof) => return Err(self.origin_lost(&OriginError::Closed)),
+                    Err(e) => return Err(self.origin_lost(&e)),
+                },
+                r = std::future::poll_fn(|cx| poll_duplex(cx, &mut self.client, &mut self.reader, &mut self.to_client, read_client)),
+                    if client_active => match r {
+                    Ok(Duplex::Message(msg)) => self.on_client(msg).await?,
+                    Ok(Duplex::Flushed) => {}
+                    Ok(Duplex::Eof) => return Err(End::ClientGone),
+                    Err(FrameError::Io(_)) | Err(FrameError::Truncated) => return Err(End::ClientGone),
+                    Err(e) => return Err(End::Protocol(e.to_string())),
+                },
+                _ = self.ctx.drain.cancelled(), if !self.draining => self.draining = true,
+            }
+        }
+    }
+
+    fn origin_lost(&self, e: &OriginError) -> End {
+        tracing::warn!(error = %e, "origin connection lost while in use");
+        End::OriginLost {
+            already_told: self.origin.as_ref().is_some_and(|a| a.origin_fatal),
+        }
+    }
+
+    // ---- client -> origin ----
+
+    async fn on_client(&mut self, first: Message) -> Result<(), End> {
+        self.intake(first).await?;
+        while let Some(msg) = self
+            .reader
+            .try_next()
+            .map_err(|e| End::Protocol(e.to_string()))?
+        {
+            self.intake(msg).await?;
+            if self
+                .origin
+                .as_ref()
+                .is_some_and(|a| a.to_origin.len() >= HIGH_WATER)
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn intake(&mut self, msg: Message) -> Result<(), End> {
+        let tag = msg.tag();
+        if self.copy_in {
+            if matches!(
+                tag,
+                fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL | fe::FLUSH | fe::SYNC
+            ) {
+                // Straight through: Postgres consumes these itself while copying in.
+                if let Some(a) = self.origin.as_mut() {
+                    a.to_origin.extend_from_slice(msg.frame());
+                }
+                if matches!(tag, fe::COPY_DONE | fe::COPY_FAIL) {
+                    self.copy_in = false;
+                }
+                return Ok(());
+            }
+            // Anything else ends the copy with an error at the origin; plan it normally.
+            self.copy_in = false;
+        }
+        match tag {
+            fe::TERMINATE => Err(End::Terminate),
+            // Outside COPY, Postgres ignores these (a COPY that failed leaves some in flight).
+            fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => Ok(()),
+            t if !fe::is_known(t) => {
+                Err(End::Protocol(format!("invalid frontend message type {t}")))
+            }
+            fe::SYNC | fe::FLUSH | fe::QUERY | fe::FUNCTION_CALL => {
+                self.batch.push(msg);
+                self.dispatch().await
+            }
+            _ => {
+                self.batch_bytes += msg.len();
+                self.batch.push(msg);
+                if self.batch_bytes >= MAX_BATCH_BYTES {
+                    self.dispatch().await
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Sends the batch to an origin connection, checking one out if needed.
+    async fn dispatch(&mut self) -> Result<(), End> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if self.origin.is_none() {
+            if self.skip_until_sync {
+                // Finishing an error pgwarp already answered: no origin needed.
+                if batch.iter().any(|m| m.tag() == fe::SYNC) {
+                    self.skip_until_sync = false;
+                    self.to_client
+                        .extend_from_slice(&build::ready_for_query(self.status));
+                }
+                return Ok(());
+            }
+            match self.attach().await {
+                Ok(a) => self.origin = Some(Box::new(a)),
+                Err(e) => {
+                    self.fail_batch(&batch, &e);
+                    return Ok(());
+                }
+            }
+        }
+        let Some(att) = self.origin.as_mut() else {
+            return Ok(());
+        };
+        let notes = Planner {
+            statements: &mut self.statements,
+            server: &mut att.conn.statements,
+            queue: &mut att.queue,
+            out: &mut att.to_origin,
+            skip_until_sync: &mut self.skip_until_sync,
+            needs_sync: &mut att.needs_sync,
+        }
+        .plan(&batch)
+        .map_err(|e| End::Protocol(e.to_string()))?;
+        att.queue.drain_synthetic(&mut self.to_client);
+        if let Some(feature) = notes.session_feature {
+            if self.session_pin.is_none() {
+                tracing::info!(feature, "client uses session-scoped state: origin connection pinned until it disconnects");
+                self.session_pin = Some(feature);
+            }
+        }
+        self.settings_dirty |= notes.may_change_settings;
+        self.maybe_release().await
+    }
+
+    /// Checks out a connection and brings its settings in line with this client's, in the same
+    /// round trip as the client's first message.
+    async fn attach(&mut self) -> Result<Attached, PoolError> {
+        let conn = self.pool.checkout().await?;
+        let mut att = Attached {
+            conn,
+            queue: ResponseQueue::new(),
+            to_origin: BytesMut::new(),
+            needs_sync: false,
+            origin_fatal: false,
+        };
+        if let Some(sql) = sync_sql(&att.conn.applied, &self.wanted) {
+            att.conn.applied = self.wanted.clone();
+            // A simple query destroys the unnamed statement.
+            att.conn.statements.unnamed = None;
+            att.to_origin.extend_from_slice(&build::query(&sql));
+            att.queue.push(Expect::Query {
+                owner: Owner::Internal,
+            });
+        }
+        self.cancel
+            .slot
+            .set(Some((self.pool.target().clone(), att.conn.key)));
+        Ok(att)
+    }
+
+    /// Answers a batch pgwarp could not run (no origin connection).
+    fn fail_batch(&mut self, batch: &[Message], err: &PoolError) {
+        let (code, message) = match err {
+            PoolError::Timeout(t) => (
+                SqlState::TOO_MANY_CONNECTIONS.code().to_owned(),
+                format!("pgwarp: no origin connection became free within {t:?}"),
+            ),
+            PoolError::Origin(e) => {
+                tracing::warn!(error = %e, "could not get an origin connection");
+                e.client_facing()
+            }
+            PoolError::Closed => (
+                SqlState::ADMIN_SHUTDOWN.code().to_owned(),
+                "pgwarp is shutting down".to_owned(),
+            ),
+        };
+        self.to_client
+            .extend_from_slice(&build::error_with_code(Severity::Error, &code, &message));
+        match batch.last().map(Message::tag) {
+            Some(fe::SYNC | fe::QUERY | fe::FUNCTION_CALL) => {
+                self.to_client
+                    .extend_from_slice(&build::ready_for_query(self.status));
+            }
+            _ => self.skip_until_sync = true,
+        }
+    }
+
+    // ---- origin -> client ----
+
+    async fn on_origin(&mut self, first: Message) -> Result<(), End> {
+        self.route(first)?;
+        loop {
+            if self.to_client.len() >= HIGH_WATER {
+                break;
+            }
+            let Some(att) = self.origin.as_mut() else {
+                break;
+            };
+            match att.conn.try_read() {
+                Ok(Some(msg)) => self.route(msg)?,
+                Ok(None) => break,
+                Err(e) => return Err(self.origin_lost(&e)),
+            }
+        }
+        self.maybe_release().await
+    }
+
+    /// Carries out the response queue's decision for one origin message.
+    fn route(&mut self, msg: Message) -> Result<(), End> {
+        let Some(att) = self.origin.as_mut() else {
+            return Ok(());
+        };
+        let tag = msg.tag();
+        let d = att.queue.on_message(tag, msg.body()).map_err(|e| {
+            tracing::error!(error = %e, "origin and pgwarp fell out of step; closing the client");
+            End::OriginLost {
+                already_told: false,
+            }
+        })?;
+        match tag {
+            be::PARAMETER_STATUS => {
+                att.conn.note_parameter(msg.body());
+                self.settings_dirty |= !d.internal;
+            }
+            be::COMMAND_COMPLETE if !d.internal => {
+                if let Ok(command) = be::command_tag(msg.body()) {
+                    self.settings_dirty |= inspect::tag_changes_settings(command);
+                    if inspect::tag_drops_all_statements(command) {
+                        att.conn.statements.clear();
+                        self.statements.clear();
+                    }
+                }
+            }
+            be::ERROR_RESPONSE => {
+                let fields = ErrorFields::parse(msg.body()).unwrap_or_default();
+                if fields.is_fatal() {
+                    att.origin_fatal = true;
+                    att.conn.broken = true;
+                }
+                if d.internal {
+                    tracing::warn!(code = %fields.code, "pgwarp's own query failed on the origin: {}", fields.message);
+                    att.conn.broken = true;
+                }
+                if let Some(id) = &d.failed_bind {
+                    // "cached plan must not change result type": re-prepare on next use.
+                    if fields.code == "0A000" {
+                        att.conn.statements.invalidate(id);
+                    }
+                }
+            }
+            _ => {}
+        }
+        for undo in &d.undone {
+            apply_undo(undo, &mut self.statements, &mut att.conn.statements);
+        }
+        if d.copy_in {
+            self.copy_in = true;
+        }
+        if let (Some(status), false) = (d.ready, d.internal) {
+            self.status = status;
+        }
+        if d.forward {
+            self.to_client.extend_from_slice(msg.frame());
+        }
+        att.queue.drain_synthetic(&mut self.to_client);
+        Ok(())
+    }
+
+    /// Returns the connection to the pool if the client no longer needs it.
+    async fn maybe_release(&mut self) -> Result<(), End> {
+        let Some(att) = self.origin.as_ref() else {
+            return Ok(());
+        };
+        let idle = att.queue.is_empty()
+            && !att.needs_sync
+            && att.to_origin.is_empty()
+            && self.batch.is_empty();
+        if !idle
+            || self.copy_in
+            || self.status != b'I'
+            || (self.session_pin.is_some() && !att.conn.broken)
+        {
+            return Ok(());
+        }
+        let Some(mut att) = self.origin.take() else {
+            return Ok(());
+        };
+        self.cancel.slot.set(None);
+        if att.conn.broken {
+            // Dropping closes it; the client carries on with the next connection.
+            self.session_pin = None;
+            return Ok(());
+        }
+        if self.settings_dirty {
+            self.settings_dirty = false;
+            // The client has its answer already; read back its settings before anyone else
+            // can get this connection.
+            self.flush_client().await?;
+            match att.conn.simple_query(CAPTURE_SQL).await {
+                Ok(out) if out.error.is_none() && out.status == b'I' => {
+                    let captured: Settings = out
+                        .rows
+                        .into_iter()
+                        .filter_map(|r| match r.as_slice() {
+                            [Some(k), Some(v)] => Some((k.clone(), v.clone())),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut wanted = self.startup_settings.clone();
+                    wanted.extend(captured.clone());
+                    self.wanted = wanted;
+                    att.conn.applied = captured;
+                }
+                Ok(_) | Err(_) => return Ok(()),
+            }
+        }
+        self.pool.checkin(att.conn);
+        Ok(())
+    }
+
+    async fn flush_client(&mut self) -> Result<(), End> {
+        if !self.to_client.is_empty() {
+            self.client
+                .write_all(&self.to_client)
+                .await
+                .map_err(|_| End::ClientGone)?;
+            self.to_client.clear();
+        }
+        Ok(())
+    }
+
+    // ---- the end ----
+
+    async fn finish(mut self, end: End) {
+        let fatal = match &end {
+            End::Terminate | End::ClientGone => None,
+            End::Shutdown => Some((
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command".to_owned(),
+            )),
+            End::Protocol(m) => Some((SqlState::PROTOCOL_VIOLATION, m.clone())),
+            End::OriginLost { already_told: true } => None,
+            End::OriginLost {
+                already_told: false,
+            } => Some((
+                SqlState::CONNECTION_FAILURE,
+                "the connection to the origin database was lost".to_owned(),
+            )),
+        };
+        if let Some((code, message)) = &fatal {
+            tracing::info!(code = code.code(), "closing client: {message}");
+            self.to_client
+                .extend_from_slice(&build::error(Severity::Fatal, *code, message));
+        }
+        if !matches!(end, End::ClientGone) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = self.client.write_all(&self.to_client).await;
+                let _ = self.client.shutdown().await;
+            })
+            .await;
+        }
+        self.cancel.slot.set(None);
+        if let Some(att) = self.origin.take() {
+            let (pool, status, pinned) =
+                (self.pool.clone(), self.status, self.session_pin.is_some());
+            let lost = matches!(end, End::OriginLost { .. });
+            if !lost {
+                tokio::spawn(release_after_client(pool, *att, status, pinned));
+            }
+        }
+    }
+}
+
+/// After a client leaves while holding a connection: cancel what is running, or roll back and
+/// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
+async fn release_after_client(pool: Arc<Pool>, mut att: Attached, status: u8, pinned: bool) {
+    if !att.queue.is_empty() || !att.to_origin.is_empty() || att.conn.broken {
+        cancel::send_cancel(pool.target().clone(), att.conn.key).await;
+        return; // dropping closes it; Postgres rolls back when it notices
+    }
+    let conn = &mut att.conn;
+    let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
+        let mut status = status;
+        if att.needs_sync {
+            status = conn.sync().await?;
+        }
+        if status != b'I' {
+            let out = conn.simple_query("ROLLBACK").await?;
+            status = out.status;
+        }
+        if pinned && status == b'I' {
+            let out = conn.simple_query("DISCARD ALL").await?;
+            conn.applied.clear();
+            conn.statements.clear();
+            status = if out.error.is_some() {
+                b'E'
+            } else {
+                out.status
+            };
+        }
+        Ok::<u8, OriginError>(status)
+    })
+    .await;
+    match cleaned {
+        Ok(Ok(b'I')) => pool.checkin(att.conn),
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            tracing::debug!("closing origin connection left unclean by a client")
+        }
+    }
+}

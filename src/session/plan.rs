@@ -1,0 +1,315 @@
+//! Turning one client batch into the bytes sent to an origin connection and the answers
+//! expected back. Pure: it touches the client's statement map, the connection's statement
+//! bookkeeping and the response queue, and does no I/O.
+//!
+//! Per message: a named Parse is saved in the client's map and sent under its content-derived
+//! name unless the connection already has it (then pgwarp answers ParseComplete itself); a
+//! Bind or Describe of a statement the connection lacks is preceded by the saved Parse, whose
+//! ParseComplete is hidden; Close of a statement only updates the client's map. Errors pgwarp
+//! detects itself (unknown or duplicate statement names) are answered in order, and the rest of
+//! the batch until Sync is skipped, as Postgres would.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::statements::{Statement, StatementMap};
+use crate::origin::{Expect, Owner, ResponseQueue, ServerStatements, Undo};
+use crate::protocol::error::{Severity, SqlState};
+use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
+use crate::protocol::{build, DecodeError, Message};
+use crate::sql::inspect;
+
+/// What the session needs to know about a batch besides what was sent.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PlanNotes {
+    /// SQL in the batch uses session-scoped state (LISTEN, temp tables, ...).
+    pub session_feature: Option<&'static str>,
+    /// SQL in the batch may change settings without a SET tag.
+    pub may_change_settings: bool,
+}
+
+/// The state one batch is planned against.
+pub struct Planner<'a> {
+    pub statements: &'a mut StatementMap,
+    pub server: &'a mut ServerStatements,
+    pub queue: &'a mut ResponseQueue,
+    /// Bytes for the origin.
+    pub out: &'a mut BytesMut,
+    /// pgwarp answered an error itself; drop messages until the client's Sync.
+    pub skip_until_sync: &'a mut bool,
+    /// Extended-protocol messages were sent since the last Sync.
+    pub needs_sync: &'a mut bool,
+}
+
+impl Planner<'_> {
+    pub fn plan(&mut self, batch: &[Message]) -> Result<PlanNotes, DecodeError> {
+        let mut notes = PlanNotes::default();
+        for stale in self.server.take_stale() {
+            build::close_statement_into(self.out, &stale);
+            self.push(Expect::CloseComplete {
+                owner: Owner::Internal,
+            });
+        }
+        for msg in batch {
+            let tag = msg.tag();
+            if *self.skip_until_sync && tag != fe::SYNC {
+                continue;
+            }
+            match tag {
+                fe::PARSE => self.parse(msg, &mut notes)?,
+                fe::BIND => self.bind(msg)?,
+                fe::DESCRIBE => self.describe(msg)?,
+                fe::CLOSE => self.close(msg)?,
+                fe::EXECUTE => {
+                    self.out.extend_from_slice(msg.frame());
+                    self.push(Expect::Execute);
+                }
+                fe::SYNC => {
+                    self.out.extend_from_slice(msg.frame());
+                    *self.skip_until_sync = false;
+                    *self.needs_sync = false;
+                    self.push(Expect::Sync {
+                        owner: Owner::Client,
+                    });
+                }
+                fe::FLUSH => self.out.extend_from_slice(msg.frame()),
+                fe::QUERY => {
+                    let sql = fe::query_text(msg.body())?;
+                    note_sql(&mut notes, sql);
+                    // A simple query destroys the unnamed statement, in Postgres and here.
+                    self.statements.remove("");
+                    self.server.unnamed = None;
+                    self.out.extend_from_slice(msg.frame());
+                    self.push(Expect::Query {
+                        owner: Owner::Client,
+                    });
+                }
+                fe::FUNCTION_CALL => {
+                    self.out.extend_from_slice(msg.frame());
+                    self.push(Expect::Query {
+                        owner: Owner::Client,
+                    });
+                }
+                _ => {}
+            }
+            if matches!(
+                tag,
+                fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE
+            ) {
+                *self.needs_sync = true;
+            }
+        }
+        Ok(notes)
+    }
+
+    fn push(&mut self, expect: Expect) {
+        if let Some(undo) = self.queue.push(expect) {
+            apply_undo(&undo, self.statements, self.server);
+        }
+    }
+
+    /// Answers an error in order and skips the rest of the batch until Sync.
+    fn fail(&mut self, code: SqlState, message: &str) {
+        self.push(Expect::Synthetic {
+            message: build::error(Severity::Error, code, message),
+            undo: None,
+        });
+        *self.skip_until_sync = true;
+    }
+
+    fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<(), DecodeError> {
+        let p = Parse::decode(msg.body())?;
+        note_sql(notes, p.sql);
+        if p.name.is_empty() {
+            let stmt = match self.statements.get("") {
+                Some(s) if s.same_content(p.sql, &p.param_types) => s.clone(),
+                _ => Arc::new(Statement::new(false, p.sql, &p.param_types)),
+            };
+            if let Err(e) = self.statements.insert("", stmt.clone()) {
+                self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
+                return Ok(());
+            }
+            self.out.extend_from_slice(msg.frame());
+            self.server.unnamed = Some(stmt.id.clone());
+            let undo = Undo {
+                client_statement: Some((String::new(), stmt.id.clone())),
+                unnamed: true,
+                ..Undo::default()
+            };
+            self.push(Expect::ParseComplete {
+                owner: Owner::Client,
+                undo: Some(undo),
+            });
+            return Ok(());
+        }
+        if self.statements.contains(p.name) {
+            self.fail(
+                SqlState::DUPLICATE_PREPARED_STATEMENT,
+                &format!("prepared statement \"{}\" already exists", p.name),
+            );
+            return Ok(());
+        }
+        let stmt = Arc::new(Statement::new(true, p.sql, &p.param_types));
+        if let Err(e) = self.statements.insert(p.name, stmt.clone()) {
+            self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
+            return Ok(());
+        }
+        let client_statement = Some((p.name.to_owned(), stmt.id.clone()));
+        if self.server.has(&stmt.id) {
+            let undo = Undo {
+                client_statement,
+                ..Undo::default()
+            };
+            self.push(Expect::Synthetic {
+                message: build::parse_complete(),
+                undo: Some(undo),
+            });
+        } else {
+            self.prepare_on_server(&stmt, Owner::Client, client_statement);
+        }
+        Ok(())
+    }
+
+    /// Sends the saved Parse of a named statement, closing whatever the LRU evicts for it.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Statement,
+        owner: Owner,
+        client_statement: Option<(String, Arc<str>)>,
+    ) {
+        if let Some(evicted) = self.server.add(stmt.id.clone()) {
+            build::close_statement_into(self.out, &evicted);
+            self.push(Expect::CloseComplete {
+                owner: Owner::Internal,
+            });
+        }
+        self.out.extend_from_slice(&stmt.parse);
+        let undo = Undo {
+            client_statement,
+            server_statement: Some(stmt.id.clone()),
+            unnamed: false,
+        };
+        self.push(Expect::ParseComplete {
+            owner,
+            undo: Some(undo),
+        });
+    }
+
+    /// Makes sure the connection has the statement, replaying its Parse if not. Returns None
+    /// (after answering the error) when the client never prepared it.
+    fn resolve(&mut self, name: &str) -> Option<Arc<Statement>> {
+        let Some(stmt) = self.statements.get(name).cloned() else {
+            let message = if name.is_empty() {
+                "unnamed prepared statement does not exist".to_owned()
+            } else {
+                format!("prepared statement \"{name}\" does not exist")
+            };
+            self.fail(SqlState::UNDEFINED_PREPARED_STATEMENT, &message);
+            return None;
+        };
+        if name.is_empty() {
+            if self.server.unnamed.as_ref() != Some(&stmt.id) {
+                self.out.extend_from_slice(&stmt.parse);
+                self.server.unnamed = Some(stmt.id.clone());
+                let undo = Undo {
+                    unnamed: true,
+                    ..Undo::default()
+                };
+                self.push(Expect::ParseComplete {
+                    owner: Owner::Hidden,
+                    undo: Some(undo),
+                });
+            }
+        } else if !self.server.has(&stmt.id) {
+            self.prepare_on_server(&stmt, Owner::Hidden, None);
+        }
+        Some(stmt)
+    }
+
+    fn bind(&mut self, msg: &Message) -> Result<(), DecodeError> {
+        let bind = Bind::decode(msg.body())?;
+        let Some(stmt) = self.resolve(bind.statement) else {
+            return Ok(());
+        };
+        let statement = if bind.statement.is_empty() {
+            self.out.extend_from_slice(msg.frame());
+            None
+        } else {
+            bind.encode_renamed(self.out, &stmt.id);
+            Some(stmt.id.clone())
+        };
+        self.push(Expect::BindComplete { statement });
+        Ok(())
+    }
+
+    fn describe(&mut self, msg: &Message) -> Result<(), DecodeError> {
+        let d = Named::decode(fe::DESCRIBE, msg.body())?;
+        match d.target {
+            Target::Portal => {
+                self.out.extend_from_slice(msg.frame());
+                self.push(Expect::DescribePortal);
+            }
+            Target::Statement => {
+                let Some(stmt) = self.resolve(d.name) else {
+                    return Ok(());
+                };
+                if d.name.is_empty() {
+                    self.out.extend_from_slice(msg.frame());
+                } else {
+                    d.encode_renamed(self.out, fe::DESCRIBE, &stmt.id);
+                }
+                self.push(Expect::DescribeStatement);
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, msg: &Message) -> Result<(), DecodeError> {
+        let c = Named::decode(fe::CLOSE, msg.body())?;
+        match c.target {
+            Target::Portal => {
+                self.out.extend_from_slice(msg.frame());
+                self.push(Expect::CloseComplete {
+                    owner: Owner::Client,
+                });
+            }
+            Target::Statement => {
+                // The origin's copy may serve other clients; only this client's name goes.
+                self.statements.remove(c.name);
+                self.push(Expect::Synthetic {
+                    message: close_complete(),
+                    undo: None,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn close_complete() -> Bytes {
+    build::close_complete()
+}
+
+fn note_sql(notes: &mut PlanNotes, sql: &str) {
+    if notes.session_feature.is_none() {
+        notes.session_feature = inspect::session_feature(sql);
+    }
+    notes.may_change_settings |= inspect::may_change_settings(sql);
+}
+
+/// Forgets what a message that never took effect would have created.
+pub fn apply_undo(undo: &Undo, statements: &mut StatementMap, server: &mut ServerStatements) {
+    if let Some((name, id)) = &undo.client_statement {
+        statements.remove_if(name, id);
+    }
+    if let Some(id) = &undo.server_statement {
+        server.forget(id);
+    }
+    if undo.unnamed {
+        server.unnamed = None;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+//! Statement bookkeeping flows, checked message by message without a database.
+
+use bytes::{BufMut, BytesMut};
+
+use super::*;
+use crate::protocol::build::{frame, put_cstr};
+use crate::protocol::MessageReader;
+
+fn parse(name: &str, sql: &str) -> Message {
+    let mut b = BytesMut::new();
+    build::parse_into(&mut b, name, sql, &[]);
+    Message::from_frame(b.freeze())
+}
+
+fn bind(stmt: &str) -> Message {
+    Message::from_frame(frame(b'B', |b| {
+        put_cstr(b, "");
+        put_cstr(b, stmt);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    }))
+}
+
+fn describe_stmt(name: &str) -> Message {
+    Message::from_frame(frame(b'D', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, name);
+    }))
+}
+
+fn close_stmt(name: &str) -> Message {
+    Message::from_frame(frame(b'C', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, name);
+    }))
+}
+
+fn execute() -> Message {
+    Message::from_frame(frame(b'E', |b| {
+        put_cstr(b, "");
+        b.put_i32(0);
+    }))
+}
+
+fn sync() -> Message {
+    Message::from_frame(build::sync())
+}
+
+fn query(sql: &str) -> Message {
+    Message::from_frame(build::query(sql))
+}
+
+struct World {
+    statements: StatementMap,
+    server: ServerStatements,
+    queue: ResponseQueue,
+    skip: bool,
+    needs_sync: bool,
+}
+
+impl World {
+    fn new(lru: usize) -> Self {
+        World {
+            statements: StatementMap::new(1 << 20),
+            server: ServerStatements::new(lru),
+            queue: ResponseQueue::new(),
+            skip: false,
+            needs_sync: false,
+        }
+    }
+
+    /// Plans a batch; returns what went to the origin as (tag, first name field) pairs and
+    /// what pgwarp answered itself.
+    fn run(&mut self, batch: &[Message]) -> (Vec<(char, String)>, Vec<char>) {
+        let mut out = BytesMut::new();
+        let notes = Planner {
+            statements: &mut self.statements,
+            server: &mut self.server,
+            queue: &mut self.queue,
+            out: &mut out,
+            skip_until_sync: &mut self.skip,
+            needs_sync: &mut self.needs_sync,
+        }
+        .plan(batch)
+        .unwrap();
+        let _ = notes;
+        let mut synthetic = BytesMut::new();
+        self.queue.drain_synthetic(&mut synthetic);
+        (
+            decode_all(out),
+            decode_all(synthetic).into_iter().map(|(t, _)| t).collect(),
+        )
+    }
+
+    /// Feeds the origin's answers to the queue; returns the tags forwarded to the client,
+    /// synthetic answers included in their place.
+    fn answer(&mut self, tags: &[u8]) -> Vec<char> {
+        let mut client = Vec::new();
+        for &t in tags {
+            let body: &[u8] = if t == b'Z' { b"I" } else { b"" };
+            let d = self.queue.on_message(t, body).unwrap();
+            for u in &d.undone {
+                apply_undo(u, &mut self.statements, &mut self.server);
+            }
+            if d.forward {
+                client.push(t as char);
+            }
+            let mut syn = BytesMut::new();
+            self.queue.drain_synthetic(&mut syn);
+            client.extend(decode_all(syn).into_iter().map(|(t, _)| t));
+        }
+        client
+    }
+}
+
+fn decode_all(bytes: BytesMut) -> Vec<(char, String)> {
+    let mut r = MessageReader::with_buffered(1 << 20, bytes);
+    let mut out = Vec::new();
+    while let Some(m) = r.try_next().unwrap() {
+        let name = match m.tag() {
+            b'P' => Parse::decode(m.body()).unwrap().name.to_owned(),
+            b'B' => Bind::decode(m.body()).unwrap().statement.to_owned(),
+            b'D' | b'C' if m.body().first() == Some(&b'S') => {
+                Named::decode(m.tag(), m.body()).unwrap().name.to_owned()
+            }
+            _ => String::new(),
+        };
+        out.push((m.tag() as char, name));
+    }
+    out
+}
+
+#[test]
+fn named_parse_is_sent_under_content_name() {
+    let mut w = World::new(10);
+    let (sent, syn) = w.run(&[parse("s1", "select 1"), sync()]);
+    let id = w.statements.get("s1").unwrap().id.to_string();
+    assert_eq!(sent, vec![('P', id.clone()), ('S', String::new())]);
+    assert!(syn.is_empty());
+    assert_eq!(w.answer(b"1Z"), vec!['1', 'Z']);
+    assert!(w.server.has(&id.into()));
+}
+
+#[test]
+fn reuse_on_connection_that_has_it_sends_no_parse() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let (sent, _) = w.run(&[bind("s1"), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "BES");
+    assert!(sent[0].1.starts_with("pgwarp_"));
+}
+
+#[test]
+fn reuse_after_pool_rotation_replays_parse_and_hides_its_answer() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    // Another origin connection: it has never seen the statement.
+    w.server = ServerStatements::new(10);
+    let (sent, _) = w.run(&[bind("s1"), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "PBES");
+    assert_eq!(w.answer(b"12DCZ"), vec!['2', 'D', 'C', 'Z']);
+}
+
+#[test]
+fn parse_of_statement_the_connection_has_is_answered_locally() {
+    let mut w = World::new(10);
+    w.run(&[parse("a", "select 1"), sync()]);
+    w.answer(b"1Z");
+    // Same SQL under another client name (or by another client): no second Parse.
+    let (sent, syn) = w.run(&[parse("b", "select 1"), bind("b"), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "BES");
+    assert_eq!(syn, vec!['1']);
+}
+
+#[test]
+fn two_clients_same_name_different_sql_do_not_collide() {
+    let mut a = World::new(10);
+    let mut b = World::new(10);
+    a.run(&[parse("s0", "select 1"), sync()]);
+    b.run(&[parse("s0", "select 2"), sync()]);
+    assert_ne!(
+        a.statements.get("s0").unwrap().id,
+        b.statements.get("s0").unwrap().id
+    );
+}
+
+#[test]
+fn unknown_statement_is_an_error_in_order_and_skips_to_sync() {
+    let mut w = World::new(10);
+    let (sent, syn) = w.run(&[bind("nope"), execute(), sync()]);
+    assert_eq!(sent, vec![('S', String::new())]);
+    assert_eq!(syn, vec!['E']);
+    assert!(!w.skip);
+    assert_eq!(w.answer(b"Z"), vec!['Z']);
+}
+
+#[test]
+fn duplicate_parse_is_refused_like_postgres() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let (sent, syn) = w.run(&[parse("s1", "select 2"), bind("s1"), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "S");
+    assert_eq!(syn, vec!['E']);
+    assert_eq!(&*w.statements.get("s1").unwrap().sql, "select 1");
+}
+
+#[test]
+fn failed_parse_is_not_remembered() {
+    let mut w = World::new(10);
+    w.run(&[parse("bad", "selec 1"), sync()]);
+    assert_eq!(w.answer(b"EZ"), vec!['E', 'Z']);
+    assert!(!w.statements.contains("bad"));
+    assert!(w.server.is_empty());
+}
+
+#[test]
+fn statements_skipped_after_an_error_are_not_remembered() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    w.run(&[bind("s1"), execute(), parse("s2", "select 2"), sync()]);
+    // Execute fails: Postgres skips the Parse of s2.
+    assert_eq!(w.answer(b"2EZ"), vec!['2', 'E', 'Z']);
+    assert!(!w.statements.contains("s2"));
+    assert_eq!(w.server.len(), 1);
+}
+
+#[test]
+fn close_forgets_the_name_but_keeps_the_shared_server_copy() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let (sent, syn) = w.run(&[close_stmt("s1"), sync()]);
+    assert_eq!(sent, vec![('S', String::new())]);
+    assert_eq!(syn, vec!['3']);
+    assert!(!w.statements.contains("s1"));
+    assert_eq!(w.server.len(), 1);
+}
+
+#[test]
+fn lru_eviction_closes_the_evicted_statement_on_the_connection() {
+    let mut w = World::new(1);
+    w.run(&[parse("a", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let old = w.statements.get("a").unwrap().id.to_string();
+    let (sent, _) = w.run(&[parse("b", "select 2"), sync()]);
+    assert_eq!(sent[0], ('C', old));
+    assert_eq!(sent[1].0, 'P');
+    // The hidden CloseComplete is not forwarded.
+    assert_eq!(w.answer(b"31Z"), vec!['1', 'Z']);
+}
+
+#[test]
+fn unnamed_statement_survives_to_a_later_batch_on_another_connection() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select $1"), describe_stmt(""), sync()]);
+    w.answer(b"1tTZ");
+    w.server = ServerStatements::new(10);
+    let (sent, _) = w.run(&[bind(""), execute(), sync()]);
+    assert_eq!(
+        sent.iter()
+            .map(|s| format!("{}{}", s.0, s.1))
+            .collect::<Vec<_>>(),
+        vec!["P", "B", "E", "S"]
+    );
+    assert_eq!(w.answer(b"12DCZ"), vec!['2', 'D', 'C', 'Z']);
+    // Same connection again: no replay.
+    let (sent, _) = w.run(&[bind(""), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "BES");
+}
+
+#[test]
+fn simple_query_destroys_the_unnamed_statement() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select 1"), sync()]);
+    w.answer(b"1Z");
+    w.run(&[query("select 2")]);
+    w.answer(b"TDCZ");
+    let (_, syn) = w.run(&[bind(""), sync()]);
+    assert_eq!(syn, vec!['E']);
+}
+
+#[test]
+fn stale_statements_are_closed_before_the_next_batch() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let id = w.statements.get("s1").unwrap().id.clone();
+    w.server.invalidate(&id);
+    let (sent, _) = w.run(&[bind("s1"), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "CPBS");
+    assert_eq!(w.answer(b"312Z"), vec!['2', 'Z']);
+}
+
+#[test]
+fn notes_session_features() {
+    let mut w = World::new(10);
+    let mut out = BytesMut::new();
+    let notes = Planner {
+        statements: &mut w.statements,
+        server: &mut w.server,
+        queue: &mut w.queue,
+        out: &mut out,
+        skip_until_sync: &mut w.skip,
+        needs_sync: &mut w.needs_sync,
+    }
+    .plan(&[query("LISTEN x")])
+    .unwrap();
+    assert_eq!(notes.session_feature, Some("LISTEN"));
+}

@@ -1,0 +1,189 @@
+//! A client's prepared statements: its names mapped to what it prepared (query text and
+//! parameter types), independent of which origin connection will run them.
+//!
+//! The server-side name is derived from the content, so the same SQL prepared by many clients is
+//! one statement per origin connection, and two clients using one name for different SQL never
+//! collide.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use crate::protocol::build;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// Content-derived server-side name: `pgwarp_` + 24 hex digits of SHA-256(types, text).
+    pub id: Arc<str>,
+    pub sql: Box<str>,
+    pub param_types: Box<[u32]>,
+    /// The Parse to send to an origin connection that lacks the statement.
+    pub parse: Bytes,
+}
+
+impl Statement {
+    /// `named`: prepared under `id` on the origin; otherwise it lives in the unnamed slot.
+    pub fn new(named: bool, sql: &str, param_types: &[u32]) -> Statement {
+        let id = content_id(sql, param_types);
+        let mut parse = BytesMut::new();
+        build::parse_into(&mut parse, if named { &id } else { "" }, sql, param_types);
+        Statement {
+            id,
+            sql: sql.into(),
+            param_types: param_types.into(),
+            parse: parse.freeze(),
+        }
+    }
+
+    pub fn same_content(&self, sql: &str, param_types: &[u32]) -> bool {
+        &*self.sql == sql && &*self.param_types == param_types
+    }
+
+    /// Memory charged to the client for keeping it.
+    fn weight(&self) -> usize {
+        self.sql.len() + self.parse.len() + self.param_types.len() * 4 + 96
+    }
+}
+
+pub fn content_id(sql: &str, param_types: &[u32]) -> Arc<str> {
+    let mut h = Sha256::new();
+    h.update((param_types.len() as u32).to_be_bytes());
+    for t in param_types {
+        h.update(t.to_be_bytes());
+    }
+    h.update(sql.as_bytes());
+    let digest = h.finalize();
+    let mut id = String::with_capacity(31);
+    id.push_str("pgwarp_");
+    for b in &digest[..12] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id.into()
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("prepared statements of this client exceed the limit of {limit} bytes")]
+pub struct OverLimit {
+    pub limit: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct StatementMap {
+    by_name: HashMap<String, Arc<Statement>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl StatementMap {
+    pub fn new(max_bytes: usize) -> Self {
+        StatementMap {
+            by_name: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
+        self.by_name.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Saves a statement under a name, replacing any previous one (the unnamed statement is
+    /// replaced by every unnamed Parse).
+    pub fn insert(&mut self, name: &str, stmt: Arc<Statement>) -> Result<(), OverLimit> {
+        let old = self.by_name.get(name).map_or(0, |s| s.weight());
+        let new_total = self.bytes - old + stmt.weight();
+        if new_total > self.max_bytes {
+            return Err(OverLimit {
+                limit: self.max_bytes,
+            });
+        }
+        self.bytes = new_total;
+        self.by_name.insert(name.to_owned(), stmt);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
+        let removed = self.by_name.remove(name);
+        if let Some(s) = &removed {
+            self.bytes -= s.weight();
+        }
+        removed
+    }
+
+    /// Removes `name` only if it still holds the statement with `id`.
+    pub fn remove_if(&mut self, name: &str, id: &str) {
+        if self.by_name.get(name).is_some_and(|s| &*s.id == id) {
+            self.remove(name);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+        self.by_name.shrink_to_fit();
+        self.bytes = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_content_not_client_names() {
+        let a = Statement::new(true, "select 1", &[]);
+        let b = Statement::new(true, "select 1", &[]);
+        let c = Statement::new(true, "select 1", &[23]);
+        let d = Statement::new(true, "select 2", &[]);
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_ne!(a.id, d.id);
+        assert!(a.id.starts_with("pgwarp_") && a.id.len() == 31);
+    }
+
+    #[test]
+    fn memory_limit_is_enforced_and_released() {
+        let mut m = StatementMap::new(400);
+        m.insert("a", Arc::new(Statement::new(true, "select 1", &[])))
+            .unwrap();
+        let big = "x".repeat(300);
+        assert_eq!(
+            m.insert("b", Arc::new(Statement::new(true, &big, &[]))),
+            Err(OverLimit { limit: 400 })
+        );
+        assert!(!m.contains("b"));
+        m.remove("a");
+        assert_eq!(m.bytes(), 0);
+        m.insert("b", Arc::new(Statement::new(true, "select 2", &[])))
+            .unwrap();
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn remove_if_checks_identity() {
+        let mut m = StatementMap::new(1 << 20);
+        let s = Arc::new(Statement::new(true, "select 1", &[]));
+        m.insert("a", s.clone()).unwrap();
+        m.remove_if("a", "pgwarp_other");
+        assert!(m.contains("a"));
+        m.remove_if("a", &s.id);
+        assert!(!m.contains("a"));
+    }
+}

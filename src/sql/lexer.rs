@@ -1,0 +1,322 @@
+//! A SQL tokenizer faithful to Postgres' lexical rules where they matter for classification:
+//! `--` and nested `/* */` comments, '...' strings (with '' and E'\'' escapes), "quoted"
+//! identifiers, $tag$ dollar quotes $tag$, positional parameters, and `;` between statements.
+//! Text that does not lex (an unterminated string) yields an `Unterminated` token, never a panic.
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Token<'a> {
+    /// An unquoted identifier or keyword, as written (compare case-insensitively).
+    Word(&'a str),
+    /// A "quoted identifier", with doubled quotes undone.
+    QuotedIdent(String),
+    /// A string literal of any kind (the content does not matter to classification).
+    Str,
+    Number,
+    /// $1, $2, ...
+    Param,
+    /// Punctuation or an operator: ( ) , . ; = + etc.
+    Punct(&'a str),
+    /// A string, identifier or comment that never ends.
+    Unterminated,
+}
+
+impl Token<'_> {
+    /// Whether this is the unquoted word `kw`, case-insensitively.
+    pub fn is_word(&self, kw: &str) -> bool {
+        matches!(self, Token::Word(w) if w.eq_ignore_ascii_case(kw))
+    }
+
+    pub fn is_punct(&self, p: &str) -> bool {
+        matches!(self, Token::Punct(x) if *x == p)
+    }
+
+    /// The identifier this token names, lowercased if unquoted (Postgres folds case).
+    pub fn ident(&self) -> Option<String> {
+        match self {
+            Token::Word(w) => Some(w.to_ascii_lowercase()),
+            Token::QuotedIdent(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            c if c.is_ascii_whitespace() => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => match skip_block_comment(b, i) {
+                Some(end) => i = end,
+                None => {
+                    out.push(Token::Unterminated);
+                    return out;
+                }
+            },
+            b'\'' => match skip_string(b, i + 1, false) {
+                Some(end) => {
+                    out.push(Token::Str);
+                    i = end;
+                }
+                None => {
+                    out.push(Token::Unterminated);
+                    return out;
+                }
+            },
+            b'"' => match quoted_ident(sql, i + 1) {
+                Some((s, end)) => {
+                    out.push(Token::QuotedIdent(s));
+                    i = end;
+                }
+                None => {
+                    out.push(Token::Unterminated);
+                    return out;
+                }
+            },
+            b'$' => {
+                if b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    out.push(Token::Param);
+                } else if let Some(tag_end) = dollar_tag_end(b, i) {
+                    let tag = &sql[i..tag_end];
+                    match sql[tag_end..].find(tag) {
+                        Some(pos) => {
+                            out.push(Token::Str);
+                            i = tag_end + pos + tag.len();
+                        }
+                        None => {
+                            out.push(Token::Unterminated);
+                            return out;
+                        }
+                    }
+                } else {
+                    out.push(Token::Punct(&sql[i..i + 1]));
+                    i += 1;
+                }
+            }
+            c if is_ident_start(c) => {
+                // Prefixed strings: E'..', B'..', X'..', N'..', U&'..'
+                let prefixed = match c {
+                    b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N'
+                        if b.get(i + 1) == Some(&b'\'') =>
+                    {
+                        Some(i + 2)
+                    }
+                    b'u' | b'U' if b.get(i + 1) == Some(&b'&') && b.get(i + 2) == Some(&b'\'') => {
+                        Some(i + 3)
+                    }
+                    _ => None,
+                };
+                if let Some(start) = prefixed {
+                    let escapes = matches!(c, b'e' | b'E');
+                    match skip_string(b, start, escapes) {
+                        Some(end) => {
+                            out.push(Token::Str);
+                            i = end;
+                        }
+                        None => {
+                            out.push(Token::Unterminated);
+                            return out;
+                        }
+                    }
+                    continue;
+                }
+                let start = i;
+                while i < b.len() && is_ident_char(b[i]) {
+                    i += 1;
+                }
+                out.push(Token::Word(&sql[start..i]));
+            }
+            c if c.is_ascii_digit()
+                || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) =>
+            {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
+                {
+                    i += 1;
+                }
+                out.push(Token::Number);
+            }
+            _ => {
+                // Multi-character operators are kept whole so `::` or `<=` read as one token.
+                let start = i;
+                let len = sql[i..].chars().next().map_or(1, char::len_utf8);
+                i += len;
+                if len == 1 && is_op_char(c) {
+                    while i < b.len()
+                        && is_op_char(b[i])
+                        && !(b[i] == b'-' && b.get(i + 1) == Some(&b'-'))
+                    {
+                        i += 1;
+                    }
+                }
+                out.push(Token::Punct(&sql[start..i]));
+            }
+        }
+    }
+    out
+}
+
+/// Splits tokens into statements at top-level semicolons, dropping empty statements.
+pub fn statements<'t, 'a>(tokens: &'t [Token<'a>]) -> Vec<&'t [Token<'a>]> {
+    tokens
+        .split(|t| t.is_punct(";"))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn is_ident_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+fn is_op_char(c: u8) -> bool {
+    b"+-*/<>=~!@#%^&|`?:".contains(&c)
+}
+
+fn skip_block_comment(b: &[u8], start: usize) -> Option<usize> {
+    let mut depth = 0;
+    let mut i = start;
+    while i + 1 < b.len() {
+        if b[i] == b'/' && b[i + 1] == b'*' {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b[i + 1] == b'/' {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return Some(i);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// Skips a single-quoted string body starting after the opening quote; returns the index after
+/// the closing quote. Adjacent '' is an escaped quote; with `escapes`, so is \'.
+fn skip_string(b: &[u8], mut i: usize, escapes: bool) -> Option<usize> {
+    while i < b.len() {
+        match b[i] {
+            b'\\' if escapes => i += 2,
+            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn quoted_ident(sql: &str, mut i: usize) -> Option<(String, usize)> {
+    let b = sql.as_bytes();
+    let mut out = String::new();
+    let mut start = i;
+    while i < b.len() {
+        if b[i] == b'"' {
+            out.push_str(&sql[start..i]);
+            if b.get(i + 1) == Some(&b'"') {
+                out.push('"');
+                i += 2;
+                start = i;
+            } else {
+                return Some((out, i + 1));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// If a dollar-quote tag ($$ or $tag$) starts at `i`, the index just past it.
+fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    while j < b.len() && b[j] != b'$' {
+        if !(b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80)
+            || (j == i + 1 && b[j].is_ascii_digit())
+        {
+            return None;
+        }
+        j += 1;
+    }
+    (j < b.len()).then_some(j + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(sql: &str) -> Vec<String> {
+        tokenize(sql).iter().filter_map(|t| t.ident()).collect()
+    }
+
+    #[test]
+    fn comments_and_strings_hide_their_contents() {
+        assert_eq!(
+            words("SELECT /* now() */ 'random()' -- nextval(\n FROM t"),
+            vec!["select", "from", "t"]
+        );
+        assert_eq!(
+            words("select /* outer /* inner */ still */ 1"),
+            vec!["select"]
+        );
+        assert_eq!(words("select 'it''s', E'a\\'b' x"), vec!["select", "x"]);
+    }
+
+    #[test]
+    fn dollar_quotes_are_strings() {
+        assert_eq!(
+            words("select $$ delete from t $$, $fn$ x $y$ $fn$ z"),
+            vec!["select", "z"]
+        );
+        assert_eq!(tokenize("select $1, $22")[1], Token::Param);
+    }
+
+    #[test]
+    fn quoted_identifiers_keep_case_and_quotes() {
+        let t = tokenize("select \"Now\"\"ish\" from \"T\"");
+        assert_eq!(t[1], Token::QuotedIdent("Now\"ish".into()));
+        assert_eq!(t[3].ident().unwrap(), "T");
+    }
+
+    #[test]
+    fn unterminated_input_does_not_panic() {
+        for sql in [
+            "select 'abc",
+            "select \"abc",
+            "select /* abc",
+            "select $x$ abc",
+            "select E'\\",
+        ] {
+            assert_eq!(tokenize(sql).last(), Some(&Token::Unterminated), "{sql}");
+        }
+    }
+
+    #[test]
+    fn splits_statements_at_top_level_semicolons() {
+        let t = tokenize("set a = 1; select ';' ; ;select 2");
+        let s = statements(&t);
+        assert_eq!(s.len(), 3);
+        assert!(s[1][0].is_word("select"));
+    }
+
+    #[test]
+    fn operators_and_casts() {
+        let t = tokenize("select a::int<=b");
+        assert!(t.contains(&Token::Punct("::")));
+        assert!(t.contains(&Token::Punct("<=")));
+    }
+}
