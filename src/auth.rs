@@ -45,14 +45,10 @@ impl UserDirectory {
         plan.push((
             origin.user.clone(),
             origin.password.clone(),
-            UserEntryTemplate {
-                origin_user: origin.user.clone(),
-                origin_password: origin.password.clone(),
-            },
+            UserEntryTemplate { origin_user: origin.user.clone(), origin_password: origin.password.clone() },
         ));
         for (name, u) in &config.users {
-            let plaintext =
-                !u.password.starts_with("SCRAM-SHA-256$") && !u.password.starts_with("md5");
+            let plaintext = !u.password.starts_with("SCRAM-SHA-256$") && !u.password.starts_with("md5");
             let origin_password = u
                 .origin_password
                 .clone()
@@ -73,30 +69,20 @@ impl UserDirectory {
                     let secret = client_secret(method, &name, password.as_deref())?;
                     Ok((
                         name,
-                        Arc::new(UserEntry {
-                            secret,
-                            origin_user: t.origin_user,
-                            origin_password: t.origin_password,
-                        }),
+                        Arc::new(UserEntry { secret, origin_user: t.origin_user, origin_password: t.origin_password }),
                     ))
                 })
                 .collect::<Result<HashMap<_, _>, ConfigError>>()
         })
         .await
-        .map_err(|e| ConfigError::Invalid {
-            key: "users",
-            message: e.to_string(),
-        })??;
+        .map_err(|e| ConfigError::Invalid { key: "users", message: e.to_string() })??;
         let decoy = ScramSecret {
             iterations: SCRAM_ITERATIONS,
             salt: random_bytes(16),
             stored_key: [0; 32],
             server_key: [0; 32],
         };
-        Ok(UserDirectory {
-            users: built,
-            decoy,
-        })
+        Ok(UserDirectory { users: built, decoy })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<UserEntry>> {
@@ -113,15 +99,8 @@ struct UserEntryTemplate {
     origin_password: Option<String>,
 }
 
-fn client_secret(
-    method: AuthMethod,
-    user: &str,
-    password: Option<&str>,
-) -> Result<ClientSecret, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid {
-        key: "users",
-        message,
-    };
+fn client_secret(method: AuthMethod, user: &str, password: Option<&str>) -> Result<ClientSecret, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "users", message };
     let Some(password) = password else {
         return Ok(ClientSecret::Trust);
     };
@@ -132,22 +111,14 @@ fn client_secret(
                     .map(ClientSecret::Scram)
                     .ok_or_else(|| invalid(format!("user {user:?} has a malformed SCRAM verifier")))
             } else if password.starts_with("md5") && password.len() == 35 {
-                Err(invalid(format!(
-                    "user {user:?} has an md5 hash but auth_method is scram-sha-256"
-                )))
+                Err(invalid(format!("user {user:?} has an md5 hash but auth_method is scram-sha-256")))
             } else {
-                Ok(ClientSecret::Scram(ScramSecret::from_password(
-                    password,
-                    &random_bytes(16),
-                    SCRAM_ITERATIONS,
-                )))
+                Ok(ClientSecret::Scram(ScramSecret::from_password(password, &random_bytes(16), SCRAM_ITERATIONS)))
             }
         }
         AuthMethod::Md5 => {
             if password.starts_with("SCRAM-SHA-256$") {
-                Err(invalid(format!(
-                    "user {user:?} has a SCRAM verifier but auth_method is md5"
-                )))
+                Err(invalid(format!("user {user:?} has a SCRAM verifier but auth_method is md5")))
             } else if password.starts_with("md5") && password.len() == 35 {
                 Ok(ClientSecret::Md5(password.to_owned()))
             } else {
@@ -174,30 +145,20 @@ mod tests {
         )
         .unwrap();
         config.origin = Some("postgres://app:secret@h/db".into());
-        let dir = UserDirectory::build(&config, &config.origin_url().unwrap())
-            .await
-            .unwrap();
+        let dir = UserDirectory::build(&config, &config.origin_url().unwrap()).await.unwrap();
         let app = dir.get("app").unwrap();
         assert!(matches!(app.secret, ClientSecret::Scram(_)));
         assert_eq!(app.origin_password.as_deref(), Some("secret"));
         let alice = dir.get("alice").unwrap();
-        assert_eq!(
-            (alice.origin_user.as_str(), alice.origin_password.as_deref()),
-            ("app", Some("pw"))
-        );
+        assert_eq!((alice.origin_user.as_str(), alice.origin_password.as_deref()), ("app", Some("pw")));
         assert!(dir.get("carol").is_none());
     }
 
     #[tokio::test]
     async fn md5_method_uses_md5_hashes() {
-        let mut config = Config {
-            auth_method: AuthMethod::Md5,
-            ..Config::default()
-        };
+        let mut config = Config { auth_method: AuthMethod::Md5, ..Config::default() };
         config.origin = Some("postgres://app:secret@h/db".into());
-        let dir = UserDirectory::build(&config, &config.origin_url().unwrap())
-            .await
-            .unwrap();
+        let dir = UserDirectory::build(&config, &config.origin_url().unwrap()).await.unwrap();
         match &dir.get("app").unwrap().secret {
             ClientSecret::Md5(h) => assert_eq!(h, &md5::stored_hash("app", "secret")),
             other => panic!("{other:?}"),
@@ -206,13 +167,10 @@ mod tests {
 
     #[tokio::test]
     async fn verifier_of_the_wrong_kind_is_a_config_error() {
-        let mut config = Config::from_toml(
-            "auth_method = \"md5\"\n[users.x]\npassword = \"SCRAM-SHA-256$4096:c2FsdA==$a:b\"\n",
-        )
-        .unwrap();
+        let mut config =
+            Config::from_toml("auth_method = \"md5\"\n[users.x]\npassword = \"SCRAM-SHA-256$4096:c2FsdA==$a:b\"\n")
+                .unwrap();
         config.origin = Some("postgres://app:secret@h/db".into());
-        assert!(UserDirectory::build(&config, &config.origin_url().unwrap())
-            .await
-            .is_err());
+        assert!(UserDirectory::build(&config, &config.origin_url().unwrap()).await.is_err());
     }
 }

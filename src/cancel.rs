@@ -25,10 +25,7 @@ impl CancelSlot {
     }
 
     fn get(&self) -> Option<(Arc<OriginTarget>, BackendKey)> {
-        self.target
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.target.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -48,12 +45,7 @@ impl CancelRegistry {
             if let std::collections::hash_map::Entry::Vacant(v) = keys.entry(pid) {
                 let secret = rng.gen::<i32>();
                 v.insert((secret, slot.clone()));
-                return CancelHandle {
-                    pid,
-                    secret,
-                    slot,
-                    registry: self.clone(),
-                };
+                return CancelHandle { pid, secret, slot, registry: self.clone() };
             }
         }
     }
@@ -64,9 +56,7 @@ impl CancelRegistry {
         let slot = {
             let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
             match keys.get(&pid) {
-                Some((s, slot)) if constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) => {
-                    slot.clone()
-                }
+                Some((s, slot)) if constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) => slot.clone(),
                 _ => {
                     tracing::debug!(pid, "cancel request with unknown key ignored");
                     return;
@@ -83,9 +73,7 @@ impl CancelRegistry {
 pub async fn send_cancel(target: Arc<OriginTarget>, key: BackendKey) {
     let result = async {
         let mut stream = transport::connect(&target).await?;
-        stream
-            .write_all(&build::cancel_request(key.pid, key.secret))
-            .await?;
+        stream.write_all(&build::cancel_request(key.pid, key.secret)).await?;
         stream.shutdown().await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), result).await {
@@ -106,11 +94,7 @@ pub struct CancelHandle {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.pid);
+        self.registry.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.pid);
     }
 }
 

@@ -110,19 +110,8 @@ mod tests {
 
     #[test]
     fn flags_override_environment() {
-        let cli = parse(&[
-            "--origin",
-            "postgres://a:b@h/db",
-            "--pool-size",
-            "3",
-            "--pool-timeout",
-            "2s",
-        ])
-        .unwrap();
-        let c = cli
-            .run
-            .into_config(Some("postgres://x:y@other/db".into()))
-            .unwrap();
+        let cli = parse(&["--origin", "postgres://a:b@h/db", "--pool-size", "3", "--pool-timeout", "2s"]).unwrap();
+        let c = cli.run.into_config(Some("postgres://x:y@other/db".into())).unwrap();
         assert_eq!(c.origin.as_deref(), Some("postgres://a:b@h/db"));
         assert_eq!(c.pool_size, 3);
         assert_eq!(c.pool_timeout, Duration::from_secs(2));
@@ -130,11 +119,7 @@ mod tests {
 
     #[test]
     fn database_url_is_the_fallback_origin() {
-        let c = parse(&[])
-            .unwrap()
-            .run
-            .into_config(Some("postgres://x:y@h/db".into()))
-            .unwrap();
+        let c = parse(&[]).unwrap().run.into_config(Some("postgres://x:y@h/db".into())).unwrap();
         assert_eq!(c.origin.as_deref(), Some("postgres://x:y@h/db"));
         assert!(parse(&[]).unwrap().run.into_config(None).is_err());
     }

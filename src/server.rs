@@ -36,10 +36,7 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Listen { addr: String, source: std::io::Error },
 }
 
 /// Triggers shutdown from outside (signals, tests).
@@ -65,10 +62,7 @@ impl Server {
         config.validate()?;
         let origin = config.origin_url()?;
         let users = UserDirectory::build(&config, &origin).await?;
-        let target = OriginTarget {
-            host: origin.host.clone(),
-            port: origin.port,
-        };
+        let target = OriginTarget { host: origin.host.clone(), port: origin.port };
         let pools = PoolSet::new(
             target,
             PoolConfig {
@@ -79,13 +73,9 @@ impl Server {
                 statement_cache: config.statement_cache_size,
             },
         );
-        let listener =
-            TcpListener::bind(&config.listen)
-                .await
-                .map_err(|source| ServerError::Listen {
-                    addr: config.listen.clone(),
-                    source,
-                })?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServerError::Listen { addr: config.listen.clone(), source })?;
         let ctx = Arc::new(ServerContext {
             users,
             pools,
@@ -103,9 +93,7 @@ impl Server {
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            drain: self.ctx.drain.clone(),
-        }
+        ShutdownHandle { drain: self.ctx.drain.clone() }
     }
 
     pub fn context(&self) -> &Arc<ServerContext> {
@@ -135,18 +123,9 @@ impl Server {
         }
         drop(listener);
         tracker.close();
-        tracing::info!(
-            clients = tracker.len(),
-            "shutting down: letting running transactions finish"
-        );
-        if tokio::time::timeout(ctx.config.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                clients = tracker.len(),
-                "shutdown timeout reached: closing remaining clients"
-            );
+        tracing::info!(clients = tracker.len(), "shutting down: letting running transactions finish");
+        if tokio::time::timeout(ctx.config.shutdown_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");
             ctx.kill.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }

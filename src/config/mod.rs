@@ -19,17 +19,12 @@ pub use units::{parse_byte_size, parse_duration};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid origin URL: {0}")]
     OriginUrl(String),
-    #[error(
-        "no origin database: pass --origin, set `origin` in the config file, or set DATABASE_URL"
-    )]
+    #[error("no origin database: pass --origin, set `origin` in the config file, or set DATABASE_URL")]
     NoOrigin,
     #[error("invalid value for {key}: {message}")]
     Invalid { key: &'static str, message: String },
@@ -128,14 +123,9 @@ impl Default for Config {
 impl Config {
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.display().to_string(),
-            message,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
@@ -150,17 +140,9 @@ impl Config {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return invalid(
-                "listen",
-                "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6432",
-            );
+            return invalid("listen", "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6432");
         }
         if self.pool_size == 0 {
             return invalid("pool_size", "must be at least 1");
@@ -171,20 +153,14 @@ impl Config {
         if self.statement_cache_size == 0 {
             return invalid("statement_cache_size", "must be at least 1");
         }
-        if self.max_message_size < 1024
-            || self.max_message_size > crate::protocol::codec::HARD_MAX_MESSAGE
-        {
+        if self.max_message_size < 1024 || self.max_message_size > crate::protocol::codec::HARD_MAX_MESSAGE {
             return invalid("max_message_size", "must be between 1KiB and 1GiB");
         }
         if self.pool_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("pool_timeout", "timeouts must be greater than zero");
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
-            ConfigError::Invalid {
-                key: "log_level",
-                message: e.to_string(),
-            }
-        })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| ConfigError::Invalid { key: "log_level", message: e.to_string() })?;
         self.origin_url()?;
         Ok(())
     }
@@ -193,10 +169,7 @@ impl Config {
 /// Points at the line of a TOML error, since toml's message alone lacks it.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
-        Some(r) => format!(
-            " (line {})",
-            text[..r.start.min(text.len())].lines().count().max(1)
-        ),
+        Some(r) => format!(" (line {})", text[..r.start.min(text.len())].lines().count().max(1)),
         None => String::new(),
     }
 }
@@ -222,8 +195,7 @@ mod tests {
 
     #[test]
     fn durations_and_sizes_take_units() {
-        let c =
-            Config::from_toml("pool_timeout = \"1500ms\"\nmax_message_size = \"8MiB\"").unwrap();
+        let c = Config::from_toml("pool_timeout = \"1500ms\"\nmax_message_size = \"8MiB\"").unwrap();
         assert_eq!(c.pool_timeout, Duration::from_millis(1500));
         assert_eq!(c.max_message_size, 8 << 20);
         assert!(Config::from_toml("pool_timeout = \"soon\"").is_err());
@@ -231,21 +203,12 @@ mod tests {
 
     #[test]
     fn validate_catches_nonsense() {
-        let mut c = Config {
-            origin: Some("postgres://u:p@h/db".into()),
-            ..Config::default()
-        };
+        let mut c = Config { origin: Some("postgres://u:p@h/db".into()), ..Config::default() };
         c.validate().unwrap();
         c.pool_size = 0;
         assert!(c.validate().is_err());
-        let c = Config {
-            listen: "localhost".into(),
-            ..c
-        };
+        let c = Config { listen: "localhost".into(), ..c };
         assert!(c.validate().is_err());
-        assert!(matches!(
-            Config::default().validate(),
-            Err(ConfigError::NoOrigin)
-        ));
+        assert!(matches!(Config::default().validate(), Err(ConfigError::NoOrigin)));
     }
 }

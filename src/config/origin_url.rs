@@ -45,11 +45,7 @@ pub struct OriginUrl {
 /// Never print the password.
 impl fmt::Debug for OriginUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "postgres://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.database
-        )
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
     }
 }
 
@@ -57,33 +53,20 @@ impl OriginUrl {
     pub fn parse(raw: &str) -> Result<OriginUrl, String> {
         let url = url::Url::parse(raw).map_err(|e| format!("{e}"))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(format!(
-                "scheme must be postgres:// or postgresql://, not {}://",
-                url.scheme()
-            ));
+            return Err(format!("scheme must be postgres:// or postgresql://, not {}://", url.scheme()));
         }
         let decode = |s: &str| -> Result<String, String> {
             percent_decode(s).ok_or_else(|| "invalid percent-encoding".to_string())
         };
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or("the URL names no host")?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("the URL names no host")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let user = decode(url.username())?;
         if user.is_empty() {
             return Err("the URL names no user".into());
         }
         let password = url.password().map(decode).transpose()?;
         let path = url.path().trim_start_matches('/');
-        let database = if path.is_empty() {
-            user.clone()
-        } else {
-            decode(path)?
-        };
+        let database = if path.is_empty() { user.clone() } else { decode(path)? };
         let mut out = OriginUrl {
             host,
             port: url.port().unwrap_or(5432),
@@ -134,8 +117,7 @@ mod tests {
 
     #[test]
     fn parses_full_url() {
-        let u = OriginUrl::parse("postgres://app:p%40ss@db.internal:6543/appdb?sslmode=require")
-            .unwrap();
+        let u = OriginUrl::parse("postgres://app:p%40ss@db.internal:6543/appdb?sslmode=require").unwrap();
         assert_eq!(u.host, "db.internal");
         assert_eq!(u.port, 6543);
         assert_eq!(u.user, "app");
@@ -147,10 +129,7 @@ mod tests {
     #[test]
     fn defaults_port_and_database() {
         let u = OriginUrl::parse("postgresql://app@127.0.0.1").unwrap();
-        assert_eq!(
-            (u.port, u.database.as_str(), u.password),
-            (5432, "app", None)
-        );
+        assert_eq!((u.port, u.database.as_str(), u.password), (5432, "app", None));
     }
 
     #[test]

@@ -5,30 +5,22 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}); try 30s, 500ms or 10m"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration ({e}); try 30s, 500ms or 10m"))
 }
 
 pub fn parse_byte_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size; try 1048576 or 64MiB"))?;
+    let n: usize = digits.parse().map_err(|_| format!("{s:?} is not a size; try 1048576 or 64MiB"))?;
     let mult: usize = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "kB" | "KB" => 1 << 10,
         "MiB" | "MB" => 1 << 20,
         "GiB" | "GB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KiB, MiB or GiB"
-            ))
-        }
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

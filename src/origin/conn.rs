@@ -92,9 +92,7 @@ impl OriginConn {
         creds: &Credentials,
         statement_cache: usize,
     ) -> Result<OriginConn, OriginError> {
-        let mut stream = transport::connect(target)
-            .await
-            .map_err(OriginError::Connect)?;
+        let mut stream = transport::connect(target).await.map_err(OriginError::Connect)?;
         let startup = build::startup(&[("user", &creds.user), ("database", &creds.database)]);
         stream.write_all(&startup).await?;
         let mut conn = OriginConn {
@@ -121,12 +119,7 @@ impl OriginConn {
                 be::READY_FOR_QUERY => return Ok(conn),
                 be::ERROR_RESPONSE => return Err(refused(&msg)),
                 be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL_VERSION => {}
-                other => {
-                    return Err(OriginError::Protocol(format!(
-                        "unexpected {:?} during startup",
-                        other as char
-                    )))
-                }
+                other => return Err(OriginError::Protocol(format!("unexpected {:?} during startup", other as char))),
             }
         }
     }
@@ -140,10 +133,7 @@ impl OriginConn {
                 return Err(refused(&msg));
             }
             if msg.tag() != be::AUTHENTICATION {
-                return Err(OriginError::Protocol(format!(
-                    "expected authentication, got {:?}",
-                    msg.tag() as char
-                )));
+                return Err(OriginError::Protocol(format!("expected authentication, got {:?}", msg.tag() as char)));
             }
             let password = || creds.password.as_deref().ok_or(OriginError::NoPassword);
             match be::auth_request(msg.body()).map_err(protocol)? {
@@ -167,40 +157,27 @@ impl OriginConn {
                     if !mechanisms.contains(&"SCRAM-SHA-256") {
                         return Err(OriginError::UnsupportedAuth(mechanisms.join(", ")));
                     }
-                    let client =
-                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    self.write(&build::sasl_initial_response(
-                        "SCRAM-SHA-256",
-                        client.message(),
-                    ))
-                    .await?;
+                    let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    self.write(&build::sasl_initial_response("SCRAM-SHA-256", client.message())).await?;
                     scram = Some(client);
                 }
                 AuthRequest::SaslContinue { data } => {
-                    let mut client = scram
-                        .take()
-                        .ok_or_else(|| OriginError::Scram("unexpected SASL continue".into()))?;
+                    let mut client =
+                        scram.take().ok_or_else(|| OriginError::Scram("unexpected SASL continue".into()))?;
                     let data = data.to_vec();
                     // The salted-password derivation is deliberately slow: keep it off the workers.
-                    let client =
-                        tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
-                            .await
-                            .map_err(|e| OriginError::Scram(e.to_string()))?
-                            .map_err(|e| OriginError::Scram(e.to_string()))?;
+                    let client = tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
+                        .await
+                        .map_err(|e| OriginError::Scram(e.to_string()))?
+                        .map_err(|e| OriginError::Scram(e.to_string()))?;
                     self.write(&build::password(client.message())).await?;
                     scram = Some(client);
                 }
                 AuthRequest::SaslFinal { data } => {
-                    let mut client = scram
-                        .take()
-                        .ok_or_else(|| OriginError::Scram("unexpected SASL final".into()))?;
-                    client
-                        .finish(data)
-                        .map_err(|e| OriginError::Scram(e.to_string()))?;
+                    let mut client = scram.take().ok_or_else(|| OriginError::Scram("unexpected SASL final".into()))?;
+                    client.finish(data).map_err(|e| OriginError::Scram(e.to_string()))?;
                 }
-                AuthRequest::Other(code) => {
-                    return Err(OriginError::UnsupportedAuth(format!("method {code}")))
-                }
+                AuthRequest::Other(code) => return Err(OriginError::UnsupportedAuth(format!("method {code}"))),
             }
         }
     }
@@ -217,9 +194,7 @@ impl OriginConn {
 
     /// The next message if one is already buffered, without waiting.
     pub fn try_read(&mut self) -> Result<Option<Message>, OriginError> {
-        self.reader
-            .try_next()
-            .map_err(|e| OriginError::Protocol(e.to_string()))
+        self.reader.try_next().map_err(|e| OriginError::Protocol(e.to_string()))
     }
 
     /// One step of full-duplex I/O: writes what it can of `out`, then reads if `want_read`.
@@ -282,9 +257,7 @@ impl OriginConn {
         loop {
             let msg = self.read().await?;
             match msg.tag() {
-                be::DATA_ROW => out
-                    .rows
-                    .push(be::data_row_text(msg.body()).map_err(protocol)?),
+                be::DATA_ROW => out.rows.push(be::data_row_text(msg.body()).map_err(protocol)?),
                 be::PARAMETER_STATUS => self.note_parameter(msg.body()),
                 be::ERROR_RESPONSE => {
                     let fields = ErrorFields::parse(msg.body()).map_err(protocol)?;

@@ -41,22 +41,18 @@ impl OriginError {
         match self {
             OriginError::Refused(f) if f.code.starts_with("28") => (
                 SqlState::CONNECTION_REJECTED.code().into(),
-                "pgwarp could not log in to the origin database; check pgwarp's origin credentials"
-                    .into(),
+                "pgwarp could not log in to the origin database; check pgwarp's origin credentials".into(),
             ),
             OriginError::Refused(f) => (f.code.clone(), f.message.clone()),
-            OriginError::UnsupportedAuth(_) | OriginError::NoPassword | OriginError::Scram(_) => (
-                SqlState::CONNECTION_REJECTED.code().into(),
-                "pgwarp could not log in to the origin database".into(),
-            ),
-            OriginError::Connect(_) | OriginError::ConnectTimeout => (
-                SqlState::CONNECTION_FAILURE.code().into(),
-                "pgwarp could not connect to the origin database".into(),
-            ),
-            OriginError::Io(_) | OriginError::Closed | OriginError::Protocol(_) => (
-                SqlState::CONNECTION_FAILURE.code().into(),
-                "the connection to the origin database was lost".into(),
-            ),
+            OriginError::UnsupportedAuth(_) | OriginError::NoPassword | OriginError::Scram(_) => {
+                (SqlState::CONNECTION_REJECTED.code().into(), "pgwarp could not log in to the origin database".into())
+            }
+            OriginError::Connect(_) | OriginError::ConnectTimeout => {
+                (SqlState::CONNECTION_FAILURE.code().into(), "pgwarp could not connect to the origin database".into())
+            }
+            OriginError::Io(_) | OriginError::Closed | OriginError::Protocol(_) => {
+                (SqlState::CONNECTION_FAILURE.code().into(), "the connection to the origin database was lost".into())
+            }
         }
     }
 }

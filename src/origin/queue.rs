@@ -179,17 +179,9 @@ impl ResponseQueue {
             _ => {}
         }
         let Some(head) = self.entries.front_mut() else {
-            return Err(QueueError::Unexpected {
-                tag: tag as char,
-                expected: "nothing",
-            });
+            return Err(QueueError::Unexpected { tag: tag as char, expected: "nothing" });
         };
-        let unexpected = |expected| {
-            Err(QueueError::Unexpected {
-                tag: tag as char,
-                expected,
-            })
-        };
+        let unexpected = |expected| Err(QueueError::Unexpected { tag: tag as char, expected });
         let done = match (&*head, tag) {
             (Expect::ParseComplete { owner, .. }, be::PARSE_COMPLETE) => {
                 d.forward = *owner == Owner::Client;
@@ -201,18 +193,9 @@ impl ResponseQueue {
                 true
             }
             (Expect::DescribeStatement, be::PARAMETER_DESCRIPTION) => false,
-            (
-                Expect::DescribeStatement | Expect::DescribePortal,
-                be::ROW_DESCRIPTION | be::NO_DATA,
-            ) => true,
-            (
-                Expect::Execute,
-                be::DATA_ROW | be::COPY_OUT_RESPONSE | be::COPY_DATA | be::COPY_DONE,
-            ) => false,
-            (
-                Expect::Execute,
-                be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED,
-            ) => true,
+            (Expect::DescribeStatement | Expect::DescribePortal, be::ROW_DESCRIPTION | be::NO_DATA) => true,
+            (Expect::Execute, be::DATA_ROW | be::COPY_OUT_RESPONSE | be::COPY_DATA | be::COPY_DONE) => false,
+            (Expect::Execute, be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED) => true,
             (Expect::Execute, be::COPY_IN_RESPONSE) => {
                 d.copy_in = true;
                 // A Sync sent right after the Execute is swallowed by COPY FROM STDIN (Postgres
@@ -223,12 +206,9 @@ impl ResponseQueue {
                 }
                 false
             }
-            (Expect::Query { .. }, be::READY_FOR_QUERY)
-            | (Expect::Sync { .. }, be::READY_FOR_QUERY) => {
-                let status = be::ready_status(body).map_err(|_| QueueError::Unexpected {
-                    tag: 'Z',
-                    expected: "a valid transaction status",
-                })?;
+            (Expect::Query { .. }, be::READY_FOR_QUERY) | (Expect::Sync { .. }, be::READY_FOR_QUERY) => {
+                let status = be::ready_status(body)
+                    .map_err(|_| QueueError::Unexpected { tag: 'Z', expected: "a valid transaction status" })?;
                 d.ready = Some(status);
                 d.forward = head.owner() == Owner::Client;
                 true
@@ -246,9 +226,7 @@ impl ResponseQueue {
             (Expect::Execute, _) => return unexpected("Execute results"),
             (Expect::Sync { .. }, _) => return unexpected("ReadyForQuery"),
             (Expect::Query { .. }, _) => return unexpected("a simple query response"),
-            (Expect::Synthetic { .. }, _) => {
-                return unexpected("nothing before a synthetic answer")
-            }
+            (Expect::Synthetic { .. }, _) => return unexpected("nothing before a synthetic answer"),
         };
         if done {
             self.entries.pop_front();
@@ -308,9 +286,7 @@ mod tests {
     use crate::protocol::build;
 
     fn feed(q: &mut ResponseQueue, msgs: &[&[u8]]) -> Vec<Decision> {
-        msgs.iter()
-            .map(|m| q.on_message(m[0], &m[5..]).unwrap())
-            .collect()
+        msgs.iter().map(|m| q.on_message(m[0], &m[5..]).unwrap()).collect()
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -327,18 +303,8 @@ mod tests {
     #[test]
     fn simple_query_forwards_everything_until_ready() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query {
-            owner: Owner::Client,
-        });
-        let ds = feed(
-            &mut q,
-            &[
-                &msg(b'T', b""),
-                &msg(b'D', b""),
-                &msg(b'C', b"SELECT 1\0"),
-                &msg(b'Z', b"I"),
-            ],
-        );
+        q.push(Expect::Query { owner: Owner::Client });
+        let ds = feed(&mut q, &[&msg(b'T', b""), &msg(b'D', b""), &msg(b'C', b"SELECT 1\0"), &msg(b'Z', b"I")]);
         assert_eq!(forwarded(&ds), vec![true; 4]);
         assert_eq!(ds[3].ready, Some(b'I'));
         assert!(q.is_empty());
@@ -348,16 +314,11 @@ mod tests {
     fn extended_sequence_completes_each_entry() {
         let mut q = ResponseQueue::new();
         for e in [
-            Expect::ParseComplete {
-                owner: Owner::Client,
-                undo: None,
-            },
+            Expect::ParseComplete { owner: Owner::Client, undo: None },
             Expect::BindComplete { statement: None },
             Expect::DescribePortal,
             Expect::Execute,
-            Expect::Sync {
-                owner: Owner::Client,
-            },
+            Expect::Sync { owner: Owner::Client },
         ] {
             q.push(e);
         }
@@ -381,31 +342,18 @@ mod tests {
     #[test]
     fn replayed_parse_is_hidden_but_its_error_is_not() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::ParseComplete {
-            owner: Owner::Hidden,
-            undo: None,
-        });
+        q.push(Expect::ParseComplete { owner: Owner::Hidden, undo: None });
         q.push(Expect::BindComplete { statement: None });
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'1', b"").unwrap();
         assert!(!d.forward);
 
-        let undo = Undo {
-            server_statement: Some("pgwarp_x".into()),
-            ..Undo::default()
-        };
+        let undo = Undo { server_statement: Some("pgwarp_x".into()), ..Undo::default() };
         let mut q = ResponseQueue::new();
-        q.push(Expect::ParseComplete {
-            owner: Owner::Hidden,
-            undo: Some(undo.clone()),
-        });
+        q.push(Expect::ParseComplete { owner: Owner::Hidden, undo: Some(undo.clone()) });
         q.push(Expect::BindComplete { statement: None });
         q.push(Expect::Execute);
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'E', b"").unwrap();
         assert!(d.forward);
         assert_eq!(d.undone, vec![undo]);
@@ -417,47 +365,23 @@ mod tests {
     #[test]
     fn error_mid_pipeline_skips_to_the_next_sync_and_undoes_skipped_parses() {
         let mut q = ResponseQueue::new();
-        let undo = Undo {
-            client_statement: Some(("s2".into(), "pgwarp_2".into())),
-            ..Undo::default()
-        };
+        let undo = Undo { client_statement: Some(("s2".into(), "pgwarp_2".into())), ..Undo::default() };
         q.push(Expect::BindComplete { statement: None });
         q.push(Expect::Execute);
-        q.push(Expect::ParseComplete {
-            owner: Owner::Client,
-            undo: Some(undo.clone()),
-        });
-        q.push(Expect::Synthetic {
-            message: build::parse_complete(),
-            undo: Some(undo.clone()),
-        });
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo.clone()) });
+        q.push(Expect::Synthetic { message: build::parse_complete(), undo: Some(undo.clone()) });
+        q.push(Expect::Sync { owner: Owner::Client });
         q.push(Expect::BindComplete { statement: None });
         q.push(Expect::Execute);
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         feed(&mut q, &[&msg(b'2', b"")]);
         let d = q.on_message(b'E', b"").unwrap();
         assert!(d.forward);
         assert_eq!(d.undone, vec![undo.clone(), undo]);
         let mut out = BytesMut::new();
         q.drain_synthetic(&mut out);
-        assert!(
-            out.is_empty(),
-            "a skipped synthetic answer must never be sent"
-        );
-        let ds = feed(
-            &mut q,
-            &[
-                &msg(b'Z', b"I"),
-                &msg(b'2', b""),
-                &msg(b'C', b"X\0"),
-                &msg(b'Z', b"I"),
-            ],
-        );
+        assert!(out.is_empty(), "a skipped synthetic answer must never be sent");
+        let ds = feed(&mut q, &[&msg(b'Z', b"I"), &msg(b'2', b""), &msg(b'C', b"X\0"), &msg(b'Z', b"I")]);
         assert_eq!(ds[0].ready, Some(b'I'));
         assert_eq!(ds[3].ready, Some(b'I'));
         assert!(q.is_empty());
@@ -471,22 +395,11 @@ mod tests {
         assert!(d.forward);
         assert!(q.is_empty());
         // The client flushed, saw the error, and kept going before its Sync.
-        let undo = Undo {
-            client_statement: Some(("s".into(), "pgwarp_1".into())),
-            ..Undo::default()
-        };
-        assert_eq!(
-            q.push(Expect::ParseComplete {
-                owner: Owner::Client,
-                undo: Some(undo.clone())
-            }),
-            Some(undo)
-        );
+        let undo = Undo { client_statement: Some(("s".into(), "pgwarp_1".into())), ..Undo::default() };
+        assert_eq!(q.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo.clone()) }), Some(undo));
         assert_eq!(q.push(Expect::BindComplete { statement: None }), None);
         assert!(q.is_empty());
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'Z', b"I").unwrap();
         assert_eq!(d.ready, Some(b'I'));
     }
@@ -494,18 +407,10 @@ mod tests {
     #[test]
     fn synthetic_answers_keep_their_place() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Synthetic {
-            message: build::parse_complete(),
-            undo: None,
-        });
+        q.push(Expect::Synthetic { message: build::parse_complete(), undo: None });
         q.push(Expect::BindComplete { statement: None });
-        q.push(Expect::Synthetic {
-            message: build::close_complete(),
-            undo: None,
-        });
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Synthetic { message: build::close_complete(), undo: None });
+        q.push(Expect::Sync { owner: Owner::Client });
         let mut out = BytesMut::new();
         q.drain_synthetic(&mut out);
         assert_eq!(&out[..], &build::parse_complete()[..]);
@@ -519,12 +424,8 @@ mod tests {
     #[test]
     fn internal_query_is_dropped_and_marked() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query {
-            owner: Owner::Internal,
-        });
-        q.push(Expect::Query {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Query { owner: Owner::Internal });
+        q.push(Expect::Query { owner: Owner::Client });
         let ds = feed(
             &mut q,
             &[
@@ -537,16 +438,11 @@ mod tests {
                 &msg(b'Z', b"I"),
             ],
         );
-        assert_eq!(
-            forwarded(&ds),
-            vec![false, false, false, false, false, true, true]
-        );
+        assert_eq!(forwarded(&ds), vec![false, false, false, false, false, true, true]);
         assert!(ds[..5].iter().all(|d| d.internal));
         let d = {
             let mut q = ResponseQueue::new();
-            q.push(Expect::Query {
-                owner: Owner::Internal,
-            });
+            q.push(Expect::Query { owner: Owner::Internal });
             q.on_message(b'E', b"").unwrap()
         };
         assert!(!d.forward && d.internal);
@@ -555,9 +451,7 @@ mod tests {
     #[test]
     fn error_in_simple_query_still_waits_for_ready() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Query { owner: Owner::Client });
         let ds = feed(&mut q, &[&msg(b'E', b""), &msg(b'Z', b"E")]);
         assert!(ds[0].forward && ds[0].undone.is_empty());
         assert_eq!(ds[1].ready, Some(b'E'));
@@ -568,16 +462,12 @@ mod tests {
         let mut q = ResponseQueue::new();
         q.push(Expect::BindComplete { statement: None });
         q.push(Expect::Execute);
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         feed(&mut q, &[&msg(b'2', b"")]);
         let d = q.on_message(b'G', b"").unwrap();
         assert!(d.copy_in && d.forward);
         // CopyData/CopyDone go through; then the client's own Sync after CopyDone.
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         let ds = feed(&mut q, &[&msg(b'C', b"COPY 3\0"), &msg(b'Z', b"I")]);
         assert_eq!(ds[1].ready, Some(b'I'));
         assert!(q.is_empty());
@@ -586,18 +476,10 @@ mod tests {
     #[test]
     fn simple_copy_out_flows_through() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Query { owner: Owner::Client });
         let ds = feed(
             &mut q,
-            &[
-                &msg(b'H', b""),
-                &msg(b'd', b"1\n"),
-                &msg(b'c', b""),
-                &msg(b'C', b"COPY 1\0"),
-                &msg(b'Z', b"I"),
-            ],
+            &[&msg(b'H', b""), &msg(b'd', b"1\n"), &msg(b'c', b""), &msg(b'C', b"COPY 1\0"), &msg(b'Z', b"I")],
         );
         assert!(ds.iter().all(|d| d.forward));
         assert!(q.is_empty());
@@ -607,13 +489,8 @@ mod tests {
     fn describe_statement_takes_two_messages() {
         let mut q = ResponseQueue::new();
         q.push(Expect::DescribeStatement);
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
-        let ds = feed(
-            &mut q,
-            &[&msg(b't', b""), &msg(b'n', b""), &msg(b'Z', b"I")],
-        );
+        q.push(Expect::Sync { owner: Owner::Client });
+        let ds = feed(&mut q, &[&msg(b't', b""), &msg(b'n', b""), &msg(b'Z', b"I")]);
         assert!(ds.iter().all(|d| d.forward));
         assert!(q.is_empty());
     }
@@ -621,13 +498,9 @@ mod tests {
     #[test]
     fn failed_bind_names_its_statement() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::BindComplete {
-            statement: Some("pgwarp_x".into()),
-        });
+        q.push(Expect::BindComplete { statement: Some("pgwarp_x".into()) });
         q.push(Expect::Execute);
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'E', b"").unwrap();
         assert_eq!(d.failed_bind.as_deref(), Some("pgwarp_x"));
         assert_eq!(q.on_message(b'Z', b"I").unwrap().ready, Some(b'I'));
@@ -640,9 +513,7 @@ mod tests {
         q.push(Expect::BindComplete { statement: None });
         assert!(q.on_message(b'1', b"").is_err());
         let mut q = ResponseQueue::new();
-        q.push(Expect::Sync {
-            owner: Owner::Client,
-        });
+        q.push(Expect::Sync { owner: Owner::Client });
         assert!(q.on_message(b'Z', b"?").is_err());
     }
 

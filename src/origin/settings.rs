@@ -18,21 +18,12 @@ pub const CAPTURE_SQL: &str =
 
 /// The query that turns a connection's `applied` settings into `wanted`, or None if they match.
 pub fn sync_sql(applied: &Settings, wanted: &Settings) -> Option<String> {
-    let mut statements: Vec<String> = applied
-        .keys()
-        .filter(|k| !wanted.contains_key(*k))
-        .map(|k| format!("RESET {}", quote_ident(k)))
-        .collect();
+    let mut statements: Vec<String> =
+        applied.keys().filter(|k| !wanted.contains_key(*k)).map(|k| format!("RESET {}", quote_ident(k))).collect();
     let sets: Vec<String> = wanted
         .iter()
         .filter(|(k, v)| applied.get(*k) != Some(*v))
-        .map(|(k, v)| {
-            format!(
-                "pg_catalog.set_config({}, {}, false)",
-                quote_literal(k),
-                quote_literal(v)
-            )
-        })
+        .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(k), quote_literal(v)))
         .collect();
     if !sets.is_empty() {
         statements.push(format!("SELECT {}", sets.join(", ")));
@@ -66,10 +57,7 @@ pub fn quote_ident(s: &str) -> String {
 /// Setting names a client must not change through pgwarp, because they would change who the
 /// session is or how pgwarp talks to the origin.
 pub fn is_reserved(name: &str) -> bool {
-    matches!(
-        name.to_ascii_lowercase().as_str(),
-        "session_authorization" | "replication"
-    )
+    matches!(name.to_ascii_lowercase().as_str(), "session_authorization" | "replication")
 }
 
 #[cfg(test)]
@@ -77,10 +65,7 @@ mod tests {
     use super::*;
 
     fn s(pairs: &[(&str, &str)]) -> Settings {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -92,11 +77,7 @@ mod tests {
 
     #[test]
     fn resets_what_the_client_does_not_want_and_sets_what_differs() {
-        let applied = s(&[
-            ("search_path", "a"),
-            ("statement_timeout", "5s"),
-            ("TimeZone", "UTC"),
-        ]);
+        let applied = s(&[("search_path", "a"), ("statement_timeout", "5s"), ("TimeZone", "UTC")]);
         let wanted = s(&[("TimeZone", "UTC"), ("application_name", "it's")]);
         assert_eq!(
             sync_sql(&applied, &wanted).unwrap(),

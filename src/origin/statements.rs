@@ -18,11 +18,7 @@ pub struct ServerStatements {
 impl ServerStatements {
     pub fn new(capacity: usize) -> Self {
         let cap = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
-        ServerStatements {
-            lru: LruCache::new(cap),
-            stale: Vec::new(),
-            unnamed: None,
-        }
+        ServerStatements { lru: LruCache::new(cap), stale: Vec::new(), unnamed: None }
     }
 
     /// Whether the statement is prepared here; marks it recently used.
@@ -98,9 +94,6 @@ mod tests {
         assert_eq!(s.take_stale(), vec![a.clone()]);
         assert!(s.take_stale().is_empty());
         s.invalidate(&a);
-        assert!(
-            s.take_stale().is_empty(),
-            "only statements the origin has are closed"
-        );
+        assert!(s.take_stale().is_empty(), "only statements the origin has are closed");
     }
 }

@@ -7,7 +7,7 @@
 //! only ever returned by `checkin`; one that is dropped instead is closed, which is the safe
 //! default for anything whose state pgwarp is unsure of.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -60,6 +60,8 @@ pub struct Pool {
     idle: Mutex<Vec<OriginConn>>,
     permits: Arc<Semaphore>,
     startup_params: Mutex<HashMap<Settings, StartupParams>>,
+    /// What a fresh connection reports, before any client settings.
+    base_params: Mutex<Option<BTreeMap<String, String>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -77,6 +79,7 @@ impl Pool {
             config,
             idle: Mutex::new(Vec::new()),
             startup_params: Mutex::new(HashMap::new()),
+            base_params: Mutex::new(None),
         });
         spawn_reaper(Arc::downgrade(&pool), pool.config.idle_timeout);
         pool
@@ -88,40 +91,30 @@ impl Pool {
 
     /// Waits (FIFO, up to pool_timeout) for a slot, then reuses an idle connection or opens one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let permit = tokio::time::timeout(
-            self.config.pool_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| PoolError::Timeout(self.config.pool_timeout))?
-        .map_err(|_| PoolError::Closed)?;
+        let permit = self.acquire_permit().await?;
+        self.checkout_with(permit).await
+    }
+
+    async fn acquire_permit(&self) -> Result<OwnedSemaphorePermit, PoolError> {
+        tokio::time::timeout(self.config.pool_timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolError::Timeout(self.config.pool_timeout))?
+            .map_err(|_| PoolError::Closed)
+    }
+
+    async fn checkout_with(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<PooledConn, PoolError> {
         while let Some(mut conn) = self.pop_idle() {
             if conn.is_alive() {
-                return Ok(PooledConn {
-                    conn: Some(conn),
-                    _permit: permit,
-                    pool: self.clone(),
-                });
+                return Ok(PooledConn { conn: Some(conn), _permit: permit, pool: self.clone() });
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
-        let conn = OriginConn::connect(
-            &self.target,
-            &self.creds,
-            self.config.statement_cache,
-            self.config.connect_timeout,
-        )
-        .await?;
-        tracing::debug!(
-            conn = conn.id,
-            pid = conn.key.pid,
-            "opened origin connection"
-        );
-        Ok(PooledConn {
-            conn: Some(conn),
-            _permit: permit,
-            pool: self.clone(),
-        })
+        let conn =
+            OriginConn::connect(&self.target, &self.creds, self.config.statement_cache, self.config.connect_timeout)
+                .await?;
+        tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
+        *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
+        Ok(PooledConn { conn: Some(conn), _permit: permit, pool: self.clone() })
     }
 
     fn pop_idle(&self) -> Option<OriginConn> {
@@ -138,10 +131,7 @@ impl Pool {
             return;
         }
         conn.last_used = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         // The permit drops with `pooled`, after the connection is idle again.
     }
 
@@ -155,30 +145,31 @@ impl Pool {
         self.config.size - self.permits.available_permits()
     }
 
-    /// The ParameterStatus values for a client with these settings: validated against the origin
-    /// (an invalid value is the origin's own error), then cached.
+    /// The ParameterStatus values for a client with these settings, and whether the origin has
+    /// accepted the settings. Known sets come from the cache. Otherwise, when a connection is
+    /// free, the settings are applied and validated now (an invalid value is the origin's own
+    /// error); when none is free, the login does not wait: the answer is the origin's values
+    /// overlaid with the client's, and the session validates them on first use.
     pub async fn startup_params(
         self: &Arc<Self>,
         wanted: &Settings,
-    ) -> Result<StartupParams, StartupParamsError> {
-        if let Some(p) = self
-            .startup_params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(wanted)
-        {
-            return Ok(p.clone());
+    ) -> Result<(StartupParams, bool), StartupParamsError> {
+        if let Some(p) = self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).get(wanted) {
+            return Ok((p.clone(), true));
         }
-        let mut pooled = self.checkout().await?;
+        let base = self.base_params.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let permit = match (self.permits.clone().try_acquire_owned(), base) {
+            (Ok(permit), _) => permit,
+            (Err(_), Some(base)) => return Ok((Arc::new(overlay(&base, wanted)), false)),
+            (Err(_), None) => self.acquire_permit().await?,
+        };
+        let mut pooled = self.checkout_with(permit).await?;
         if let Some(sql) = sync_sql(&pooled.applied, wanted) {
             let outcome = pooled.simple_query(&sql).await.map_err(PoolError::from)?;
             if let Some(err) = outcome.error {
                 // The connection is fine, but what was applied is now unknown: RESET it all.
                 pooled.applied = Settings::new();
-                let reset = pooled
-                    .simple_query("RESET ALL")
-                    .await
-                    .map_err(PoolError::from)?;
+                let reset = pooled.simple_query("RESET ALL").await.map_err(PoolError::from)?;
                 if reset.error.is_some() {
                     pooled.broken = true;
                 }
@@ -187,23 +178,20 @@ impl Pool {
             }
             pooled.applied = wanted.clone();
         }
-        let params: StartupParams = Arc::new(
-            pooled
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        );
+        let params = self.remember_params(wanted, &pooled.params);
         self.checkin(pooled);
-        let mut cache = self
-            .startup_params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        Ok((params, true))
+    }
+
+    /// Caches the parameters a connection reports after `wanted` was applied to it.
+    pub fn remember_params(&self, wanted: &Settings, reported: &BTreeMap<String, String>) -> StartupParams {
+        let params: StartupParams = Arc::new(reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        let mut cache = self.startup_params.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_CACHED_PARAM_SETS {
             cache.clear();
         }
         cache.insert(wanted.clone(), params.clone());
-        Ok(params)
+        params
     }
 
     fn reap_idle(&self) {
@@ -234,6 +222,17 @@ impl Pool {
             tokio::spawn(conn.close());
         }
     }
+}
+
+/// The origin's values with the client's settings in place of those it reports
+/// (Postgres matches setting names case-insensitively).
+fn overlay(base: &BTreeMap<String, String>, wanted: &Settings) -> Vec<(String, String)> {
+    base.iter()
+        .map(|(k, v)| {
+            let mine = wanted.iter().find(|(w, _)| w.eq_ignore_ascii_case(k)).map(|(_, v)| v);
+            (k.clone(), mine.unwrap_or(v).clone())
+        })
+        .collect()
 }
 
 fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {
@@ -287,10 +286,7 @@ impl DerefMut for PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            tracing::debug!(
-                conn = conn.id,
-                "closing origin connection that was not checked in"
-            );
+            tracing::debug!(conn = conn.id, "closing origin connection that was not checked in");
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(conn.close());
             }
@@ -307,11 +303,7 @@ pub struct PoolSet {
 
 impl PoolSet {
     pub fn new(target: OriginTarget, config: PoolConfig) -> PoolSet {
-        PoolSet {
-            target: Arc::new(target),
-            config,
-            pools: Mutex::new(HashMap::new()),
-        }
+        PoolSet { target: Arc::new(target), config, pools: Mutex::new(HashMap::new()) }
     }
 
     pub fn get(&self, creds: &Credentials) -> Arc<Pool> {
@@ -323,11 +315,6 @@ impl PoolSet {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 }

@@ -32,10 +32,7 @@ pub fn ready_status(body: &[u8]) -> Result<u8, DecodeError> {
     let status = Fields::new(READY_FOR_QUERY, body).u8()?;
     match status {
         b'I' | b'T' | b'E' => Ok(status),
-        _ => Err(DecodeError::Invalid {
-            tag: 'Z',
-            what: "unknown transaction status",
-        }),
+        _ => Err(DecodeError::Invalid { tag: 'Z', what: "unknown transaction status" }),
     }
 }
 
@@ -72,9 +69,7 @@ pub fn auth_request(body: &[u8]) -> Result<AuthRequest<'_>, DecodeError> {
         3 => AuthRequest::Cleartext,
         5 => {
             let s = f.bytes(4)?;
-            AuthRequest::Md5 {
-                salt: [s[0], s[1], s[2], s[3]],
-            }
+            AuthRequest::Md5 { salt: [s[0], s[1], s[2], s[3]] }
         }
         10 => {
             let mut mechanisms = Vec::new();
@@ -127,9 +122,7 @@ mod tests {
         body.extend_from_slice(b"SCRAM-SHA-256\0SCRAM-SHA-256-PLUS\0\0");
         assert_eq!(
             auth_request(&body).unwrap(),
-            AuthRequest::Sasl {
-                mechanisms: vec!["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
-            }
+            AuthRequest::Sasl { mechanisms: vec!["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"] }
         );
     }
 
@@ -139,10 +132,7 @@ mod tests {
         body.extend_from_slice(&3i32.to_be_bytes());
         body.extend_from_slice(b"abc");
         body.extend_from_slice(&(-1i32).to_be_bytes());
-        assert_eq!(
-            data_row_text(&body).unwrap(),
-            vec![Some("abc".into()), None]
-        );
+        assert_eq!(data_row_text(&body).unwrap(), vec![Some("abc".into()), None]);
     }
 
     #[test]

@@ -204,10 +204,7 @@ mod tests {
     #[test]
     fn startup_packet_has_version_and_terminator() {
         let s = startup(&[("user", "u")]);
-        assert_eq!(
-            i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize,
-            s.len()
-        );
+        assert_eq!(i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize, s.len());
         assert_eq!(&s[4..8], &196_608i32.to_be_bytes());
         assert_eq!(s[s.len() - 1], 0);
     }

@@ -73,18 +73,12 @@ pub struct MessageReader {
 
 impl MessageReader {
     pub fn new(max_len: usize) -> Self {
-        MessageReader {
-            buf: BytesMut::new(),
-            max_len: max_len.min(HARD_MAX_MESSAGE),
-        }
+        MessageReader { buf: BytesMut::new(), max_len: max_len.min(HARD_MAX_MESSAGE) }
     }
 
     /// Takes over bytes that were read past the end of a previous phase.
     pub fn with_buffered(max_len: usize, buffered: BytesMut) -> Self {
-        MessageReader {
-            buf: buffered,
-            max_len: max_len.min(HARD_MAX_MESSAGE),
-        }
+        MessageReader { buf: buffered, max_len: max_len.min(HARD_MAX_MESSAGE) }
     }
 
     /// Returns the next complete message already in the buffer, without any I/O.
@@ -128,10 +122,7 @@ impl MessageReader {
         }
         let len = raw as usize;
         if len > self.max_len {
-            return Err(FrameError::TooLong {
-                len,
-                max: self.max_len,
-            });
+            return Err(FrameError::TooLong { len, max: self.max_len });
         }
         Ok(Some(len))
     }
@@ -139,10 +130,7 @@ impl MessageReader {
     /// Reads until one message is complete. `Ok(None)` is a clean end of stream between messages.
     ///
     /// Cancel safe: the only await is a read into `self.buf`, so dropping the future loses nothing.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
-        &mut self,
-        stream: &mut R,
-    ) -> Result<Option<Message>, FrameError> {
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(&mut self, stream: &mut R) -> Result<Option<Message>, FrameError> {
         std::future::poll_fn(|cx| self.poll_read_message(cx, stream)).await
     }
 
@@ -161,17 +149,9 @@ impl MessageReader {
                 None => READ_CHUNK,
             };
             self.buf.reserve(want.max(4096));
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *stream),
-                cx,
-                &mut self.buf
-            ))?;
+            let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut self.buf))?;
             if n == 0 {
-                return Poll::Ready(if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                });
+                return Poll::Ready(if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) });
             }
         }
     }
@@ -194,7 +174,7 @@ pub enum Duplex {
     Message(Message),
     /// The peer closed the stream cleanly between messages.
     Eof,
-    /// Everything pending was written (only when not reading).
+    /// Everything pending was written.
     Flushed,
 }
 
@@ -213,11 +193,7 @@ pub fn poll_duplex<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     let mut wrote = false;
     while !out.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, out) {
-            Poll::Ready(Ok(0)) => {
-                return Poll::Ready(Err(
-                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                ))
-            }
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into())),
             Poll::Ready(Ok(n)) => {
                 out.advance(n);
                 wrote = true;
@@ -230,11 +206,12 @@ pub fn poll_duplex<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
         if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
             return Poll::Ready(Err(e.into()));
         }
+        // Report the flush before reading, so the caller can notice it has gone idle (and drop
+        // its buffers) rather than wait in a read with a buffer reserved.
+        return Poll::Ready(Ok(Duplex::Flushed));
     }
     if want_read {
-        return reader
-            .poll_read_message(cx, stream)
-            .map(|r| r.map(|m| m.map_or(Duplex::Eof, Duplex::Message)));
+        return reader.poll_read_message(cx, stream).map(|r| r.map(|m| m.map_or(Duplex::Eof, Duplex::Message)));
     }
     if out.is_empty() {
         Poll::Ready(Ok(Duplex::Flushed))
@@ -293,10 +270,7 @@ mod tests {
             header.extend_from_slice(&raw.to_be_bytes());
             let mut r = MessageReader::new(1024);
             let mut src: &[u8] = &header;
-            assert!(matches!(
-                r.read(&mut src).await,
-                Err(FrameError::BadLength { .. })
-            ));
+            assert!(matches!(r.read(&mut src).await, Err(FrameError::BadLength { .. })));
         }
     }
 
@@ -322,16 +296,11 @@ mod tests {
             far.read_exact(&mut got).await.unwrap();
             got
         });
-        let first =
-            std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, true))
-                .await
-                .unwrap();
+        let first = std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, true)).await.unwrap();
         assert!(matches!(first, Duplex::Message(ref m) if m.tag() == b'Z'));
         while !out.is_empty() {
             let step =
-                std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, false))
-                    .await
-                    .unwrap();
+                std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, false)).await.unwrap();
             assert!(matches!(step, Duplex::Flushed));
         }
         assert_eq!(far_task.await.unwrap().len(), 205);

@@ -45,11 +45,7 @@ impl<'a> Parse<'a> {
             return Err(f.invalid("parameter type count exceeds the message"));
         }
         let param_types = (0..n).map(|_| f.u32()).collect::<Result<Vec<_>, _>>()?;
-        Ok(Parse {
-            name,
-            sql,
-            param_types,
-        })
+        Ok(Parse { name, sql, param_types })
     }
 }
 
@@ -67,11 +63,7 @@ impl<'a> Bind<'a> {
         let mut f = Fields::new(BIND, body);
         let portal = f.cstr()?;
         let statement = f.cstr()?;
-        Ok(Bind {
-            portal,
-            statement,
-            rest: f.rest(),
-        })
+        Ok(Bind { portal, statement, rest: f.rest() })
     }
 
     /// Writes this Bind naming `statement` instead.
@@ -168,14 +160,7 @@ mod tests {
         build::parse_into(&mut out, "s1", "select $1", &[23]);
         let msg = Message::from_frame(out.freeze());
         let p = Parse::decode(msg.body()).unwrap();
-        assert_eq!(
-            p,
-            Parse {
-                name: "s1",
-                sql: "select $1",
-                param_types: vec![23]
-            }
-        );
+        assert_eq!(p, Parse { name: "s1", sql: "select $1", param_types: vec![23] });
     }
 
     #[test]
@@ -203,20 +188,8 @@ mod tests {
 
     #[test]
     fn describe_and_close_targets() {
-        assert_eq!(
-            Named::decode(DESCRIBE, b"Sfoo\0").unwrap(),
-            Named {
-                target: Target::Statement,
-                name: "foo"
-            }
-        );
-        assert_eq!(
-            Named::decode(CLOSE, b"P\0").unwrap(),
-            Named {
-                target: Target::Portal,
-                name: ""
-            }
-        );
+        assert_eq!(Named::decode(DESCRIBE, b"Sfoo\0").unwrap(), Named { target: Target::Statement, name: "foo" });
+        assert_eq!(Named::decode(CLOSE, b"P\0").unwrap(), Named { target: Target::Portal, name: "" });
         assert!(Named::decode(CLOSE, b"Xfoo\0").is_err());
         assert!(Named::decode(CLOSE, b"Sfoo").is_err());
     }
@@ -224,12 +197,6 @@ mod tests {
     #[test]
     fn execute_reads_row_limit() {
         let e = Execute::decode(b"\0\x00\x00\x00\x0a").unwrap();
-        assert_eq!(
-            e,
-            Execute {
-                portal: "",
-                max_rows: 10
-            }
-        );
+        assert_eq!(e, Execute { portal: "", max_rows: 10 });
     }
 }

@@ -39,11 +39,7 @@ pub(crate) struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     pub(crate) fn new(tag: u8, buf: &'a [u8]) -> Self {
-        Fields {
-            buf,
-            pos: 0,
-            tag: tag as char,
-        }
+        Fields { buf, pos: 0, tag: tag as char }
     }
 
     pub(crate) fn rest(&self) -> &'a [u8] {
@@ -56,12 +52,8 @@ impl<'a> Fields<'a> {
 
     pub(crate) fn cstr(&mut self) -> Result<&'a str, DecodeError> {
         let rest = &self.buf[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::Unterminated { tag: self.tag })?;
-        let s = std::str::from_utf8(&rest[..end])
-            .map_err(|_| DecodeError::NotUtf8 { tag: self.tag })?;
+        let end = rest.iter().position(|&b| b == 0).ok_or(DecodeError::Unterminated { tag: self.tag })?;
+        let s = std::str::from_utf8(&rest[..end]).map_err(|_| DecodeError::NotUtf8 { tag: self.tag })?;
         self.pos += end + 1;
         Ok(s)
     }
@@ -96,16 +88,10 @@ impl<'a> Fields<'a> {
     /// A count field (i16) that must not be negative.
     pub(crate) fn count(&mut self) -> Result<usize, DecodeError> {
         let n = self.i16()?;
-        usize::try_from(n).map_err(|_| DecodeError::Invalid {
-            tag: self.tag,
-            what: "negative count",
-        })
+        usize::try_from(n).map_err(|_| DecodeError::Invalid { tag: self.tag, what: "negative count" })
     }
 
     pub(crate) fn invalid(&self, what: &'static str) -> DecodeError {
-        DecodeError::Invalid {
-            tag: self.tag,
-            what,
-        }
+        DecodeError::Invalid { tag: self.tag, what }
     }
 }

@@ -53,12 +53,7 @@ impl ScramSecret {
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let server_key = hmac(&salted, b"Server Key");
-        ScramSecret {
-            iterations,
-            salt: salt.to_vec(),
-            stored_key,
-            server_key,
-        }
+        ScramSecret { iterations, salt: salt.to_vec(), stored_key, server_key }
     }
 }
 
@@ -109,20 +104,15 @@ impl ScramExchange {
         server_nonce: String,
         client_first: &[u8],
     ) -> Result<(ScramExchange, String), ScramError> {
-        let text =
-            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = text
-            .split_once(',')
-            .ok_or(ScramError::Malformed("no gs2 header"))?;
+        let (flag, rest) = text.split_once(',').ok_or(ScramError::Malformed("no gs2 header"))?;
         match flag {
             "n" | "y" => {}
             f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed("bad channel binding flag")),
         }
-        let (authzid, bare) = rest
-            .split_once(',')
-            .ok_or(ScramError::Malformed("no gs2 header"))?;
+        let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("no gs2 header"))?;
         if !authzid.is_empty() {
             return Err(ScramError::Malformed("authzid is not supported"));
         }
@@ -134,11 +124,7 @@ impl ScramExchange {
             .filter(|n| !n.is_empty())
             .ok_or(ScramError::Malformed("no client nonce"))?;
         let full_nonce = format!("{client_nonce}{server_nonce}");
-        let server_first = format!(
-            "r={full_nonce},s={},i={}",
-            B64.encode(&secret.salt),
-            secret.iterations
-        );
+        let server_first = format!("r={full_nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
         Ok((
             ScramExchange {
                 secret,
@@ -154,11 +140,8 @@ impl ScramExchange {
 
     /// Checks the client-final-message; returns the server-final-message on success.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
-        let text =
-            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof_b64) = text
-            .rsplit_once(",p=")
-            .ok_or(ScramError::Malformed("no proof"))?;
+        let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof_b64) = text.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
         let mut channel_binding = None;
         let mut nonce = None;
         for attr in without_proof.split(',') {
@@ -176,16 +159,11 @@ impl ScramExchange {
         if nonce != self.full_nonce || !nonce.ends_with(&self.server_nonce) {
             return Err(ScramError::Nonce);
         }
-        let proof = B64
-            .decode(proof_b64)
-            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let proof = B64.decode(proof_b64).map_err(|_| ScramError::Malformed("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(ScramError::BadProof);
         }
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -208,15 +186,11 @@ mod tests {
     /// Runs a full exchange against postgres-protocol's client, the one tokio-postgres uses.
     fn exchange(client_password: &str, server_password: &str) -> Result<(), ScramError> {
         let secret = ScramSecret::from_password(server_password, b"0123456789abcdef", 4096);
-        let mut client =
-            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let (ex, server_first) =
-            ScramExchange::start(secret, "servernonce".into(), client.message())?;
+        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let (ex, server_first) = ScramExchange::start(secret, "servernonce".into(), client.message())?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = ex.finish(client.message())?;
-        client
-            .finish(server_final.as_bytes())
-            .map_err(|_| ScramError::BadProof)
+        client.finish(server_final.as_bytes()).map_err(|_| ScramError::BadProof)
     }
 
     #[test]

@@ -18,15 +18,8 @@ const CANCEL_REQUEST: i32 = 80_877_102;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel {
-        pid: i32,
-        secret: i32,
-    },
-    Startup {
-        major: u16,
-        minor: u16,
-        params: Vec<(String, String)>,
-    },
+    Cancel { pid: i32, secret: i32 },
+    Startup { major: u16, minor: u16, params: Vec<(String, String)> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +33,7 @@ pub enum StartupError {
 }
 
 /// Reads one startup-phase packet. `Ok(None)` when the peer closed before sending anything.
-pub async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
-    stream: &mut R,
-) -> Result<Option<StartupPacket>, StartupError> {
+pub async fn read_packet<R: AsyncRead + Unpin + ?Sized>(stream: &mut R) -> Result<Option<StartupPacket>, StartupError> {
     let mut len_buf = [0u8; 4];
     match stream.read_exact(&mut len_buf).await {
         Ok(_) => {}
@@ -52,11 +43,7 @@ pub async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
     let len = i32::from_be_bytes(len_buf);
     if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
         return Err(if len > 0 {
-            FrameError::TooLong {
-                len: len as usize,
-                max: MAX_STARTUP_PACKET,
-            }
-            .into()
+            FrameError::TooLong { len: len as usize, max: MAX_STARTUP_PACKET }.into()
         } else {
             FrameError::BadLength { len: len.into() }.into()
         });
@@ -79,17 +66,16 @@ pub fn decode(body: &[u8]) -> Result<StartupPacket, StartupError> {
     match code {
         SSL_REQUEST if body.len() == 4 => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST if body.len() == 4 => Ok(StartupPacket::GssEncRequest),
-        CANCEL_REQUEST if body.len() == 12 => Ok(StartupPacket::Cancel {
-            pid: f.i32()?,
-            secret: f.i32()?,
-        }),
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
-            Err(StartupError::Malformed("bad request length"))
-        }
+        CANCEL_REQUEST if body.len() == 12 => Ok(StartupPacket::Cancel { pid: f.i32()?, secret: f.i32()? }),
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::Malformed("bad request length")),
         _ => {
             let major = (code >> 16) as u16;
             let minor = (code & 0xffff) as u16;
             let mut params = Vec::new();
+            if major != 3 {
+                // Another protocol's layout: refuse by version, without reading further.
+                return Ok(StartupPacket::Startup { major, minor, params });
+            }
             loop {
                 let key = f.cstr()?;
                 if key.is_empty() {
@@ -101,11 +87,7 @@ pub fn decode(body: &[u8]) -> Result<StartupPacket, StartupError> {
             if !f.is_empty() {
                 return Err(StartupError::Malformed("trailing bytes after parameters"));
             }
-            Ok(StartupPacket::Startup {
-                major,
-                minor,
-                params,
-            })
+            Ok(StartupPacket::Startup { major, minor, params })
         }
     }
 }
@@ -169,11 +151,7 @@ mod tests {
         let pkt = build::startup(&[("user", "alice"), ("database", "db")]);
         let mut src: &[u8] = &pkt;
         match read_packet(&mut src).await.unwrap().unwrap() {
-            StartupPacket::Startup {
-                major,
-                minor,
-                params,
-            } => {
+            StartupPacket::Startup { major, minor, params } => {
                 assert_eq!((major, minor), (3, 0));
                 assert_eq!(params[0], ("user".into(), "alice".into()));
                 assert_eq!(params[1], ("database".into(), "db".into()));
@@ -186,26 +164,17 @@ mod tests {
     async fn reads_ssl_and_cancel_requests() {
         let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         let mut src: &[u8] = &ssl;
-        assert_eq!(
-            read_packet(&mut src).await.unwrap(),
-            Some(StartupPacket::SslRequest)
-        );
+        assert_eq!(read_packet(&mut src).await.unwrap(), Some(StartupPacket::SslRequest));
         let cancel = build::cancel_request(42, 7);
         let mut src: &[u8] = &cancel;
-        assert_eq!(
-            read_packet(&mut src).await.unwrap(),
-            Some(StartupPacket::Cancel { pid: 42, secret: 7 })
-        );
+        assert_eq!(read_packet(&mut src).await.unwrap(), Some(StartupPacket::Cancel { pid: 42, secret: 7 }));
     }
 
     #[tokio::test]
     async fn oversized_startup_packet_is_refused() {
         let pkt = 1_000_000i32.to_be_bytes();
         let mut src: &[u8] = &pkt;
-        assert!(matches!(
-            read_packet(&mut src).await,
-            Err(StartupError::Frame(FrameError::TooLong { .. }))
-        ));
+        assert!(matches!(read_packet(&mut src).await, Err(StartupError::Frame(FrameError::TooLong { .. }))));
         let pkt = 2i32.to_be_bytes();
         let mut src: &[u8] = &pkt;
         assert!(read_packet(&mut src).await.is_err());

@@ -44,11 +44,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts one client connection: handshake, then the session, inside a tracing span.
-pub async fn serve_client(
-    ctx: Arc<ServerContext>,
-    stream: ClientStream,
-    peer: std::net::SocketAddr,
-) {
+pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: std::net::SocketAddr) {
     let span = tracing::info_span!("client", %peer);
     async move {
         // Boxed so the handshake's state is freed once it is done: idle clients stay small.
@@ -74,6 +70,16 @@ enum End {
     OriginLost { already_told: bool },
     /// pgwarp is shutting down.
     Shutdown,
+    /// The origin refused the client's startup settings.
+    Refused { code: String, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("origin refused the client's settings: {}", .0.message)]
+    Rejected(ErrorFields),
 }
 
 /// An origin connection checked out for this client, and what it still owes.
@@ -110,6 +116,9 @@ pub struct Session {
     settings_dirty: bool,
     /// Session-scoped state in use: keep the origin connection until the client leaves.
     session_pin: Option<&'static str>,
+    /// The origin has accepted `wanted` (startup settings are checked on first use when the
+    /// login did not wait for a connection).
+    settings_validated: bool,
     draining: bool,
     cancel: CancelHandle,
     _slot: OwnedSemaphorePermit,
@@ -137,6 +146,7 @@ impl Session {
             skip_until_sync: false,
             settings_dirty: false,
             session_pin: None,
+            settings_validated: e.settings_validated,
             draining: false,
             cancel,
             _slot: e.permit,
@@ -145,12 +155,8 @@ impl Session {
     }
 
     async fn run(mut self) {
-        self.to_client.extend_from_slice(&build::backend_key_data(
-            self.cancel.pid,
-            self.cancel.secret,
-        ));
-        self.to_client
-            .extend_from_slice(&build::ready_for_query(b'I'));
+        self.to_client.extend_from_slice(&build::backend_key_data(self.cancel.pid, self.cancel.secret));
+        self.to_client.extend_from_slice(&build::ready_for_query(b'I'));
         let end = self.serve().await;
         self.finish(end).await;
     }
@@ -175,23 +181,15 @@ impl Session {
         }
     }
 
-    /// Serves until nothing is outstanding in either direction.
+    /// Serves until nothing is outstanding in either direction. Entered when the client is
+    /// readable or something is buffered, so it always polls before checking for idleness.
     async fn until_idle(&mut self) -> Result<(), End> {
         loop {
-            if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
-                return Ok(());
-            }
-            if self.origin.is_none() && self.draining && self.to_client.is_empty() {
-                return Err(End::Shutdown);
-            }
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.to_origin.len());
             let read_client = origin_backlog < HIGH_WATER;
             let read_origin = self.to_client.len() < HIGH_WATER;
             let client_active = read_client || !self.to_client.is_empty();
-            let origin_active = self
-                .origin
-                .as_ref()
-                .is_some_and(|a| read_origin || !a.to_origin.is_empty());
+            let origin_active = self.origin.as_ref().is_some_and(|a| read_origin || !a.to_origin.is_empty());
             tokio::select! {
                 biased;
                 _ = self.ctx.kill.cancelled() => return Err(End::Shutdown),
@@ -214,31 +212,24 @@ impl Session {
                 },
                 _ = self.ctx.drain.cancelled(), if !self.draining => self.draining = true,
             }
+            if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
+                return if self.draining { Err(End::Shutdown) } else { Ok(()) };
+            }
         }
     }
 
     fn origin_lost(&self, e: &OriginError) -> End {
         tracing::warn!(error = %e, "origin connection lost while in use");
-        End::OriginLost {
-            already_told: self.origin.as_ref().is_some_and(|a| a.origin_fatal),
-        }
+        End::OriginLost { already_told: self.origin.as_ref().is_some_and(|a| a.origin_fatal) }
     }
 
     // ---- client -> origin ----
 
     async fn on_client(&mut self, first: Message) -> Result<(), End> {
         self.intake(first).await?;
-        while let Some(msg) = self
-            .reader
-            .try_next()
-            .map_err(|e| End::Protocol(e.to_string()))?
-        {
+        while let Some(msg) = self.reader.try_next().map_err(|e| End::Protocol(e.to_string()))? {
             self.intake(msg).await?;
-            if self
-                .origin
-                .as_ref()
-                .is_some_and(|a| a.to_origin.len() >= HIGH_WATER)
-            {
+            if self.origin.as_ref().is_some_and(|a| a.to_origin.len() >= HIGH_WATER) {
                 break;
             }
         }
@@ -248,10 +239,7 @@ impl Session {
     async fn intake(&mut self, msg: Message) -> Result<(), End> {
         let tag = msg.tag();
         if self.copy_in {
-            if matches!(
-                tag,
-                fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL | fe::FLUSH | fe::SYNC
-            ) {
+            if matches!(tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL | fe::FLUSH | fe::SYNC) {
                 // Straight through: Postgres consumes these itself while copying in.
                 if let Some(a) = self.origin.as_mut() {
                     a.to_origin.extend_from_slice(msg.frame());
@@ -268,9 +256,7 @@ impl Session {
             fe::TERMINATE => Err(End::Terminate),
             // Outside COPY, Postgres ignores these (a COPY that failed leaves some in flight).
             fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => Ok(()),
-            t if !fe::is_known(t) => {
-                Err(End::Protocol(format!("invalid frontend message type {t}")))
-            }
+            t if !fe::is_known(t) => Err(End::Protocol(format!("invalid frontend message type {t}"))),
             fe::SYNC | fe::FLUSH | fe::QUERY | fe::FUNCTION_CALL => {
                 self.batch.push(msg);
                 self.dispatch().await
@@ -296,17 +282,17 @@ impl Session {
                 // Finishing an error pgwarp already answered: no origin needed.
                 if batch.iter().any(|m| m.tag() == fe::SYNC) {
                     self.skip_until_sync = false;
-                    self.to_client
-                        .extend_from_slice(&build::ready_for_query(self.status));
+                    self.to_client.extend_from_slice(&build::ready_for_query(self.status));
                 }
                 return Ok(());
             }
             match self.attach().await {
                 Ok(a) => self.origin = Some(Box::new(a)),
-                Err(e) => {
+                Err(AttachError::Pool(e)) => {
                     self.fail_batch(&batch, &e);
                     return Ok(());
                 }
+                Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
             }
         }
         let Some(att) = self.origin.as_mut() else {
@@ -325,7 +311,10 @@ impl Session {
         att.queue.drain_synthetic(&mut self.to_client);
         if let Some(feature) = notes.session_feature {
             if self.session_pin.is_none() {
-                tracing::info!(feature, "client uses session-scoped state: origin connection pinned until it disconnects");
+                tracing::info!(
+                    feature,
+                    "client uses session-scoped state: origin connection pinned until it disconnects"
+                );
                 self.session_pin = Some(feature);
             }
         }
@@ -335,7 +324,7 @@ impl Session {
 
     /// Checks out a connection and brings its settings in line with this client's, in the same
     /// round trip as the client's first message.
-    async fn attach(&mut self) -> Result<Attached, PoolError> {
+    async fn attach(&mut self) -> Result<Attached, AttachError> {
         let conn = self.pool.checkout().await?;
         let mut att = Attached {
             conn,
@@ -345,18 +334,39 @@ impl Session {
             origin_fatal: false,
         };
         if let Some(sql) = sync_sql(&att.conn.applied, &self.wanted) {
-            att.conn.applied = self.wanted.clone();
             // A simple query destroys the unnamed statement.
             att.conn.statements.unnamed = None;
-            att.to_origin.extend_from_slice(&build::query(&sql));
-            att.queue.push(Expect::Query {
-                owner: Owner::Internal,
-            });
+            if self.settings_validated {
+                att.conn.applied = self.wanted.clone();
+                att.to_origin.extend_from_slice(&build::query(&sql));
+                att.queue.push(Expect::Query { owner: Owner::Internal });
+            } else {
+                self.validate_settings(&mut att, &sql).await?;
+            }
         }
-        self.cancel
-            .slot
-            .set(Some((self.pool.target().clone(), att.conn.key)));
+        self.cancel.slot.set(Some((self.pool.target().clone(), att.conn.key)));
         Ok(att)
+    }
+
+    /// Applies settings the origin has not seen yet in a round trip of their own, so an invalid
+    /// value ends the session (as it would have ended the login) before any of the client's
+    /// work runs; then tells the client the values the origin actually uses.
+    async fn validate_settings(&mut self, att: &mut Attached, sql: &str) -> Result<(), AttachError> {
+        let outcome = att.conn.simple_query(sql).await.map_err(PoolError::from)?;
+        if let Some(err) = outcome.error {
+            att.conn.applied = Settings::new();
+            att.conn.broken = true;
+            return Err(AttachError::Rejected(err));
+        }
+        att.conn.applied = self.wanted.clone();
+        self.settings_validated = true;
+        self.pool.remember_params(&self.wanted, &att.conn.params);
+        for (name, value) in &att.conn.params {
+            if self.wanted.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+                self.to_client.extend_from_slice(&build::parameter_status(name, value));
+            }
+        }
+        Ok(())
     }
 
     /// Answers a batch pgwarp could not run (no origin connection).
@@ -370,17 +380,12 @@ impl Session {
                 tracing::warn!(error = %e, "could not get an origin connection");
                 e.client_facing()
             }
-            PoolError::Closed => (
-                SqlState::ADMIN_SHUTDOWN.code().to_owned(),
-                "pgwarp is shutting down".to_owned(),
-            ),
+            PoolError::Closed => (SqlState::ADMIN_SHUTDOWN.code().to_owned(), "pgwarp is shutting down".to_owned()),
         };
-        self.to_client
-            .extend_from_slice(&build::error_with_code(Severity::Error, &code, &message));
+        self.to_client.extend_from_slice(&build::error_with_code(Severity::Error, &code, &message));
         match batch.last().map(Message::tag) {
             Some(fe::SYNC | fe::QUERY | fe::FUNCTION_CALL) => {
-                self.to_client
-                    .extend_from_slice(&build::ready_for_query(self.status));
+                self.to_client.extend_from_slice(&build::ready_for_query(self.status));
             }
             _ => self.skip_until_sync = true,
         }
@@ -414,9 +419,7 @@ impl Session {
         let tag = msg.tag();
         let d = att.queue.on_message(tag, msg.body()).map_err(|e| {
             tracing::error!(error = %e, "origin and pgwarp fell out of step; closing the client");
-            End::OriginLost {
-                already_told: false,
-            }
+            End::OriginLost { already_told: false }
         })?;
         match tag {
             be::PARAMETER_STATUS => {
@@ -460,7 +463,8 @@ impl Session {
         if let (Some(status), false) = (d.ready, d.internal) {
             self.status = status;
         }
-        if d.forward {
+        // ParameterStatus from pgwarp's settings query describes this client's session too.
+        if d.forward || tag == be::PARAMETER_STATUS {
             self.to_client.extend_from_slice(msg.frame());
         }
         att.queue.drain_synthetic(&mut self.to_client);
@@ -472,15 +476,8 @@ impl Session {
         let Some(att) = self.origin.as_ref() else {
             return Ok(());
         };
-        let idle = att.queue.is_empty()
-            && !att.needs_sync
-            && att.to_origin.is_empty()
-            && self.batch.is_empty();
-        if !idle
-            || self.copy_in
-            || self.status != b'I'
-            || (self.session_pin.is_some() && !att.conn.broken)
-        {
+        let idle = att.queue.is_empty() && !att.needs_sync && att.to_origin.is_empty() && self.batch.is_empty();
+        if !idle || self.copy_in || self.status != b'I' || (self.session_pin.is_some() && !att.conn.broken) {
             return Ok(());
         }
         let Some(mut att) = self.origin.take() else {
@@ -521,10 +518,7 @@ impl Session {
 
     async fn flush_client(&mut self) -> Result<(), End> {
         if !self.to_client.is_empty() {
-            self.client
-                .write_all(&self.to_client)
-                .await
-                .map_err(|_| End::ClientGone)?;
+            self.client.write_all(&self.to_client).await.map_err(|_| End::ClientGone)?;
             self.to_client.clear();
         }
         Ok(())
@@ -535,23 +529,22 @@ impl Session {
     async fn finish(mut self, end: End) {
         let fatal = match &end {
             End::Terminate | End::ClientGone => None,
-            End::Shutdown => Some((
-                SqlState::ADMIN_SHUTDOWN,
-                "terminating connection due to administrator command".to_owned(),
-            )),
+            End::Refused { code, message } => {
+                self.to_client.extend_from_slice(&build::error_with_code(Severity::Fatal, code, message));
+                None
+            }
+            End::Shutdown => {
+                Some((SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".to_owned()))
+            }
             End::Protocol(m) => Some((SqlState::PROTOCOL_VIOLATION, m.clone())),
             End::OriginLost { already_told: true } => None,
-            End::OriginLost {
-                already_told: false,
-            } => Some((
-                SqlState::CONNECTION_FAILURE,
-                "the connection to the origin database was lost".to_owned(),
-            )),
+            End::OriginLost { already_told: false } => {
+                Some((SqlState::CONNECTION_FAILURE, "the connection to the origin database was lost".to_owned()))
+            }
         };
         if let Some((code, message)) = &fatal {
             tracing::info!(code = code.code(), "closing client: {message}");
-            self.to_client
-                .extend_from_slice(&build::error(Severity::Fatal, *code, message));
+            self.to_client.extend_from_slice(&build::error(Severity::Fatal, *code, message));
         }
         if !matches!(end, End::ClientGone) {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -562,8 +555,7 @@ impl Session {
         }
         self.cancel.slot.set(None);
         if let Some(att) = self.origin.take() {
-            let (pool, status, pinned) =
-                (self.pool.clone(), self.status, self.session_pin.is_some());
+            let (pool, status, pinned) = (self.pool.clone(), self.status, self.session_pin.is_some());
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
                 tokio::spawn(release_after_client(pool, *att, status, pinned));
@@ -593,11 +585,7 @@ async fn release_after_client(pool: Arc<Pool>, mut att: Attached, status: u8, pi
             let out = conn.simple_query("DISCARD ALL").await?;
             conn.applied.clear();
             conn.statements.clear();
-            status = if out.error.is_some() {
-                b'E'
-            } else {
-                out.status
-            };
+            status = if out.error.is_some() { b'E' } else { out.status };
         }
         Ok::<u8, OriginError>(status)
     })

@@ -47,9 +47,7 @@ impl Planner<'_> {
         let mut notes = PlanNotes::default();
         for stale in self.server.take_stale() {
             build::close_statement_into(self.out, &stale);
-            self.push(Expect::CloseComplete {
-                owner: Owner::Internal,
-            });
+            self.push(Expect::CloseComplete { owner: Owner::Internal });
         }
         for msg in batch {
             let tag = msg.tag();
@@ -69,9 +67,7 @@ impl Planner<'_> {
                     self.out.extend_from_slice(msg.frame());
                     *self.skip_until_sync = false;
                     *self.needs_sync = false;
-                    self.push(Expect::Sync {
-                        owner: Owner::Client,
-                    });
+                    self.push(Expect::Sync { owner: Owner::Client });
                 }
                 fe::FLUSH => self.out.extend_from_slice(msg.frame()),
                 fe::QUERY => {
@@ -81,22 +77,15 @@ impl Planner<'_> {
                     self.statements.remove("");
                     self.server.unnamed = None;
                     self.out.extend_from_slice(msg.frame());
-                    self.push(Expect::Query {
-                        owner: Owner::Client,
-                    });
+                    self.push(Expect::Query { owner: Owner::Client });
                 }
                 fe::FUNCTION_CALL => {
                     self.out.extend_from_slice(msg.frame());
-                    self.push(Expect::Query {
-                        owner: Owner::Client,
-                    });
+                    self.push(Expect::Query { owner: Owner::Client });
                 }
                 _ => {}
             }
-            if matches!(
-                tag,
-                fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE
-            ) {
+            if matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE) {
                 *self.needs_sync = true;
             }
         }
@@ -111,10 +100,7 @@ impl Planner<'_> {
 
     /// Answers an error in order and skips the rest of the batch until Sync.
     fn fail(&mut self, code: SqlState, message: &str) {
-        self.push(Expect::Synthetic {
-            message: build::error(Severity::Error, code, message),
-            undo: None,
-        });
+        self.push(Expect::Synthetic { message: build::error(Severity::Error, code, message), undo: None });
         *self.skip_until_sync = true;
     }
 
@@ -132,15 +118,9 @@ impl Planner<'_> {
             }
             self.out.extend_from_slice(msg.frame());
             self.server.unnamed = Some(stmt.id.clone());
-            let undo = Undo {
-                client_statement: Some((String::new(), stmt.id.clone())),
-                unnamed: true,
-                ..Undo::default()
-            };
-            self.push(Expect::ParseComplete {
-                owner: Owner::Client,
-                undo: Some(undo),
-            });
+            let undo =
+                Undo { client_statement: Some((String::new(), stmt.id.clone())), unnamed: true, ..Undo::default() };
+            self.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo) });
             return Ok(());
         }
         if self.statements.contains(p.name) {
@@ -157,14 +137,8 @@ impl Planner<'_> {
         }
         let client_statement = Some((p.name.to_owned(), stmt.id.clone()));
         if self.server.has(&stmt.id) {
-            let undo = Undo {
-                client_statement,
-                ..Undo::default()
-            };
-            self.push(Expect::Synthetic {
-                message: build::parse_complete(),
-                undo: Some(undo),
-            });
+            let undo = Undo { client_statement, ..Undo::default() };
+            self.push(Expect::Synthetic { message: build::parse_complete(), undo: Some(undo) });
         } else {
             self.prepare_on_server(&stmt, Owner::Client, client_statement);
         }
@@ -172,28 +146,14 @@ impl Planner<'_> {
     }
 
     /// Sends the saved Parse of a named statement, closing whatever the LRU evicts for it.
-    fn prepare_on_server(
-        &mut self,
-        stmt: &Statement,
-        owner: Owner,
-        client_statement: Option<(String, Arc<str>)>,
-    ) {
+    fn prepare_on_server(&mut self, stmt: &Statement, owner: Owner, client_statement: Option<(String, Arc<str>)>) {
         if let Some(evicted) = self.server.add(stmt.id.clone()) {
             build::close_statement_into(self.out, &evicted);
-            self.push(Expect::CloseComplete {
-                owner: Owner::Internal,
-            });
+            self.push(Expect::CloseComplete { owner: Owner::Internal });
         }
         self.out.extend_from_slice(&stmt.parse);
-        let undo = Undo {
-            client_statement,
-            server_statement: Some(stmt.id.clone()),
-            unnamed: false,
-        };
-        self.push(Expect::ParseComplete {
-            owner,
-            undo: Some(undo),
-        });
+        let undo = Undo { client_statement, server_statement: Some(stmt.id.clone()), unnamed: false };
+        self.push(Expect::ParseComplete { owner, undo: Some(undo) });
     }
 
     /// Makes sure the connection has the statement, replaying its Parse if not. Returns None
@@ -212,14 +172,8 @@ impl Planner<'_> {
             if self.server.unnamed.as_ref() != Some(&stmt.id) {
                 self.out.extend_from_slice(&stmt.parse);
                 self.server.unnamed = Some(stmt.id.clone());
-                let undo = Undo {
-                    unnamed: true,
-                    ..Undo::default()
-                };
-                self.push(Expect::ParseComplete {
-                    owner: Owner::Hidden,
-                    undo: Some(undo),
-                });
+                let undo = Undo { unnamed: true, ..Undo::default() };
+                self.push(Expect::ParseComplete { owner: Owner::Hidden, undo: Some(undo) });
             }
         } else if !self.server.has(&stmt.id) {
             self.prepare_on_server(&stmt, Owner::Hidden, None);
@@ -270,17 +224,12 @@ impl Planner<'_> {
         match c.target {
             Target::Portal => {
                 self.out.extend_from_slice(msg.frame());
-                self.push(Expect::CloseComplete {
-                    owner: Owner::Client,
-                });
+                self.push(Expect::CloseComplete { owner: Owner::Client });
             }
             Target::Statement => {
                 // The origin's copy may serve other clients; only this client's name goes.
                 self.statements.remove(c.name);
-                self.push(Expect::Synthetic {
-                    message: close_complete(),
-                    undo: None,
-                });
+                self.push(Expect::Synthetic { message: close_complete(), undo: None });
             }
         }
         Ok(())

@@ -34,10 +34,7 @@ struct Refusal {
 
 impl Refusal {
     fn new(code: SqlState, message: impl Into<String>) -> Self {
-        Refusal {
-            code: code.code().to_owned(),
-            message: message.into(),
-        }
+        Refusal { code: code.code().to_owned(), message: message.into() }
     }
 }
 
@@ -68,20 +65,15 @@ pub struct Established {
     pub database: String,
     pub creds: Credentials,
     pub settings: Settings,
+    /// The origin has accepted these settings (else the session checks them on first use).
+    pub settings_validated: bool,
     pub reader: MessageReader,
     pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn run(
-    ctx: &Arc<ServerContext>,
-    stream: &mut ClientStream,
-) -> Result<Option<Established>, Refusal> {
-    let protocol_error = |e: &dyn std::fmt::Display| {
-        Refusal::new(
-            SqlState::PROTOCOL_VIOLATION,
-            format!("invalid startup packet: {e}"),
-        )
-    };
+async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Option<Established>, Refusal> {
+    let protocol_error =
+        |e: &dyn std::fmt::Display| Refusal::new(SqlState::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
     let mut negotiations = 0;
     let (major, minor, params) = loop {
         let packet = match startup::read_packet(stream).await {
@@ -93,26 +85,16 @@ async fn run(
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 negotiations += 1;
                 if negotiations > 2 {
-                    return Err(Refusal::new(
-                        SqlState::PROTOCOL_VIOLATION,
-                        "too many encryption requests",
-                    ));
+                    return Err(Refusal::new(SqlState::PROTOCOL_VIOLATION, "too many encryption requests"));
                 }
                 // TLS to clients arrives with the transport layer's TLS acceptor; until then: no.
-                stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+                stream.write_all(b"N").await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
             }
             StartupPacket::Cancel { pid, secret } => {
                 ctx.cancels.cancel(pid, secret);
                 return Ok(None);
             }
-            StartupPacket::Startup {
-                major,
-                minor,
-                params,
-            } => break (major, minor, params),
+            StartupPacket::Startup { major, minor, params } => break (major, minor, params),
         }
     };
     if major != 3 {
@@ -121,11 +103,8 @@ async fn run(
             format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"),
         ));
     }
-    let unsupported: Vec<String> = params
-        .iter()
-        .filter(|(k, _)| k.starts_with("_pq_."))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let unsupported: Vec<String> =
+        params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
     if minor > 0 || !unsupported.is_empty() {
         stream
             .write_all(&build::negotiate_protocol_version(0, &unsupported))
@@ -133,28 +112,17 @@ async fn run(
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     }
     let startup = StartupParams::from_packet(params)?;
-    let permit = ctx.client_slots.clone().try_acquire_owned().map_err(|_| {
-        Refusal::new(
-            SqlState::TOO_MANY_CONNECTIONS,
-            "sorry, too many clients already",
-        )
-    })?;
+    let permit = ctx
+        .client_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::new(SqlState::TOO_MANY_CONNECTIONS, "sorry, too many clients already"))?;
 
     let mut reader = MessageReader::new(MAX_AUTH_MESSAGE);
     let entry = ctx.users.get(&startup.user);
-    authenticate(
-        ctx,
-        stream,
-        &mut reader,
-        &startup.user,
-        entry.as_ref().map(|e| &e.secret),
-    )
-    .await?;
+    authenticate(ctx, stream, &mut reader, &startup.user, entry.as_ref().map(|e| &e.secret)).await?;
     let entry = entry.ok_or_else(|| password_failed(&startup.user))?;
-    stream
-        .write_all(&build::auth_ok())
-        .await
-        .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+    stream.write_all(&build::auth_ok()).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
 
     let creds = Credentials {
         user: entry.origin_user.clone(),
@@ -162,36 +130,26 @@ async fn run(
         database: startup.database.clone(),
     };
     let pool = ctx.pools.get(&creds);
-    let params = pool
-        .startup_params(&startup.settings)
-        .await
-        .map_err(|e| match e {
-            StartupParamsError::Rejected(f) => Refusal {
-                code: f.code,
-                message: f.message,
-            },
-            StartupParamsError::Pool(PoolError::Timeout(t)) => Refusal::new(
-                SqlState::TOO_MANY_CONNECTIONS,
-                format!("no origin connection became free within {t:?}"),
-            ),
-            StartupParamsError::Pool(PoolError::Origin(e)) => {
-                tracing::warn!(error = %e, "origin unavailable during client startup");
-                let (code, message) = e.client_facing();
-                Refusal { code, message }
-            }
-            StartupParamsError::Pool(PoolError::Closed) => {
-                Refusal::new(SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down")
-            }
-        })?;
+    let (params, validated) = pool.startup_params(&startup.settings).await.map_err(|e| match e {
+        StartupParamsError::Rejected(f) => Refusal { code: f.code, message: f.message },
+        StartupParamsError::Pool(PoolError::Timeout(t)) => {
+            Refusal::new(SqlState::TOO_MANY_CONNECTIONS, format!("no origin connection became free within {t:?}"))
+        }
+        StartupParamsError::Pool(PoolError::Origin(e)) => {
+            tracing::warn!(error = %e, "origin unavailable during client startup");
+            let (code, message) = e.client_facing();
+            Refusal { code, message }
+        }
+        StartupParamsError::Pool(PoolError::Closed) => {
+            Refusal::new(SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down")
+        }
+    })?;
     let mut hello = BytesMut::new();
     for (k, v) in params.iter() {
         hello.extend_from_slice(&build::parameter_status(k, v));
     }
     // BackendKeyData and ReadyForQuery are written by the session, which owns the cancel key.
-    stream
-        .write_all(&hello)
-        .await
-        .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+    stream.write_all(&hello).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     let leftover = reader.into_buffer();
     let reader = MessageReader::with_buffered(ctx.config.max_message_size, leftover);
     tracing::debug!(user = %startup.user, database = %startup.database, "client logged in");
@@ -200,16 +158,14 @@ async fn run(
         database: startup.database,
         creds,
         settings: startup.settings,
+        settings_validated: validated,
         reader,
         permit,
     }))
 }
 
 fn password_failed(user: &str) -> Refusal {
-    Refusal::new(
-        SqlState::INVALID_PASSWORD,
-        format!("password authentication failed for user \"{user}\""),
-    )
+    Refusal::new(SqlState::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
 }
 
 /// The startup packet's parameters, sorted into identity and session settings.
@@ -236,12 +192,8 @@ impl StartupParams {
                 }
                 "replication" => {}
                 "options" => {
-                    let parsed = startup::parse_options(&v).map_err(|e| {
-                        Refusal::new(
-                            SqlState::PROTOCOL_VIOLATION,
-                            format!("invalid options: {e}"),
-                        )
-                    })?;
+                    let parsed = startup::parse_options(&v)
+                        .map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, format!("invalid options: {e}")))?;
                     settings.extend(parsed);
                 }
                 k if k.starts_with("_pq_.") => {}
@@ -257,19 +209,10 @@ impl StartupParams {
             ));
         }
         let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
-            Refusal::new(
-                SqlState::INVALID_AUTHORIZATION,
-                "no PostgreSQL user name specified in startup packet",
-            )
+            Refusal::new(SqlState::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
         })?;
-        let database = database
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| user.clone());
-        Ok(StartupParams {
-            user,
-            database,
-            settings,
-        })
+        let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        Ok(StartupParams { user, database, settings })
     }
 }
 
@@ -287,14 +230,9 @@ async fn authenticate(
         (Some(ClientSecret::Trust), _) => return Ok(()),
         (Some(ClientSecret::Md5(stored)), _) => {
             let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
-            stream
-                .write_all(&build::auth_md5(salt))
-                .await
-                .map_err(io_err)?;
+            stream.write_all(&build::auth_md5(salt)).await.map_err(io_err)?;
             let msg = read_password(stream, reader).await?;
-            let answer = Fields::new(PASSWORD, msg.body())
-                .cstr()
-                .map_err(|_| password_failed(user))?;
+            let answer = Fields::new(PASSWORD, msg.body()).cstr().map_err(|_| password_failed(user))?;
             return if crate::protocol::md5::verify(stored, salt, answer) {
                 Ok(())
             } else {
@@ -303,33 +241,23 @@ async fn authenticate(
         }
         (Some(ClientSecret::Scram(s)), _) => s.clone(),
         (None, AuthMethod::Md5) => {
-            stream
-                .write_all(&build::auth_md5([1, 2, 3, 4]))
-                .await
-                .map_err(io_err)?;
+            stream.write_all(&build::auth_md5([1, 2, 3, 4])).await.map_err(io_err)?;
             read_password(stream, reader).await?;
             return Err(password_failed(user));
         }
         (None, AuthMethod::ScramSha256) => ctx.users.decoy().clone(),
     };
-    stream
-        .write_all(&build::auth_sasl(&["SCRAM-SHA-256"]))
-        .await
-        .map_err(io_err)?;
+    stream.write_all(&build::auth_sasl(&["SCRAM-SHA-256"])).await.map_err(io_err)?;
     let msg = read_password(stream, reader).await?;
     let mut f = Fields::new(PASSWORD, msg.body());
-    let mechanism = f
-        .cstr()
-        .map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
+    let mechanism = f.cstr().map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
     if mechanism != "SCRAM-SHA-256" {
         return Err(Refusal::new(
             SqlState::PROTOCOL_VIOLATION,
             "client selected an invalid SASL authentication mechanism",
         ));
     }
-    let len = f
-        .i32()
-        .map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
+    let len = f.i32().map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
     let mut data = f.rest();
     if len >= 0 && (len as usize) <= data.len() {
         data = &data[..len as usize];
@@ -337,42 +265,27 @@ async fn authenticate(
     let nonce = base64_nonce();
     let (exchange, server_first) = ScramExchange::start(scram_secret, nonce, data)
         .map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
-    stream
-        .write_all(&build::auth_sasl_continue(server_first.as_bytes()))
-        .await
-        .map_err(io_err)?;
+    stream.write_all(&build::auth_sasl_continue(server_first.as_bytes())).await.map_err(io_err)?;
     let msg = read_password(stream, reader).await?;
-    let server_final = exchange
-        .finish(msg.body())
-        .map_err(|_| password_failed(user))?;
+    let server_final = exchange.finish(msg.body()).map_err(|_| password_failed(user))?;
     if secret.is_none() {
         return Err(password_failed(user));
     }
-    stream
-        .write_all(&build::auth_sasl_final(server_final.as_bytes()))
-        .await
-        .map_err(io_err)?;
+    stream.write_all(&build::auth_sasl_final(server_final.as_bytes())).await.map_err(io_err)?;
     Ok(())
 }
 
-async fn read_password(
-    stream: &mut ClientStream,
-    reader: &mut MessageReader,
-) -> Result<Message, Refusal> {
+async fn read_password(stream: &mut ClientStream, reader: &mut MessageReader) -> Result<Message, Refusal> {
     match reader.read(stream).await {
         Ok(Some(m)) if m.tag() == PASSWORD => Ok(m),
         Ok(Some(m)) => Err(Refusal::new(
             SqlState::PROTOCOL_VIOLATION,
             format!("expected password response, got message type {}", m.tag()),
         )),
-        Ok(None) => Err(Refusal::new(
-            SqlState::CONNECTION_FAILURE,
-            "client closed the connection during authentication",
-        )),
-        Err(e) => Err(Refusal::new(
-            SqlState::PROTOCOL_VIOLATION,
-            format!("invalid password message: {e}"),
-        )),
+        Ok(None) => {
+            Err(Refusal::new(SqlState::CONNECTION_FAILURE, "client closed the connection during authentication"))
+        }
+        Err(e) => Err(Refusal::new(SqlState::PROTOCOL_VIOLATION, format!("invalid password message: {e}"))),
     }
 }
 

@@ -29,12 +29,7 @@ impl Statement {
         let id = content_id(sql, param_types);
         let mut parse = BytesMut::new();
         build::parse_into(&mut parse, if named { &id } else { "" }, sql, param_types);
-        Statement {
-            id,
-            sql: sql.into(),
-            param_types: param_types.into(),
-            parse: parse.freeze(),
-        }
+        Statement { id, sql: sql.into(), param_types: param_types.into(), parse: parse.freeze() }
     }
 
     pub fn same_content(&self, sql: &str, param_types: &[u32]) -> bool {
@@ -78,11 +73,7 @@ pub struct StatementMap {
 
 impl StatementMap {
     pub fn new(max_bytes: usize) -> Self {
-        StatementMap {
-            by_name: HashMap::new(),
-            bytes: 0,
-            max_bytes,
-        }
+        StatementMap { by_name: HashMap::new(), bytes: 0, max_bytes }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
@@ -99,9 +90,7 @@ impl StatementMap {
         let old = self.by_name.get(name).map_or(0, |s| s.weight());
         let new_total = self.bytes - old + stmt.weight();
         if new_total > self.max_bytes {
-            return Err(OverLimit {
-                limit: self.max_bytes,
-            });
+            return Err(OverLimit { limit: self.max_bytes });
         }
         self.bytes = new_total;
         self.by_name.insert(name.to_owned(), stmt);
@@ -161,18 +150,13 @@ mod tests {
     #[test]
     fn memory_limit_is_enforced_and_released() {
         let mut m = StatementMap::new(400);
-        m.insert("a", Arc::new(Statement::new(true, "select 1", &[])))
-            .unwrap();
+        m.insert("a", Arc::new(Statement::new(true, "select 1", &[]))).unwrap();
         let big = "x".repeat(300);
-        assert_eq!(
-            m.insert("b", Arc::new(Statement::new(true, &big, &[]))),
-            Err(OverLimit { limit: 400 })
-        );
+        assert_eq!(m.insert("b", Arc::new(Statement::new(true, &big, &[]))), Err(OverLimit { limit: 400 }));
         assert!(!m.contains("b"));
         m.remove("a");
         assert_eq!(m.bytes(), 0);
-        m.insert("b", Arc::new(Statement::new(true, "select 2", &[])))
-            .unwrap();
+        m.insert("b", Arc::new(Statement::new(true, "select 2", &[]))).unwrap();
         assert_eq!(m.len(), 1);
     }
 

@@ -10,35 +10,18 @@ pub fn session_feature(sql: &str) -> Option<&'static str> {
         if stmt[0].is_word("listen") {
             return Some("LISTEN");
         }
-        let object_kind = |t: &Token<'_>| {
-            ["table", "sequence", "view", "recursive"]
-                .iter()
-                .any(|k| t.is_word(k))
-        };
+        let object_kind = |t: &Token<'_>| ["table", "sequence", "view", "recursive"].iter().any(|k| t.is_word(k));
         if stmt[0].is_word("create")
-            && stmt
-                .iter()
-                .skip(1)
-                .take_while(|t| !object_kind(t))
-                .any(|t| t.is_word("temp") || t.is_word("temporary"))
+            && stmt.iter().skip(1).take_while(|t| !object_kind(t)).any(|t| t.is_word("temp") || t.is_word("temporary"))
         {
             return Some("temporary objects");
         }
-        if stmt[0].is_word("declare")
-            && stmt
-                .windows(2)
-                .any(|w| w[0].is_word("with") && w[1].is_word("hold"))
-        {
+        if stmt[0].is_word("declare") && stmt.windows(2).any(|w| w[0].is_word("with") && w[1].is_word("hold")) {
             return Some("WITH HOLD cursors");
         }
         if calls_any(
             stmt,
-            &[
-                "pg_advisory_lock",
-                "pg_advisory_lock_shared",
-                "pg_try_advisory_lock",
-                "pg_try_advisory_lock_shared",
-            ],
+            &["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"],
         ) {
             return Some("session advisory locks");
         }
@@ -49,11 +32,7 @@ pub fn session_feature(sql: &str) -> Option<&'static str> {
 /// Whether the SQL may change session settings without a SET command tag (set_config()).
 pub fn may_change_settings(sql: &str) -> bool {
     // Cheap pre-check: most statements never mention it.
-    if !sql
-        .as_bytes()
-        .windows(10)
-        .any(|w| w.eq_ignore_ascii_case(b"set_config"))
-    {
+    if !sql.as_bytes().windows(10).any(|w| w.eq_ignore_ascii_case(b"set_config")) {
         return false;
     }
     calls_any(&tokenize(sql), &["set_config"])
@@ -61,12 +40,9 @@ pub fn may_change_settings(sql: &str) -> bool {
 
 /// Whether the tokens call one of `names` (a word followed by an opening parenthesis).
 fn calls_any(tokens: &[Token<'_>], names: &[&str]) -> bool {
-    tokens.windows(2).any(|w| {
-        w[1].is_punct("(")
-            && names
-                .iter()
-                .any(|n| w[0].is_word(n) || w[0] == Token::QuotedIdent((*n).into()))
-    })
+    tokens
+        .windows(2)
+        .any(|w| w[1].is_punct("(") && names.iter().any(|n| w[0].is_word(n) || w[0] == Token::QuotedIdent((*n).into())))
 }
 
 /// Whether a CommandComplete tag means session settings may have changed.
@@ -86,26 +62,11 @@ mod tests {
     #[test]
     fn finds_session_scoped_features() {
         assert_eq!(session_feature("LISTEN chan"), Some("LISTEN"));
-        assert_eq!(
-            session_feature("create temp table t (a int)"),
-            Some("temporary objects")
-        );
-        assert_eq!(
-            session_feature("CREATE GLOBAL TEMPORARY TABLE t (a int)"),
-            Some("temporary objects")
-        );
-        assert_eq!(
-            session_feature("declare c cursor with hold for select 1"),
-            Some("WITH HOLD cursors")
-        );
-        assert_eq!(
-            session_feature("select pg_advisory_lock(1)"),
-            Some("session advisory locks")
-        );
-        assert_eq!(
-            session_feature("select 1; select pg_try_advisory_lock(1)"),
-            Some("session advisory locks")
-        );
+        assert_eq!(session_feature("create temp table t (a int)"), Some("temporary objects"));
+        assert_eq!(session_feature("CREATE GLOBAL TEMPORARY TABLE t (a int)"), Some("temporary objects"));
+        assert_eq!(session_feature("declare c cursor with hold for select 1"), Some("WITH HOLD cursors"));
+        assert_eq!(session_feature("select pg_advisory_lock(1)"), Some("session advisory locks"));
+        assert_eq!(session_feature("select 1; select pg_try_advisory_lock(1)"), Some("session advisory locks"));
     }
 
     #[test]
@@ -114,17 +75,12 @@ mod tests {
         assert_eq!(session_feature("select 'listen' ; -- listen x"), None);
         assert_eq!(session_feature("select 1 /* pg_advisory_lock(1) */"), None);
         assert_eq!(session_feature("create table temp (a int)"), None);
-        assert_eq!(
-            session_feature("declare c cursor without hold for select 1"),
-            None
-        );
+        assert_eq!(session_feature("declare c cursor without hold for select 1"), None);
     }
 
     #[test]
     fn spots_set_config_calls_only_in_code() {
-        assert!(may_change_settings(
-            "select pg_catalog.set_config('a.b', 'x', false)"
-        ));
+        assert!(may_change_settings("select pg_catalog.set_config('a.b', 'x', false)"));
         assert!(!may_change_settings("select 'set_config(' "));
         assert!(!may_change_settings("select 1"));
     }

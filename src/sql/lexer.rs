@@ -107,14 +107,10 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
             c if is_ident_start(c) => {
                 // Prefixed strings: E'..', B'..', X'..', N'..', U&'..'
                 let prefixed = match c {
-                    b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N'
-                        if b.get(i + 1) == Some(&b'\'') =>
-                    {
+                    b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if b.get(i + 1) == Some(&b'\'') => {
                         Some(i + 2)
                     }
-                    b'u' | b'U' if b.get(i + 1) == Some(&b'&') && b.get(i + 2) == Some(&b'\'') => {
-                        Some(i + 3)
-                    }
+                    b'u' | b'U' if b.get(i + 1) == Some(&b'&') && b.get(i + 2) == Some(&b'\'') => Some(i + 3),
                     _ => None,
                 };
                 if let Some(start) = prefixed {
@@ -137,11 +133,8 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                 }
                 out.push(Token::Word(&sql[start..i]));
             }
-            c if c.is_ascii_digit()
-                || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) =>
-            {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
-                {
+            c if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
                     i += 1;
                 }
                 out.push(Token::Number);
@@ -152,10 +145,7 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                 let len = sql[i..].chars().next().map_or(1, char::len_utf8);
                 i += len;
                 if len == 1 && is_op_char(c) {
-                    while i < b.len()
-                        && is_op_char(b[i])
-                        && !(b[i] == b'-' && b.get(i + 1) == Some(&b'-'))
-                    {
+                    while i < b.len() && is_op_char(b[i]) && !(b[i] == b'-' && b.get(i + 1) == Some(&b'-')) {
                         i += 1;
                     }
                 }
@@ -168,10 +158,7 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
 
 /// Splits tokens into statements at top-level semicolons, dropping empty statements.
 pub fn statements<'t, 'a>(tokens: &'t [Token<'a>]) -> Vec<&'t [Token<'a>]> {
-    tokens
-        .split(|t| t.is_punct(";"))
-        .filter(|s| !s.is_empty())
-        .collect()
+    tokens.split(|t| t.is_punct(";")).filter(|s| !s.is_empty()).collect()
 }
 
 fn is_ident_start(c: u8) -> bool {
@@ -245,9 +232,7 @@ fn quoted_ident(sql: &str, mut i: usize) -> Option<(String, usize)> {
 fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
     while j < b.len() && b[j] != b'$' {
-        if !(b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80)
-            || (j == i + 1 && b[j].is_ascii_digit())
-        {
+        if !(b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) || (j == i + 1 && b[j].is_ascii_digit()) {
             return None;
         }
         j += 1;
@@ -265,23 +250,14 @@ mod tests {
 
     #[test]
     fn comments_and_strings_hide_their_contents() {
-        assert_eq!(
-            words("SELECT /* now() */ 'random()' -- nextval(\n FROM t"),
-            vec!["select", "from", "t"]
-        );
-        assert_eq!(
-            words("select /* outer /* inner */ still */ 1"),
-            vec!["select"]
-        );
+        assert_eq!(words("SELECT /* now() */ 'random()' -- nextval(\n FROM t"), vec!["select", "from", "t"]);
+        assert_eq!(words("select /* outer /* inner */ still */ 1"), vec!["select"]);
         assert_eq!(words("select 'it''s', E'a\\'b' x"), vec!["select", "x"]);
     }
 
     #[test]
     fn dollar_quotes_are_strings() {
-        assert_eq!(
-            words("select $$ delete from t $$, $fn$ x $y$ $fn$ z"),
-            vec!["select", "z"]
-        );
+        assert_eq!(words("select $$ delete from t $$, $fn$ x $y$ $fn$ z"), vec!["select", "z"]);
         assert_eq!(tokenize("select $1, $22")[1], Token::Param);
     }
 
@@ -294,13 +270,7 @@ mod tests {
 
     #[test]
     fn unterminated_input_does_not_panic() {
-        for sql in [
-            "select 'abc",
-            "select \"abc",
-            "select /* abc",
-            "select $x$ abc",
-            "select E'\\",
-        ] {
+        for sql in ["select 'abc", "select \"abc", "select /* abc", "select $x$ abc", "select E'\\"] {
             assert_eq!(tokenize(sql).last(), Some(&Token::Unterminated), "{sql}");
         }
     }

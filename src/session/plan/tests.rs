@@ -87,10 +87,7 @@ impl World {
         let _ = notes;
         let mut synthetic = BytesMut::new();
         self.queue.drain_synthetic(&mut synthetic);
-        (
-            decode_all(out),
-            decode_all(synthetic).into_iter().map(|(t, _)| t).collect(),
-        )
+        (decode_all(out), decode_all(synthetic).into_iter().map(|(t, _)| t).collect())
     }
 
     /// Feeds the origin's answers to the queue; returns the tags forwarded to the client,
@@ -121,9 +118,7 @@ fn decode_all(bytes: BytesMut) -> Vec<(char, String)> {
         let name = match m.tag() {
             b'P' => Parse::decode(m.body()).unwrap().name.to_owned(),
             b'B' => Bind::decode(m.body()).unwrap().statement.to_owned(),
-            b'D' | b'C' if m.body().first() == Some(&b'S') => {
-                Named::decode(m.tag(), m.body()).unwrap().name.to_owned()
-            }
+            b'D' | b'C' if m.body().first() == Some(&b'S') => Named::decode(m.tag(), m.body()).unwrap().name.to_owned(),
             _ => String::new(),
         };
         out.push((m.tag() as char, name));
@@ -181,10 +176,7 @@ fn two_clients_same_name_different_sql_do_not_collide() {
     let mut b = World::new(10);
     a.run(&[parse("s0", "select 1"), sync()]);
     b.run(&[parse("s0", "select 2"), sync()]);
-    assert_ne!(
-        a.statements.get("s0").unwrap().id,
-        b.statements.get("s0").unwrap().id
-    );
+    assert_ne!(a.statements.get("s0").unwrap().id, b.statements.get("s0").unwrap().id);
 }
 
 #[test]
@@ -261,12 +253,7 @@ fn unnamed_statement_survives_to_a_later_batch_on_another_connection() {
     w.answer(b"1tTZ");
     w.server = ServerStatements::new(10);
     let (sent, _) = w.run(&[bind(""), execute(), sync()]);
-    assert_eq!(
-        sent.iter()
-            .map(|s| format!("{}{}", s.0, s.1))
-            .collect::<Vec<_>>(),
-        vec!["P", "B", "E", "S"]
-    );
+    assert_eq!(sent.iter().map(|s| format!("{}{}", s.0, s.1)).collect::<Vec<_>>(), vec!["P", "B", "E", "S"]);
     assert_eq!(w.answer(b"12DCZ"), vec!['2', 'D', 'C', 'Z']);
     // Same connection again: no replay.
     let (sent, _) = w.run(&[bind(""), execute(), sync()]);

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# pgwarp benchmarks: pgwarp against direct PostgreSQL and PgBouncer, in one run, on one
+# freshly started PostgreSQL. Run from the repository root:
+#
+#   bash bench/run.sh [--quick] [--skip-pgwarp] [--runs N] [--secs S] [--idle-clients N]
+#                     [--only BENCH[,BENCH...]]
+#
+# Benches (each is a bench_<name> function below; add new ones the same way and list them in
+# ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients) and
+# idle_memory (resident memory per idle authenticated client, pgwarp vs PgBouncer).
+#
+# The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
+# Exits non-zero if any measurement failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+
+ALL_BENCHES=(select_only idle_memory)
+
+RUNS=3
+SECS=10
+IDLE_CLIENTS=5000
+SKIP_PGWARP=0
+ONLY=""
+SCALE=10
+POOL_SIZE=20
+BENCH_USER=bench
+BENCH_PASSWORD=bench
+BENCH_DB=bench
+RESULTS=bench/results/latest.txt
+
+usage() {
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --quick)
+        RUNS=1
+        SECS=3
+        ;;
+    --skip-pgwarp) SKIP_PGWARP=1 ;;
+    --runs)
+        RUNS=$2
+        shift
+        ;;
+    --secs)
+        SECS=$2
+        shift
+        ;;
+    --idle-clients)
+        IDLE_CLIENTS=$2
+        shift
+        ;;
+    --only)
+        ONLY=${2//,/ }
+        shift
+        ;;
+    -h | --help) usage 0 ;;
+    *)
+        echo "unknown argument: $1" >&2
+        usage 2 >&2
+        ;;
+    esac
+    shift
+done
+
+# ---------------------------------------------------------------------------------------------
+# Benches
+
+bench_select_only() {
+    pgbench_compare select-only "simple extended" "1 32" \
+        "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" "$RUNS" "$SECS" -- -S
+}
+
+bench_idle_memory() {
+    idle_memory target/release/examples/idle_clients "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
+        "$IDLE_CLIENTS" pgwarp pgbouncer
+}
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+build() {
+    log "building (release)"
+    if ((SKIP_PGWARP)); then
+        cargo build --release --quiet --example idle_clients
+    else
+        cargo build --release --quiet --bin pgwarp --example idle_clients
+    fi
+}
+
+report_header() {
+    report "pgwarp benchmark $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    local commit head
+    if head=$(git rev-parse --short --verify -q HEAD 2>/dev/null); then
+        commit=$head
+        git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || commit+=" (src modified)"
+    else
+        commit="none (no commits yet)"
+    fi
+    report "commit:    $commit"
+    report "machine:   $(nproc) cpus, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+    report "postgres:  $("$PG_BIN/postgres" --version | awk '{ print $3 }') (fsync off, shared_buffers 256MB), pgbench -s $SCALE"
+    report "pgbouncer: $(pgbouncer --version | awk 'NR == 1 { print $2 }') transaction mode, default_pool_size $POOL_SIZE, scram-sha-256"
+    if ((SKIP_PGWARP)); then
+        report "pgwarp:    skipped (--skip-pgwarp)"
+    else
+        report "pgwarp:    --pool-size $POOL_SIZE --max-client-conn 10000 --log-level warn"
+    fi
+    report "runs:      $RUNS x ${SECS}s per configuration, targets interleaved; pgbench on the same machine"
+}
+
+main() {
+    read -r -a BENCHES <<<"${ONLY:-${ALL_BENCHES[*]}}"
+    local bench
+    for bench in "${BENCHES[@]}"; do
+        declare -F "bench_$bench" >/dev/null || die "unknown bench: $bench (have: ${ALL_BENCHES[*]})"
+    done
+    bench_init
+    build
+    report_start "$RESULTS"
+
+    start_postgres
+    create_bench_db "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB"
+    pgbench_init "$SCALE" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB"
+    add_target direct "$PG_PORT"
+
+    if ((!SKIP_PGWARP)); then
+        start_pgwarp target/release/pgwarp \
+            "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
+        add_target pgwarp "$PGWARP_PORT" "$PGWARP_PID"
+    fi
+
+    start_pgbouncer "$BENCH_USER" "$BENCH_DB" "$POOL_SIZE"
+    add_target pgbouncer "$PGBOUNCER_PORT" "$PGBOUNCER_PID"
+
+    report_header
+    warm_up "$((SECS < 5 ? 1 : 3))" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" -S -c 8 -j 2
+
+    local bench
+    for bench in "${BENCHES[@]}"; do
+        "bench_$bench"
+    done
+
+    report ""
+    if ((FAILURES > 0)); then
+        report "FAILED measurements: $FAILURES (see the log above)"
+        log "results written to $RESULTS"
+        exit 1
+    fi
+    log "results written to $RESULTS"
+}
+
+main
