@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::AsyncWriteExt;
 
+use super::queue::ResponseQueue;
 use super::settings::Settings;
 use super::statements::ServerStatements;
 use super::OriginError;
@@ -66,6 +68,14 @@ pub struct OriginConn {
     pub last_used: Instant,
     /// Set when the connection must not go back to the pool.
     pub broken: bool,
+    /// The origin sent a FATAL error: it is going away.
+    pub fatal: bool,
+    /// What this connection still owes, message by message.
+    pub queue: ResponseQueue,
+    /// Bytes waiting to be written to the origin.
+    pub out: BytesMut,
+    /// Extended-protocol messages were sent since the last Sync.
+    pub needs_sync: bool,
 }
 
 impl std::fmt::Debug for OriginConn {
@@ -106,6 +116,10 @@ impl OriginConn {
             created: Instant::now(),
             last_used: Instant::now(),
             broken: false,
+            fatal: false,
+            queue: ResponseQueue::new(),
+            out: BytesMut::new(),
+            needs_sync: false,
         };
         conn.authenticate(creds).await?;
         loop {
@@ -197,14 +211,13 @@ impl OriginConn {
         self.reader.try_next().map_err(|e| OriginError::Protocol(e.to_string()))
     }
 
-    /// One step of full-duplex I/O: writes what it can of `out`, then reads if `want_read`.
+    /// One step of full-duplex I/O: writes what it can of `self.out`, then reads if `want_read`.
     pub fn poll_io(
         &mut self,
         cx: &mut std::task::Context<'_>,
-        out: &mut bytes::BytesMut,
         want_read: bool,
     ) -> std::task::Poll<Result<Duplex, OriginError>> {
-        poll_duplex(cx, &mut self.stream, &mut self.reader, out, want_read).map_err(|e| match e {
+        poll_duplex(cx, &mut self.stream, &mut self.reader, &mut self.out, want_read).map_err(|e| match e {
             FrameError::Io(e) => OriginError::Io(e),
             e => OriginError::Protocol(e.to_string()),
         })
@@ -233,6 +246,11 @@ impl OriginConn {
         if let Ok((name, value)) = be::parameter_status(body) {
             self.params.insert(name.to_owned(), value.to_owned());
         }
+    }
+
+    /// Whether nothing is owed or waiting to be sent, so the connection can serve someone else.
+    pub fn is_quiet(&self) -> bool {
+        self.queue.is_empty() && self.out.is_empty() && !self.needs_sync
     }
 
     /// Whether an idle connection still looks usable: nothing to read and not closed. An idle

@@ -18,6 +18,9 @@ pub const CAPTURE_SQL: &str =
 
 /// The query that turns a connection's `applied` settings into `wanted`, or None if they match.
 pub fn sync_sql(applied: &Settings, wanted: &Settings) -> Option<String> {
+    if applied == wanted {
+        return None;
+    }
     let mut statements: Vec<String> =
         applied.keys().filter(|k| !wanted.contains_key(*k)).map(|k| format!("RESET {}", quote_ident(k))).collect();
     let sets: Vec<String> = wanted

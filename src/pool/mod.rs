@@ -57,9 +57,12 @@ pub struct Pool {
     target: Arc<OriginTarget>,
     creds: Credentials,
     config: PoolConfig,
-    idle: Mutex<Vec<OriginConn>>,
+    // Boxed on purpose: checkout and checkin move a pointer, and a session holding a connection
+    // stays small.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<OriginConn>>>,
     permits: Arc<Semaphore>,
-    startup_params: Mutex<HashMap<Settings, StartupParams>>,
+    startup_params: Mutex<HashMap<Arc<Settings>, StartupParams>>,
     /// What a fresh connection reports, before any client settings.
     base_params: Mutex<Option<BTreeMap<String, String>>>,
 }
@@ -109,15 +112,16 @@ impl Pool {
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
-        let conn =
+        let conn = Box::new(
             OriginConn::connect(&self.target, &self.creds, self.config.statement_cache, self.config.connect_timeout)
-                .await?;
+                .await?,
+        );
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
         Ok(PooledConn { conn: Some(conn), _permit: permit, pool: self.clone() })
     }
 
-    fn pop_idle(&self) -> Option<OriginConn> {
+    fn pop_idle(&self) -> Option<Box<OriginConn>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
@@ -126,9 +130,12 @@ impl Pool {
         let Some(mut conn) = pooled.conn.take() else {
             return;
         };
-        if conn.broken {
+        if conn.broken || !conn.is_quiet() {
             tokio::spawn(conn.close());
             return;
+        }
+        if conn.out.capacity() > 64 * 1024 {
+            conn.out = bytes::BytesMut::new();
         }
         conn.last_used = Instant::now();
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
@@ -150,17 +157,19 @@ impl Pool {
     /// free, the settings are applied and validated now (an invalid value is the origin's own
     /// error); when none is free, the login does not wait: the answer is the origin's values
     /// overlaid with the client's, and the session validates them on first use.
+    /// The settings come back interned: clients with equal settings share one copy.
     pub async fn startup_params(
         self: &Arc<Self>,
-        wanted: &Settings,
-    ) -> Result<(StartupParams, bool), StartupParamsError> {
-        if let Some(p) = self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).get(wanted) {
-            return Ok((p.clone(), true));
+        wanted: Settings,
+    ) -> Result<(StartupParams, bool, Arc<Settings>), StartupParamsError> {
+        if let Some((k, p)) = self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).get_key_value(&wanted) {
+            return Ok((p.clone(), true, k.clone()));
         }
+        let wanted = &wanted;
         let base = self.base_params.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let permit = match (self.permits.clone().try_acquire_owned(), base) {
             (Ok(permit), _) => permit,
-            (Err(_), Some(base)) => return Ok((Arc::new(overlay(&base, wanted)), false)),
+            (Err(_), Some(base)) => return Ok((Arc::new(overlay(&base, wanted)), false, Arc::new(wanted.clone()))),
             (Err(_), None) => self.acquire_permit().await?,
         };
         let mut pooled = self.checkout_with(permit).await?;
@@ -180,7 +189,9 @@ impl Pool {
         }
         let params = self.remember_params(wanted, &pooled.params);
         self.checkin(pooled);
-        Ok((params, true))
+        let interned =
+            self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).get_key_value(wanted).map(|(k, _)| k.clone());
+        Ok((params, true, interned.unwrap_or_else(|| Arc::new(wanted.clone()))))
     }
 
     /// Caches the parameters a connection reports after `wanted` was applied to it.
@@ -190,7 +201,7 @@ impl Pool {
         if cache.len() >= MAX_CACHED_PARAM_SETS {
             cache.clear();
         }
-        cache.insert(wanted.clone(), params.clone());
+        cache.insert(Arc::new(wanted.clone()), params.clone());
         params
     }
 
@@ -252,7 +263,7 @@ fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {
 
 /// A checked-out origin connection. Give it back with `Pool::checkin`; dropping it closes it.
 pub struct PooledConn {
-    conn: Option<OriginConn>,
+    conn: Option<Box<OriginConn>>,
     _permit: OwnedSemaphorePermit,
     pool: Arc<Pool>,
 }

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::cancel::{self, CancelHandle};
 use crate::origin::settings::{sync_sql, Settings, CAPTURE_SQL};
-use crate::origin::{Expect, OriginError, Owner, ResponseQueue};
+use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
 use crate::protocol::backend as be;
 use crate::protocol::codec::FrameError;
@@ -51,7 +51,8 @@ pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: s
         let Some(session) = Box::pin(startup::handshake(ctx, stream)).await else {
             return;
         };
-        session.run().await;
+        // The session lives on the heap; this task's own state is only what an idle wait needs.
+        Box::new(session).run().await;
     }
     .instrument(span)
     .await
@@ -82,17 +83,6 @@ enum AttachError {
     Rejected(ErrorFields),
 }
 
-/// An origin connection checked out for this client, and what it still owes.
-struct Attached {
-    conn: PooledConn,
-    queue: ResponseQueue,
-    to_origin: BytesMut,
-    /// Extended-protocol messages were sent since the last Sync.
-    needs_sync: bool,
-    /// The origin sent a FATAL error: it is going away.
-    origin_fatal: bool,
-}
-
 pub struct Session {
     ctx: Arc<ServerContext>,
     client: ClientStream,
@@ -100,15 +90,15 @@ pub struct Session {
     to_client: BytesMut,
     pool: Arc<Pool>,
     /// Settings from the startup packet (what RESET returns to).
-    startup_settings: Settings,
+    startup_settings: Arc<Settings>,
     /// Settings this client's work must run under.
-    wanted: Settings,
+    wanted: Arc<Settings>,
     /// The client's transaction status, as its last ReadyForQuery said.
     status: u8,
     statements: StatementMap,
     batch: Vec<Message>,
     batch_bytes: usize,
-    origin: Option<Box<Attached>>,
+    origin: Option<PooledConn>,
     copy_in: bool,
     /// pgwarp answered an error itself; drop messages until the client's Sync.
     skip_until_sync: bool,
@@ -154,11 +144,11 @@ impl Session {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         self.to_client.extend_from_slice(&build::backend_key_data(self.cancel.pid, self.cancel.secret));
         self.to_client.extend_from_slice(&build::ready_for_query(b'I'));
         let end = self.serve().await;
-        self.finish(end).await;
+        Box::pin(self.finish(end)).await;
     }
 
     async fn serve(&mut self) -> End {
@@ -184,17 +174,21 @@ impl Session {
     /// Serves until nothing is outstanding in either direction. Entered when the client is
     /// readable or something is buffered, so it always polls before checking for idleness.
     async fn until_idle(&mut self) -> Result<(), End> {
+        // Made once per burst rather than per loop turn: the shutdown signal is rare, the loop hot.
+        let ctx = self.ctx.clone();
+        let kill = ctx.kill.cancelled();
+        tokio::pin!(kill);
         loop {
-            let origin_backlog = self.origin.as_ref().map_or(0, |a| a.to_origin.len());
+            let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
             let read_client = origin_backlog < HIGH_WATER;
             let read_origin = self.to_client.len() < HIGH_WATER;
             let client_active = read_client || !self.to_client.is_empty();
-            let origin_active = self.origin.as_ref().is_some_and(|a| read_origin || !a.to_origin.is_empty());
+            let origin_active = self.origin.as_ref().is_some_and(|a| read_origin || !a.out.is_empty());
             tokio::select! {
                 biased;
-                _ = self.ctx.kill.cancelled() => return Err(End::Shutdown),
+                _ = &mut kill => return Err(End::Shutdown),
                 r = std::future::poll_fn(|cx| match self.origin.as_mut() {
-                    Some(a) => a.conn.poll_io(cx, &mut a.to_origin, read_origin),
+                    Some(a) => a.poll_io(cx, read_origin),
                     None => std::task::Poll::Pending,
                 }), if origin_active => match r {
                     Ok(Duplex::Message(msg)) => self.on_origin(msg).await?,
@@ -210,8 +204,9 @@ impl Session {
                     Err(FrameError::Io(_)) | Err(FrameError::Truncated) => return Err(End::ClientGone),
                     Err(e) => return Err(End::Protocol(e.to_string())),
                 },
-                _ = self.ctx.drain.cancelled(), if !self.draining => self.draining = true,
             }
+            // Draining matters only once the client is idle, so a flag check per turn suffices.
+            self.draining |= self.ctx.drain.is_cancelled();
             if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
                 return if self.draining { Err(End::Shutdown) } else { Ok(()) };
             }
@@ -220,7 +215,7 @@ impl Session {
 
     fn origin_lost(&self, e: &OriginError) -> End {
         tracing::warn!(error = %e, "origin connection lost while in use");
-        End::OriginLost { already_told: self.origin.as_ref().is_some_and(|a| a.origin_fatal) }
+        End::OriginLost { already_told: self.origin.as_ref().is_some_and(|a| a.fatal) }
     }
 
     // ---- client -> origin ----
@@ -229,7 +224,7 @@ impl Session {
         self.intake(first).await?;
         while let Some(msg) = self.reader.try_next().map_err(|e| End::Protocol(e.to_string()))? {
             self.intake(msg).await?;
-            if self.origin.as_ref().is_some_and(|a| a.to_origin.len() >= HIGH_WATER) {
+            if self.origin.as_ref().is_some_and(|a| a.out.len() >= HIGH_WATER) {
                 break;
             }
         }
@@ -242,7 +237,7 @@ impl Session {
             if matches!(tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL | fe::FLUSH | fe::SYNC) {
                 // Straight through: Postgres consumes these itself while copying in.
                 if let Some(a) = self.origin.as_mut() {
-                    a.to_origin.extend_from_slice(msg.frame());
+                    a.out.extend_from_slice(msg.frame());
                 }
                 if matches!(tag, fe::COPY_DONE | fe::COPY_FAIL) {
                     self.copy_in = false;
@@ -275,8 +270,18 @@ impl Session {
 
     /// Sends the batch to an origin connection, checking one out if needed.
     async fn dispatch(&mut self) -> Result<(), End> {
-        let batch = std::mem::take(&mut self.batch);
+        // Taken out while planning, then handed back emptied, so its allocation is reused.
+        let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        let result = self.dispatch_batch(&batch).await;
+        batch.clear();
+        if self.batch.is_empty() {
+            self.batch = batch;
+        }
+        result
+    }
+
+    async fn dispatch_batch(&mut self, batch: &[Message]) -> Result<(), End> {
         if self.origin.is_none() {
             if self.skip_until_sync {
                 // Finishing an error pgwarp already answered: no origin needed.
@@ -287,28 +292,29 @@ impl Session {
                 return Ok(());
             }
             match self.attach().await {
-                Ok(a) => self.origin = Some(Box::new(a)),
+                Ok(conn) => self.origin = Some(conn),
                 Err(AttachError::Pool(e)) => {
-                    self.fail_batch(&batch, &e);
+                    self.fail_batch(batch, &e);
                     return Ok(());
                 }
                 Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
             }
         }
-        let Some(att) = self.origin.as_mut() else {
+        let Some(conn) = self.origin.as_mut() else {
             return Ok(());
         };
+        let conn = &mut **conn;
         let notes = Planner {
             statements: &mut self.statements,
-            server: &mut att.conn.statements,
-            queue: &mut att.queue,
-            out: &mut att.to_origin,
+            server: &mut conn.statements,
+            queue: &mut conn.queue,
+            out: &mut conn.out,
             skip_until_sync: &mut self.skip_until_sync,
-            needs_sync: &mut att.needs_sync,
+            needs_sync: &mut conn.needs_sync,
         }
-        .plan(&batch)
+        .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
-        att.queue.drain_synthetic(&mut self.to_client);
+        conn.queue.drain_synthetic(&mut self.to_client);
         if let Some(feature) = notes.session_feature {
             if self.session_pin.is_none() {
                 tracing::info!(
@@ -324,44 +330,37 @@ impl Session {
 
     /// Checks out a connection and brings its settings in line with this client's, in the same
     /// round trip as the client's first message.
-    async fn attach(&mut self) -> Result<Attached, AttachError> {
-        let conn = self.pool.checkout().await?;
-        let mut att = Attached {
-            conn,
-            queue: ResponseQueue::new(),
-            to_origin: BytesMut::new(),
-            needs_sync: false,
-            origin_fatal: false,
-        };
-        if let Some(sql) = sync_sql(&att.conn.applied, &self.wanted) {
+    async fn attach(&mut self) -> Result<PooledConn, AttachError> {
+        let mut att = self.pool.checkout().await?;
+        if let Some(sql) = sync_sql(&att.applied, &self.wanted) {
             // A simple query destroys the unnamed statement.
-            att.conn.statements.unnamed = None;
+            att.statements.unnamed = None;
             if self.settings_validated {
-                att.conn.applied = self.wanted.clone();
-                att.to_origin.extend_from_slice(&build::query(&sql));
+                att.applied = (*self.wanted).clone();
+                att.out.extend_from_slice(&build::query(&sql));
                 att.queue.push(Expect::Query { owner: Owner::Internal });
             } else {
                 self.validate_settings(&mut att, &sql).await?;
             }
         }
-        self.cancel.slot.set(Some((self.pool.target().clone(), att.conn.key)));
+        self.cancel.slot.set(Some((self.pool.target().clone(), att.key)));
         Ok(att)
     }
 
     /// Applies settings the origin has not seen yet in a round trip of their own, so an invalid
     /// value ends the session (as it would have ended the login) before any of the client's
     /// work runs; then tells the client the values the origin actually uses.
-    async fn validate_settings(&mut self, att: &mut Attached, sql: &str) -> Result<(), AttachError> {
-        let outcome = att.conn.simple_query(sql).await.map_err(PoolError::from)?;
+    async fn validate_settings(&mut self, att: &mut PooledConn, sql: &str) -> Result<(), AttachError> {
+        let outcome = att.simple_query(sql).await.map_err(PoolError::from)?;
         if let Some(err) = outcome.error {
-            att.conn.applied = Settings::new();
-            att.conn.broken = true;
+            att.applied = Settings::new();
+            att.broken = true;
             return Err(AttachError::Rejected(err));
         }
-        att.conn.applied = self.wanted.clone();
+        att.applied = (*self.wanted).clone();
         self.settings_validated = true;
-        self.pool.remember_params(&self.wanted, &att.conn.params);
-        for (name, value) in &att.conn.params {
+        self.pool.remember_params(&self.wanted, &att.params);
+        for (name, value) in &att.params {
             if self.wanted.keys().any(|k| k.eq_ignore_ascii_case(name)) {
                 self.to_client.extend_from_slice(&build::parameter_status(name, value));
             }
@@ -402,7 +401,7 @@ impl Session {
             let Some(att) = self.origin.as_mut() else {
                 break;
             };
-            match att.conn.try_read() {
+            match att.try_read() {
                 Ok(Some(msg)) => self.route(msg)?,
                 Ok(None) => break,
                 Err(e) => return Err(self.origin_lost(&e)),
@@ -423,14 +422,14 @@ impl Session {
         })?;
         match tag {
             be::PARAMETER_STATUS => {
-                att.conn.note_parameter(msg.body());
+                att.note_parameter(msg.body());
                 self.settings_dirty |= !d.internal;
             }
             be::COMMAND_COMPLETE if !d.internal => {
                 if let Ok(command) = be::command_tag(msg.body()) {
                     self.settings_dirty |= inspect::tag_changes_settings(command);
                     if inspect::tag_drops_all_statements(command) {
-                        att.conn.statements.clear();
+                        att.statements.clear();
                         self.statements.clear();
                     }
                 }
@@ -438,24 +437,24 @@ impl Session {
             be::ERROR_RESPONSE => {
                 let fields = ErrorFields::parse(msg.body()).unwrap_or_default();
                 if fields.is_fatal() {
-                    att.origin_fatal = true;
-                    att.conn.broken = true;
+                    att.fatal = true;
+                    att.broken = true;
                 }
                 if d.internal {
                     tracing::warn!(code = %fields.code, "pgwarp's own query failed on the origin: {}", fields.message);
-                    att.conn.broken = true;
+                    att.broken = true;
                 }
                 if let Some(id) = &d.failed_bind {
                     // "cached plan must not change result type": re-prepare on next use.
                     if fields.code == "0A000" {
-                        att.conn.statements.invalidate(id);
+                        att.statements.invalidate(id);
                     }
                 }
             }
             _ => {}
         }
         for undo in &d.undone {
-            apply_undo(undo, &mut self.statements, &mut att.conn.statements);
+            apply_undo(undo, &mut self.statements, &mut att.statements);
         }
         if d.copy_in {
             self.copy_in = true;
@@ -476,15 +475,15 @@ impl Session {
         let Some(att) = self.origin.as_ref() else {
             return Ok(());
         };
-        let idle = att.queue.is_empty() && !att.needs_sync && att.to_origin.is_empty() && self.batch.is_empty();
-        if !idle || self.copy_in || self.status != b'I' || (self.session_pin.is_some() && !att.conn.broken) {
+        let idle = att.queue.is_empty() && !att.needs_sync && att.out.is_empty() && self.batch.is_empty();
+        if !idle || self.copy_in || self.status != b'I' || (self.session_pin.is_some() && !att.broken) {
             return Ok(());
         }
         let Some(mut att) = self.origin.take() else {
             return Ok(());
         };
         self.cancel.slot.set(None);
-        if att.conn.broken {
+        if att.broken {
             // Dropping closes it; the client carries on with the next connection.
             self.session_pin = None;
             return Ok(());
@@ -494,7 +493,7 @@ impl Session {
             // The client has its answer already; read back its settings before anyone else
             // can get this connection.
             self.flush_client().await?;
-            match att.conn.simple_query(CAPTURE_SQL).await {
+            match att.simple_query(CAPTURE_SQL).await {
                 Ok(out) if out.error.is_none() && out.status == b'I' => {
                     let captured: Settings = out
                         .rows
@@ -504,15 +503,15 @@ impl Session {
                             _ => None,
                         })
                         .collect();
-                    let mut wanted = self.startup_settings.clone();
+                    let mut wanted = (*self.startup_settings).clone();
                     wanted.extend(captured.clone());
-                    self.wanted = wanted;
-                    att.conn.applied = captured;
+                    self.wanted = Arc::new(wanted);
+                    att.applied = captured;
                 }
                 Ok(_) | Err(_) => return Ok(()),
             }
         }
-        self.pool.checkin(att.conn);
+        self.pool.checkin(att);
         Ok(())
     }
 
@@ -526,7 +525,7 @@ impl Session {
 
     // ---- the end ----
 
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self: Box<Self>, end: End) {
         let fatal = match &end {
             End::Terminate | End::ClientGone => None,
             End::Refused { code, message } => {
@@ -558,7 +557,7 @@ impl Session {
             let (pool, status, pinned) = (self.pool.clone(), self.status, self.session_pin.is_some());
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
-                tokio::spawn(release_after_client(pool, *att, status, pinned));
+                tokio::spawn(release_after_client(pool, att, status, pinned));
             }
         }
     }
@@ -566,16 +565,16 @@ impl Session {
 
 /// After a client leaves while holding a connection: cancel what is running, or roll back and
 /// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
-async fn release_after_client(pool: Arc<Pool>, mut att: Attached, status: u8, pinned: bool) {
-    if !att.queue.is_empty() || !att.to_origin.is_empty() || att.conn.broken {
-        cancel::send_cancel(pool.target().clone(), att.conn.key).await;
+async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, pinned: bool) {
+    if !conn.queue.is_empty() || !conn.out.is_empty() || conn.broken {
+        cancel::send_cancel(pool.target().clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
     }
-    let conn = &mut att.conn;
     let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
         let mut status = status;
-        if att.needs_sync {
+        if conn.needs_sync {
             status = conn.sync().await?;
+            conn.needs_sync = false;
         }
         if status != b'I' {
             let out = conn.simple_query("ROLLBACK").await?;
@@ -591,9 +590,35 @@ async fn release_after_client(pool: Arc<Pool>, mut att: Attached, status: u8, pi
     })
     .await;
     match cleaned {
-        Ok(Ok(b'I')) => pool.checkin(att.conn),
+        Ok(Ok(b'I')) => pool.checkin(conn),
         Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
             tracing::debug!("closing origin connection left unclean by a client")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle client costs its task's future plus its boxed Session: keep both small
+    /// (the bench's target is 4 KiB per idle client in all).
+    #[tokio::test]
+    async fn idle_client_state_stays_small() {
+        fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (socket, peer) = listener.accept().await.unwrap();
+        let config = crate::config::Config {
+            origin: Some("postgres://a:b@127.0.0.1:1/d".into()),
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        let server = crate::server::Server::bind(config).await.unwrap();
+        let fut = super::serve_client(server.context().clone(), super::ClientStream::Tcp(socket), peer);
+        let task = size_of_future(&fut);
+        let session = std::mem::size_of::<super::Session>();
+        assert!(task <= 768, "a client's task future grew to {task} bytes");
+        assert!(session <= 512, "Session grew to {session} bytes");
     }
 }

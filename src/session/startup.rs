@@ -64,7 +64,8 @@ pub struct Established {
     pub user: String,
     pub database: String,
     pub creds: Credentials,
-    pub settings: Settings,
+    /// Shared with every client that logged in with the same settings.
+    pub settings: Arc<Settings>,
     /// The origin has accepted these settings (else the session checks them on first use).
     pub settings_validated: bool,
     pub reader: MessageReader,
@@ -130,7 +131,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         database: startup.database.clone(),
     };
     let pool = ctx.pools.get(&creds);
-    let (params, validated) = pool.startup_params(&startup.settings).await.map_err(|e| match e {
+    let (params, validated, settings) = pool.startup_params(startup.settings).await.map_err(|e| match e {
         StartupParamsError::Rejected(f) => Refusal { code: f.code, message: f.message },
         StartupParamsError::Pool(PoolError::Timeout(t)) => {
             Refusal::new(SqlState::TOO_MANY_CONNECTIONS, format!("no origin connection became free within {t:?}"))
@@ -157,7 +158,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         user: startup.user,
         database: startup.database,
         creds,
-        settings: startup.settings,
+        settings,
         settings_validated: validated,
         reader,
         permit,

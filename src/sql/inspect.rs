@@ -5,6 +5,10 @@ use super::lexer::{statements, tokenize, Token};
 /// Session-scoped state that outlives a transaction, which transaction pooling cannot share.
 /// Returns what the SQL uses, for the log, or None.
 pub fn session_feature(sql: &str) -> Option<&'static str> {
+    // Almost no statement mentions any of these words: skip the tokenizer for the rest.
+    if !contains_any_ignore_case(sql, &["listen", "temp", "hold", "advisory"]) {
+        return None;
+    }
     let tokens = tokenize(sql);
     for stmt in statements(&tokens) {
         if stmt[0].is_word("listen") {
@@ -32,10 +36,30 @@ pub fn session_feature(sql: &str) -> Option<&'static str> {
 /// Whether the SQL may change session settings without a SET command tag (set_config()).
 pub fn may_change_settings(sql: &str) -> bool {
     // Cheap pre-check: most statements never mention it.
-    if !sql.as_bytes().windows(10).any(|w| w.eq_ignore_ascii_case(b"set_config")) {
+    if !contains_ignore_case(sql, "set_config") {
         return false;
     }
     calls_any(&tokenize(sql), &["set_config"])
+}
+
+/// ASCII case-insensitive substring search; `needle` must be lowercase.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    contains_any_ignore_case(haystack, &[needle])
+}
+
+/// Whether any of the lowercase `needles` occurs, case-insensitively, in one pass that only
+/// compares where a needle's first letter appears.
+fn contains_any_ignore_case(haystack: &str, needles: &[&str]) -> bool {
+    let h = haystack.as_bytes();
+    h.iter().enumerate().any(|(i, c)| {
+        let c = c.to_ascii_lowercase();
+        needles.iter().any(|n| {
+            let n = n.as_bytes();
+            n[0] == c
+                && h.len() - i >= n.len()
+                && h[i..i + n.len()].iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b)
+        })
+    })
 }
 
 /// Whether the tokens call one of `names` (a word followed by an opening parenthesis).
