@@ -34,8 +34,9 @@ pub struct RunArgs {
     /// TOML config file; flags given here override its values (see configs/pgwarp.toml).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to accept clients on [default: 127.0.0.1:6432].
-    #[arg(long, value_name = "ADDR")]
+    /// Address to accept clients on [default: 127.0.0.1:6432; the container image sets
+    /// PGWARP_LISTEN=0.0.0.0:6432].
+    #[arg(long, value_name = "ADDR", env = "PGWARP_LISTEN")]
     pub listen: Option<String>,
     /// Origin database URL, postgres://user:password@host:port/database [env: DATABASE_URL].
     /// Its user and password are also what clients log in with.
