@@ -59,9 +59,12 @@ pub enum Expect {
     Sync {
         owner: Owner,
     },
-    /// A simple Query or FunctionCall: everything up to and including ReadyForQuery.
+    /// A simple Query or FunctionCall: everything up to and including ReadyForQuery. `undo`
+    /// applies if it fails; `executes` names the prepared statement an EXECUTE runs.
     Query {
         owner: Owner,
+        undo: Option<Undo>,
+        executes: Option<Arc<str>>,
     },
     /// An answer pgwarp made itself, sent to the client when it reaches the head of the queue.
     Synthetic {
@@ -71,12 +74,17 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// A simple query with nothing to undo.
+    pub fn query(owner: Owner) -> Expect {
+        Expect::Query { owner, undo: None, executes: None }
+    }
+
     fn owner(&self) -> Owner {
         match self {
             Expect::ParseComplete { owner, .. }
             | Expect::CloseComplete { owner }
             | Expect::Sync { owner }
-            | Expect::Query { owner } => *owner,
+            | Expect::Query { owner, .. } => *owner,
             _ => Owner::Client,
         }
     }
@@ -164,14 +172,17 @@ impl ResponseQueue {
     /// Decides what to do with one message from the origin.
     pub fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<Decision, QueueError> {
         let head_owner = self.entries.front().map(Expect::owner);
-        let mut d = Decision {
-            forward: !matches!(head_owner, Some(Owner::Internal)),
-            internal: matches!(head_owner, Some(Owner::Internal)),
-            ..Decision::default()
-        };
+        let internal = head_owner == Some(Owner::Internal);
+        // Answers go to the client only for its own messages; errors and asynchronous messages
+        // also for what pgwarp sent on its behalf.
+        let mut d =
+            Decision { forward: head_owner.is_none_or(|o| o == Owner::Client), internal, ..Decision::default() };
         match tag {
             // Asynchronous messages may come at any time; they go with whatever is running.
-            be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION_RESPONSE => return Ok(d),
+            be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION_RESPONSE => {
+                d.forward = !internal;
+                return Ok(d);
+            }
             be::ERROR_RESPONSE => {
                 self.on_error(&mut d);
                 return Ok(d);
@@ -235,12 +246,19 @@ impl ResponseQueue {
     }
 
     fn on_error(&mut self, d: &mut Decision) {
-        let Some(head) = self.entries.front() else {
+        let internal = matches!(self.entries.front(), Some(e) if e.owner() == Owner::Internal);
+        d.forward = !internal;
+        let Some(head) = self.entries.front_mut() else {
             return;
         };
         match head {
-            // Part of a simple query, or of the commit at Sync: ReadyForQuery still follows.
-            Expect::Query { .. } | Expect::Sync { .. } => {}
+            // Part of a simple query: ReadyForQuery still follows.
+            Expect::Query { undo, executes, .. } => {
+                d.undone.extend(undo.take());
+                d.failed_bind = executes.take();
+            }
+            // Part of the commit at Sync: ReadyForQuery still follows.
+            Expect::Sync { .. } => {}
             Expect::Synthetic { .. } => {}
             _ => {
                 // The failed message, and everything Postgres will now skip until Sync.
@@ -303,7 +321,7 @@ mod tests {
     #[test]
     fn simple_query_forwards_everything_until_ready() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query { owner: Owner::Client });
+        q.push(Expect::query(Owner::Client));
         let ds = feed(&mut q, &[&msg(b'T', b""), &msg(b'D', b""), &msg(b'C', b"SELECT 1\0"), &msg(b'Z', b"I")]);
         assert_eq!(forwarded(&ds), vec![true; 4]);
         assert_eq!(ds[3].ready, Some(b'I'));
@@ -424,8 +442,8 @@ mod tests {
     #[test]
     fn internal_query_is_dropped_and_marked() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query { owner: Owner::Internal });
-        q.push(Expect::Query { owner: Owner::Client });
+        q.push(Expect::query(Owner::Internal));
+        q.push(Expect::query(Owner::Client));
         let ds = feed(
             &mut q,
             &[
@@ -442,7 +460,7 @@ mod tests {
         assert!(ds[..5].iter().all(|d| d.internal));
         let d = {
             let mut q = ResponseQueue::new();
-            q.push(Expect::Query { owner: Owner::Internal });
+            q.push(Expect::query(Owner::Internal));
             q.on_message(b'E', b"").unwrap()
         };
         assert!(!d.forward && d.internal);
@@ -451,7 +469,7 @@ mod tests {
     #[test]
     fn error_in_simple_query_still_waits_for_ready() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query { owner: Owner::Client });
+        q.push(Expect::query(Owner::Client));
         let ds = feed(&mut q, &[&msg(b'E', b""), &msg(b'Z', b"E")]);
         assert!(ds[0].forward && ds[0].undone.is_empty());
         assert_eq!(ds[1].ready, Some(b'E'));
@@ -476,7 +494,7 @@ mod tests {
     #[test]
     fn simple_copy_out_flows_through() {
         let mut q = ResponseQueue::new();
-        q.push(Expect::Query { owner: Owner::Client });
+        q.push(Expect::query(Owner::Client));
         let ds = feed(
             &mut q,
             &[&msg(b'H', b""), &msg(b'd', b"1\n"), &msg(b'c', b""), &msg(b'C', b"COPY 1\0"), &msg(b'Z', b"I")],

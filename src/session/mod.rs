@@ -338,7 +338,7 @@ impl Session {
             if self.settings_validated {
                 att.applied = (*self.wanted).clone();
                 att.out.extend_from_slice(&build::query(&sql));
-                att.queue.push(Expect::Query { owner: Owner::Internal });
+                att.queue.push(Expect::query(Owner::Internal));
             } else {
                 self.validate_settings(&mut att, &sql).await?;
             }

@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::statements::{Statement, StatementMap};
+use super::statements::{Replay, Statement, StatementMap};
 use crate::origin::{Expect, Owner, ResponseQueue, ServerStatements, Undo};
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
 use crate::protocol::{build, DecodeError, Message};
 use crate::sql::inspect;
+use crate::sql::prepared::{self, PreparedCommand};
 
 /// What the session needs to know about a batch besides what was sent.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -73,15 +74,22 @@ impl Planner<'_> {
                 fe::QUERY => {
                     let sql = fe::query_text(msg.body())?;
                     note_sql(&mut notes, sql);
-                    // A simple query destroys the unnamed statement, in Postgres and here.
+                    // A simple query destroys the unnamed statement, in Postgres and here, and
+                    // leaves no extended-protocol sequence open.
                     self.statements.remove("");
                     self.server.unnamed = None;
-                    self.out.extend_from_slice(msg.frame());
-                    self.push(Expect::Query { owner: Owner::Client });
+                    *self.needs_sync = false;
+                    match prepared::parse(sql) {
+                        Some(command) => self.prepared_command(command),
+                        None => {
+                            self.out.extend_from_slice(msg.frame());
+                            self.push(Expect::query(Owner::Client));
+                        }
+                    }
                 }
                 fe::FUNCTION_CALL => {
                     self.out.extend_from_slice(msg.frame());
-                    self.push(Expect::Query { owner: Owner::Client });
+                    self.push(Expect::query(Owner::Client));
                 }
                 _ => {}
             }
@@ -145,15 +153,86 @@ impl Planner<'_> {
         Ok(())
     }
 
-    /// Sends the saved Parse of a named statement, closing whatever the LRU evicts for it.
+    /// Creates a named statement on the connection (its saved Parse, or its SQL PREPARE),
+    /// closing whatever the LRU evicts for it.
     fn prepare_on_server(&mut self, stmt: &Statement, owner: Owner, client_statement: Option<(String, Arc<str>)>) {
         if let Some(evicted) = self.server.add(stmt.id.clone()) {
             build::close_statement_into(self.out, &evicted);
             self.push(Expect::CloseComplete { owner: Owner::Internal });
         }
-        self.out.extend_from_slice(&stmt.parse);
-        let undo = Undo { client_statement, server_statement: Some(stmt.id.clone()), unnamed: false };
-        self.push(Expect::ParseComplete { owner, undo: Some(undo) });
+        let undo = Some(Undo { client_statement, server_statement: Some(stmt.id.clone()), unnamed: false });
+        match &stmt.replay {
+            Replay::Parse(parse) => {
+                self.out.extend_from_slice(parse);
+                self.push(Expect::ParseComplete { owner, undo });
+            }
+            Replay::Prepare(sql) => {
+                self.out.extend_from_slice(&build::query(sql));
+                self.push(Expect::Query { owner, undo, executes: None });
+            }
+        }
+    }
+
+    /// SQL-level PREPARE / EXECUTE / DEALLOCATE, kept per client like protocol statements.
+    fn prepared_command(&mut self, command: PreparedCommand<'_>) {
+        match command {
+            PreparedCommand::Prepare { name, types, body } => {
+                if self.statements.contains(&name) {
+                    let message = format!("prepared statement \"{name}\" already exists");
+                    return self.answer_query(build::error(
+                        Severity::Error,
+                        SqlState::DUPLICATE_PREPARED_STATEMENT,
+                        &message,
+                    ));
+                }
+                let stmt = Arc::new(Statement::sql_prepared(types, body));
+                if let Err(e) = self.statements.insert(&name, stmt.clone()) {
+                    return self.answer_query(build::error(Severity::Error, SqlState::OUT_OF_MEMORY, &e.to_string()));
+                }
+                if self.server.has(&stmt.id) {
+                    self.answer_query(build::command_complete("PREPARE"));
+                } else {
+                    self.prepare_on_server(&stmt, Owner::Client, Some((name, stmt.id.clone())));
+                }
+            }
+            PreparedCommand::Execute { name, rest } => {
+                let Some(stmt) = self.statements.get(&name).cloned() else {
+                    let message = format!("prepared statement \"{name}\" does not exist");
+                    return self.answer_query(build::error(
+                        Severity::Error,
+                        SqlState::UNDEFINED_PREPARED_STATEMENT,
+                        &message,
+                    ));
+                };
+                if !self.server.has(&stmt.id) {
+                    self.prepare_on_server(&stmt, Owner::Hidden, None);
+                }
+                let space = if rest.starts_with('(') || rest.is_empty() { "" } else { " " };
+                self.out.extend_from_slice(&build::query(&format!("EXECUTE {}{space}{rest}", stmt.id)));
+                self.push(Expect::Query { owner: Owner::Client, undo: None, executes: Some(stmt.id.clone()) });
+            }
+            PreparedCommand::Deallocate { name: Some(name) } => {
+                if self.statements.remove(&name).is_some() {
+                    self.answer_query(build::command_complete("DEALLOCATE"));
+                } else {
+                    let message = format!("prepared statement \"{name}\" does not exist");
+                    self.answer_query(build::error(Severity::Error, SqlState::UNDEFINED_PREPARED_STATEMENT, &message));
+                }
+            }
+            PreparedCommand::Deallocate { name: None } => {
+                // Only this client's names go: the origin's statements may serve others.
+                self.statements.clear();
+                self.answer_query(build::command_complete("DEALLOCATE ALL"));
+            }
+        }
+    }
+
+    /// Answers a simple query with `message`; a Sync to the origin supplies the ReadyForQuery,
+    /// so it carries the real transaction status.
+    fn answer_query(&mut self, message: Bytes) {
+        self.push(Expect::Synthetic { message, undo: None });
+        self.out.extend_from_slice(&build::sync());
+        self.push(Expect::Sync { owner: Owner::Client });
     }
 
     /// Makes sure the connection has the statement, replaying its Parse if not. Returns None
@@ -170,7 +249,9 @@ impl Planner<'_> {
         };
         if name.is_empty() {
             if self.server.unnamed.as_ref() != Some(&stmt.id) {
-                self.out.extend_from_slice(&stmt.parse);
+                if let Replay::Parse(parse) = &stmt.replay {
+                    self.out.extend_from_slice(parse);
+                }
                 self.server.unnamed = Some(stmt.id.clone());
                 let undo = Undo { unnamed: true, ..Undo::default() };
                 self.push(Expect::ParseComplete { owner: Owner::Hidden, undo: Some(undo) });

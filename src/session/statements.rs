@@ -15,21 +15,37 @@ use crate::protocol::build;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
-    /// Content-derived server-side name: `pgwarp_` + 24 hex digits of SHA-256(types, text).
+    /// Content-derived server-side name: `pgwarp_` + 24 hex digits of SHA-256(kind, types, text).
     pub id: Arc<str>,
     pub sql: Box<str>,
     pub param_types: Box<[u32]>,
-    /// The Parse to send to an origin connection that lacks the statement.
-    pub parse: Bytes,
+    /// How to create it on an origin connection that lacks it.
+    pub replay: Replay,
+}
+
+/// How a statement is created on an origin connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// A protocol-level Parse (named with the content id, or unnamed).
+    Parse(Bytes),
+    /// A SQL-level `PREPARE <id> [(types)] AS ...`, sent as a simple query.
+    Prepare(Box<str>),
 }
 
 impl Statement {
     /// `named`: prepared under `id` on the origin; otherwise it lives in the unnamed slot.
     pub fn new(named: bool, sql: &str, param_types: &[u32]) -> Statement {
-        let id = content_id(sql, param_types);
+        let id = content_id(b'P', param_types, "", sql);
         let mut parse = BytesMut::new();
         build::parse_into(&mut parse, if named { &id } else { "" }, sql, param_types);
-        Statement { id, sql: sql.into(), param_types: param_types.into(), parse: parse.freeze() }
+        Statement { id, sql: sql.into(), param_types: param_types.into(), replay: Replay::Parse(parse.freeze()) }
+    }
+
+    /// A statement from SQL `PREPARE name <types> AS <body>`; `types` as written, or "".
+    pub fn sql_prepared(types: &str, body: &str) -> Statement {
+        let id = content_id(b'S', &[], types, body);
+        let prepare = format!("PREPARE {id} {types} AS {body}");
+        Statement { id, sql: body.into(), param_types: Box::new([]), replay: Replay::Prepare(prepare.into()) }
     }
 
     pub fn same_content(&self, sql: &str, param_types: &[u32]) -> bool {
@@ -38,16 +54,25 @@ impl Statement {
 
     /// Memory charged to the client for keeping it.
     fn weight(&self) -> usize {
-        self.sql.len() + self.parse.len() + self.param_types.len() * 4 + 96
+        let replay = match &self.replay {
+            Replay::Parse(b) => b.len(),
+            Replay::Prepare(s) => s.len(),
+        };
+        self.sql.len() + replay + self.param_types.len() * 4 + 96
     }
 }
 
-pub fn content_id(sql: &str, param_types: &[u32]) -> Arc<str> {
+/// The server-side name for a statement's content. `kind` keeps protocol-level and SQL-level
+/// statements apart; `type_text` is SQL PREPARE's type list as written.
+pub fn content_id(kind: u8, param_types: &[u32], type_text: &str, sql: &str) -> Arc<str> {
     let mut h = Sha256::new();
+    h.update([kind]);
     h.update((param_types.len() as u32).to_be_bytes());
     for t in param_types {
         h.update(t.to_be_bytes());
     }
+    h.update((type_text.len() as u32).to_be_bytes());
+    h.update(type_text.as_bytes());
     h.update(sql.as_bytes());
     let digest = h.finalize();
     let mut id = String::with_capacity(31);
@@ -145,6 +170,16 @@ mod tests {
         assert_ne!(a.id, c.id);
         assert_ne!(a.id, d.id);
         assert!(a.id.starts_with("pgwarp_") && a.id.len() == 31);
+    }
+
+    #[test]
+    fn sql_prepared_statements_have_their_own_names() {
+        let p = Statement::new(true, "select $1", &[]);
+        let s = Statement::sql_prepared("(int)", "select $1");
+        let t = Statement::sql_prepared("(text)", "select $1");
+        assert_ne!(p.id, s.id);
+        assert_ne!(s.id, t.id);
+        assert_eq!(s.replay, Replay::Prepare(format!("PREPARE {} (int) AS select $1", s.id).into()));
     }
 
     #[test]

@@ -41,11 +41,17 @@ impl Token<'_> {
 }
 
 pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
+    tokenize_with_spans(sql).into_iter().map(|(t, _)| t).collect()
+}
+
+/// Tokens with the byte range each one covers in `sql`.
+pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)> {
     let b = sql.as_bytes();
-    let mut out = Vec::new();
+    let mut out = Spanned { tokens: Vec::new(), start: 0 };
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
+        out.start = i;
         match c {
             c if c.is_ascii_whitespace() => i += 1,
             b'-' if b.get(i + 1) == Some(&b'-') => {
@@ -56,28 +62,28 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
             b'/' if b.get(i + 1) == Some(&b'*') => match skip_block_comment(b, i) {
                 Some(end) => i = end,
                 None => {
-                    out.push(Token::Unterminated);
-                    return out;
+                    out.push_at(Token::Unterminated, b.len());
+                    return out.tokens;
                 }
             },
             b'\'' => match skip_string(b, i + 1, false) {
                 Some(end) => {
-                    out.push(Token::Str);
                     i = end;
+                    out.push_at(Token::Str, i);
                 }
                 None => {
-                    out.push(Token::Unterminated);
-                    return out;
+                    out.push_at(Token::Unterminated, b.len());
+                    return out.tokens;
                 }
             },
             b'"' => match quoted_ident(sql, i + 1) {
                 Some((s, end)) => {
-                    out.push(Token::QuotedIdent(s));
                     i = end;
+                    out.push_at(Token::QuotedIdent(s), i);
                 }
                 None => {
-                    out.push(Token::Unterminated);
-                    return out;
+                    out.push_at(Token::Unterminated, b.len());
+                    return out.tokens;
                 }
             },
             b'$' => {
@@ -86,22 +92,22 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                     while i < b.len() && b[i].is_ascii_digit() {
                         i += 1;
                     }
-                    out.push(Token::Param);
+                    out.push_at(Token::Param, i);
                 } else if let Some(tag_end) = dollar_tag_end(b, i) {
                     let tag = &sql[i..tag_end];
                     match sql[tag_end..].find(tag) {
                         Some(pos) => {
-                            out.push(Token::Str);
                             i = tag_end + pos + tag.len();
+                            out.push_at(Token::Str, i);
                         }
                         None => {
-                            out.push(Token::Unterminated);
-                            return out;
+                            out.push_at(Token::Unterminated, b.len());
+                            return out.tokens;
                         }
                     }
                 } else {
-                    out.push(Token::Punct(&sql[i..i + 1]));
                     i += 1;
+                    out.push_at(Token::Punct(&sql[i - 1..i]), i);
                 }
             }
             c if is_ident_start(c) => {
@@ -117,12 +123,12 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                     let escapes = matches!(c, b'e' | b'E');
                     match skip_string(b, start, escapes) {
                         Some(end) => {
-                            out.push(Token::Str);
                             i = end;
+                            out.push_at(Token::Str, i);
                         }
                         None => {
-                            out.push(Token::Unterminated);
-                            return out;
+                            out.push_at(Token::Unterminated, b.len());
+                            return out.tokens;
                         }
                     }
                     continue;
@@ -131,13 +137,13 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                 while i < b.len() && is_ident_char(b[i]) {
                     i += 1;
                 }
-                out.push(Token::Word(&sql[start..i]));
+                out.push_at(Token::Word(&sql[start..i]), i);
             }
             c if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) => {
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
                     i += 1;
                 }
-                out.push(Token::Number);
+                out.push_at(Token::Number, i);
             }
             _ => {
                 // Multi-character operators are kept whole so `::` or `<=` read as one token.
@@ -149,11 +155,23 @@ pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
                         i += 1;
                     }
                 }
-                out.push(Token::Punct(&sql[start..i]));
+                out.push_at(Token::Punct(&sql[start..i]), i);
             }
         }
     }
-    out
+    out.tokens
+}
+
+/// Collects tokens with their spans; `start` is where the token being read began.
+struct Spanned<'a> {
+    tokens: Vec<(Token<'a>, std::ops::Range<usize>)>,
+    start: usize,
+}
+
+impl<'a> Spanned<'a> {
+    fn push_at(&mut self, token: Token<'a>, end: usize) {
+        self.tokens.push((token, self.start..end));
+    }
 }
 
 /// Splits tokens into statements at top-level semicolons, dropping empty statements.
@@ -281,6 +299,15 @@ mod tests {
         let s = statements(&t);
         assert_eq!(s.len(), 3);
         assert!(s[1][0].is_word("select"));
+    }
+
+    #[test]
+    fn spans_cover_each_token() {
+        let sql = "EXECUTE \"My Stmt\" (1, 'a')";
+        let t = tokenize_with_spans(sql);
+        assert_eq!(&sql[t[0].1.clone()], "EXECUTE");
+        assert_eq!(&sql[t[1].1.clone()], "\"My Stmt\"");
+        assert_eq!(&sql[t[5].1.clone()], "'a'");
     }
 
     #[test]

@@ -6,3 +6,4 @@
 
 pub mod inspect;
 pub mod lexer;
+pub mod prepared;
