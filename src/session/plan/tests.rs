@@ -299,3 +299,70 @@ fn notes_session_features() {
     .unwrap();
     assert_eq!(notes.session_feature, Some("LISTEN"));
 }
+
+#[test]
+fn sql_prepare_is_sent_under_content_name_and_execute_is_rewritten() {
+    let mut w = World::new(10);
+    let (sent, _) = w.run(&[query("PREPARE q (int) AS SELECT $1")]);
+    let id = w.statements.get("q").unwrap().id.to_string();
+    assert_eq!(sent, vec![('Q', String::new())]);
+    assert_eq!(w.answer(b"CZ"), vec!['C', 'Z']);
+    let mut out = BytesMut::new();
+    Planner {
+        statements: &mut w.statements,
+        server: &mut w.server,
+        queue: &mut w.queue,
+        out: &mut out,
+        skip_until_sync: &mut w.skip,
+        needs_sync: &mut w.needs_sync,
+    }
+    .plan(&[query("EXECUTE q(5)")])
+    .unwrap();
+    let m = MessageReader::with_buffered(1 << 20, out).try_next().unwrap().unwrap();
+    assert_eq!(crate::protocol::frontend::query_text(m.body()).unwrap(), format!("EXECUTE {id}(5)"));
+}
+
+#[test]
+fn sql_execute_on_a_new_connection_replays_prepare_hidden() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE q AS SELECT 1")]);
+    w.answer(b"CZ");
+    w.server = ServerStatements::new(10);
+    let (sent, _) = w.run(&[query("EXECUTE q")]);
+    assert_eq!(sent.len(), 2, "PREPARE replayed, then EXECUTE");
+    // The replayed PREPARE's CommandComplete and ReadyForQuery are hidden.
+    assert_eq!(w.answer(b"CZTDCZ"), vec!['T', 'D', 'C', 'Z']);
+}
+
+#[test]
+fn sql_prepare_the_connection_already_has_is_answered_locally() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE a AS SELECT 1")]);
+    w.answer(b"CZ");
+    let (sent, syn) = w.run(&[query("PREPARE b AS SELECT 1")]);
+    assert_eq!(sent, vec![('S', String::new())], "a Sync fetches the real transaction status");
+    assert_eq!(syn, vec!['C']);
+    assert_eq!(w.answer(b"Z"), vec!['Z']);
+}
+
+#[test]
+fn failed_sql_prepare_is_not_remembered() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE bad AS SELEC 1")]);
+    assert_eq!(w.answer(b"EZ"), vec!['E', 'Z']);
+    assert!(!w.statements.contains("bad"));
+    assert!(w.server.is_empty());
+}
+
+#[test]
+fn deallocate_is_answered_by_pgwarp() {
+    let mut w = World::new(10);
+    w.run(&[parse("s1", "select 1"), sync()]);
+    w.answer(b"1Z");
+    let (_, syn) = w.run(&[query("DEALLOCATE s1")]);
+    assert_eq!(syn, vec!['C']);
+    w.answer(b"Z");
+    assert!(!w.statements.contains("s1"));
+    let (_, syn) = w.run(&[query("DEALLOCATE s1")]);
+    assert_eq!(syn, vec!['E']);
+}
