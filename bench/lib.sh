@@ -421,6 +421,8 @@ pgbench_compare() {
                         "$secs" -M "$mode" -c "$clients" -j "$jobs" "$@"); then
                         tps[$key]+="${result% *} "
                         lat[$key]+="${result#* } "
+                    elif [[ " ${EXPECTED_FAILURES:-} " == *" $target|$mode "* ]]; then
+                        log "$title: $target -M $mode failed, as expected (see the report)"
                     else
                         FAILURES=$((FAILURES + 1))
                     fi
@@ -441,6 +443,7 @@ pgbench_compare() {
                 med_tps[$key]=$(median ${tps[$key]:-})
                 # shellcheck disable=SC2086
                 med_lat[$key]=$(median ${lat[$key]:-})
+                MEDIAN_TPS[$title|$key]=${med_tps[$key]}
                 local n
                 n=$(wc -w <<<"${tps[$key]:-}")
                 reportf '%-10s %-9s %7s %12s %10s %6s\n' "$target" "$mode" "$clients" \

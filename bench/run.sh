@@ -6,7 +6,8 @@
 #                     [--only BENCH[,BENCH...]]
 #
 # Benches (each is a bench_<name> function below; add new ones the same way and list them in
-# ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients) and
+# ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients),
+# prepared (pgbench -S -M prepared vs -M extended at 32 clients) and
 # idle_memory (resident memory per idle authenticated client, pgwarp vs PgBouncer).
 #
 # The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
@@ -17,7 +18,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-ALL_BENCHES=(select_only idle_memory)
+ALL_BENCHES=(select_only prepared idle_memory)
+# Median TPS of every pgbench_compare run, keyed "title|target|mode|clients".
+declare -A MEDIAN_TPS=()
 
 RUNS=3
 SECS=10
@@ -74,6 +77,19 @@ done
 bench_select_only() {
     pgbench_compare select-only "simple extended" "1 32" \
         "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" "$RUNS" "$SECS" -- -S
+}
+
+# Named prepared statements: -M prepared against -M extended through pgwarp (target: prepared
+# >= 1.15x extended), against direct Postgres, and against PgBouncer, whose Debian 1.18 has no
+# prepared-statement support in transaction mode and is expected to fail -M prepared.
+bench_prepared() {
+    EXPECTED_FAILURES="pgbouncer|prepared" pgbench_compare prepared "extended prepared" "32" \
+        "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" "$RUNS" "$SECS" -- -S
+    local p=${MEDIAN_TPS[prepared|pgwarp|prepared|32]:--} e=${MEDIAN_TPS[prepared|pgwarp|extended|32]:--}
+    report "pgwarp -M prepared / pgwarp -M extended at 32 clients: $(ratio "$p" "$e") (target >= 1.15x)"
+    if [[ ${MEDIAN_TPS[prepared|pgbouncer|prepared|32]:--} == - ]]; then
+        report "pgbouncer -M prepared: failed (no prepared statements in transaction mode before PgBouncer 1.21)"
+    fi
 }
 
 bench_idle_memory() {
