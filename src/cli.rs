@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// How clients prove their password [default: scram-sha-256].
     #[arg(long, value_name = "METHOD")]
     pub auth_method: Option<AuthMethod>,
+    /// Turn the query cache off (the `[cache]` section's `enabled = false`).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 impl RunArgs {
@@ -95,6 +98,9 @@ impl RunArgs {
         }
         if let Some(v) = self.auth_method {
             c.auth_method = v;
+        }
+        if self.no_cache {
+            c.cache.enabled = false;
         }
         c.validate()?;
         Ok(c)

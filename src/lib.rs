@@ -3,6 +3,7 @@
 //! bottom, then origin, pool, session, and server on top.
 
 pub mod auth;
+pub mod cache;
 pub mod cancel;
 pub mod cli;
 pub mod config;

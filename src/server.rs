@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::UserDirectory;
+use crate::cache::QueryCache;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
 use crate::pool::{PoolConfig, PoolSet};
@@ -27,6 +28,8 @@ pub struct ServerContext {
     pub pools: PoolSet,
     pub cancels: Arc<CancelRegistry>,
     pub client_slots: Arc<Semaphore>,
+    /// The query cache, when enabled.
+    pub cache: Option<Arc<QueryCache>>,
     pub drain: CancellationToken,
     pub kill: CancellationToken,
 }
@@ -81,6 +84,7 @@ impl Server {
             pools,
             cancels: Arc::new(CancelRegistry::default()),
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
+            cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
             drain: CancellationToken::new(),
             kill: CancellationToken::new(),
             config,

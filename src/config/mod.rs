@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use origin_url::{OriginUrl, SslMode};
+pub(crate) use units::{de_byte_size, de_duration};
 pub use units::{parse_byte_size, parse_duration};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,8 @@ pub struct Config {
     pub max_client_statement_bytes: usize,
     /// Extra client logins, by user name. The origin URL's user is always accepted too.
     pub users: BTreeMap<String, UserConfig>,
+    /// The query cache.
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for Config {
@@ -116,6 +119,7 @@ impl Default for Config {
             statement_cache_size: 200,
             max_client_statement_bytes: 16 << 20,
             users: BTreeMap::new(),
+            cache: crate::cache::CacheConfig::default(),
         }
     }
 }
@@ -159,6 +163,12 @@ impl Config {
         if self.pool_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("pool_timeout", "timeouts must be greater than zero");
         }
+        if self.cache.max_age > Duration::from_secs(3600) {
+            return invalid("cache.max_age", "must be at most 1h");
+        }
+        if self.cache.max_entry_size > self.cache.max_size {
+            return invalid("cache.max_entry_size", "must not exceed cache.max_size");
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| ConfigError::Invalid { key: "log_level", message: e.to_string() })?;
         self.origin_url()?;
@@ -185,6 +195,8 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.pool_size, 20);
         assert!(config.users.contains_key("reporting"));
+        assert!(config.cache.enabled);
+        assert_eq!(config.cache.max_age, Duration::from_secs(60));
     }
 
     #[test]

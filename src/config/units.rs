@@ -23,7 +23,7 @@ pub fn parse_byte_size(s: &str) -> Result<usize, String> {
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
@@ -35,7 +35,7 @@ enum SizeValue {
     Text(String),
 }
 
-pub(super) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match SizeValue::deserialize(d)? {
         SizeValue::Int(n) => usize::try_from(n).map_err(serde::de::Error::custom),
         SizeValue::Text(s) => parse_byte_size(&s).map_err(serde::de::Error::custom),

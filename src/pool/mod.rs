@@ -107,6 +107,8 @@ impl Pool {
 
     async fn checkout_with(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<PooledConn, PoolError> {
         while let Some(mut conn) = self.pop_idle() {
+            // One non-blocking read: cheap, and it catches an origin that restarted even a
+            // moment ago (it sends FATAL 57P01 to idle connections and closes them).
             if conn.is_alive() {
                 return Ok(PooledConn { conn: Some(conn), _permit: permit, pool: self.clone() });
             }

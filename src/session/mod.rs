@@ -8,7 +8,8 @@
 //! state keeps it. Reading and writing on both sockets run in one loop, full duplex, with
 //! high-water marks so that neither side can buffer without bound.
 
-mod plan;
+mod caching;
+pub(crate) mod plan;
 pub mod startup;
 pub mod statements;
 
@@ -110,6 +111,13 @@ pub struct Session {
     /// login did not wait for a connection).
     settings_validated: bool,
     draining: bool,
+    /// Who is asking, for cache keys.
+    user: Box<str>,
+    database: Box<str>,
+    /// The answer being recorded for the cache, on a cacheable miss.
+    capture: Option<Box<caching::Capture>>,
+    /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
+    pending_write: Option<crate::cache::classify::WriteScope>,
     cancel: CancelHandle,
     _slot: OwnedSemaphorePermit,
 }
@@ -119,7 +127,6 @@ impl Session {
         let pool = ctx.pools.get(&e.creds);
         let cancel = ctx.cancels.register();
         let statements = StatementMap::new(ctx.config.max_client_statement_bytes);
-        let _ = (&e.user, &e.database);
         Session {
             client,
             reader: e.reader,
@@ -138,6 +145,10 @@ impl Session {
             session_pin: None,
             settings_validated: e.settings_validated,
             draining: false,
+            user: e.user.into(),
+            database: e.database.into(),
+            capture: None,
+            pending_write: None,
             cancel,
             _slot: e.permit,
             ctx,
@@ -291,15 +302,20 @@ impl Session {
                 }
                 return Ok(());
             }
+            if self.answer_from_cache(batch).await {
+                return Ok(());
+            }
             match self.attach().await {
                 Ok(conn) => self.origin = Some(conn),
                 Err(AttachError::Pool(e)) => {
+                    self.capture = None;
                     self.fail_batch(batch, &e);
                     return Ok(());
                 }
                 Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
             }
         }
+        self.track_writes(batch);
         let Some(conn) = self.origin.as_mut() else {
             return Ok(());
         };
@@ -314,7 +330,9 @@ impl Session {
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
+        let start = self.to_client.len();
         conn.queue.drain_synthetic(&mut self.to_client);
+        self.capture_synthetic(start);
         if let Some(feature) = notes.session_feature {
             if self.session_pin.is_none() {
                 tracing::info!(
@@ -459,15 +477,43 @@ impl Session {
         if d.copy_in {
             self.copy_in = true;
         }
-        if let (Some(status), false) = (d.ready, d.internal) {
+        let client_ready = d.ready.filter(|_| !d.internal);
+        let nothing_outstanding = att.queue.is_empty();
+        if let Some(status) = client_ready {
             self.status = status;
+            // Before the client can see its commit.
+            self.invalidate_written(status, nothing_outstanding);
         }
         // ParameterStatus from pgwarp's settings query describes this client's session too.
         if d.forward || tag == be::PARAMETER_STATUS {
             self.to_client.extend_from_slice(msg.frame());
+            self.capture(tag, msg.frame());
         }
-        att.queue.drain_synthetic(&mut self.to_client);
+        if let Some(status) = client_ready {
+            self.finish_capture(status);
+        }
+        if let Some(att) = self.origin.as_mut() {
+            let start = self.to_client.len();
+            att.queue.drain_synthetic(&mut self.to_client);
+            self.capture_synthetic(start);
+        }
         Ok(())
+    }
+
+    /// Adds answers pgwarp made itself (from `start` in the output) to the capture.
+    fn capture_synthetic(&mut self, start: usize) {
+        if self.capture.is_some() && self.to_client.len() > start {
+            let synthetic = self.to_client.split_off(start);
+            // Message by message, so a synthetic error marks the capture as failed.
+            let mut rest = &synthetic[..];
+            while rest.len() >= 5 {
+                let len = 1 + u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+                let (frame, tail) = rest.split_at(len.min(rest.len()));
+                self.capture(frame[0], frame);
+                rest = tail;
+            }
+            self.to_client.unsplit(synthetic);
+        }
     }
 
     /// Returns the connection to the pool if the client no longer needs it.

@@ -1,0 +1,333 @@
+//! The session's side of the query cache: answering a batch from the cache, recording an
+//! answer while it streams to the client, noticing writes, and invalidating what they touched
+//! before the client sees ReadyForQuery.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::plan::Planner;
+use super::statements::{Statement, StatementMap};
+use super::Session;
+use crate::cache::classify::{Catalog, Reason, Verdict, WriteScope};
+use crate::cache::{catalog, key, Entry, Generations, Lookup, MissGuard, QueryCache};
+use crate::origin::settings::{sync_sql, Settings};
+use crate::pool::Pool;
+use crate::protocol::backend as be;
+use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
+use crate::protocol::Message;
+use crate::sql::prepared::{self, PreparedCommand};
+
+/// An answer being recorded for the cache while it streams to the client.
+pub(super) struct Capture {
+    guard: MissGuard,
+    generations: Generations,
+    bytes: BytesMut,
+    /// Too large, or an error: do not store.
+    failed: bool,
+}
+
+/// How long a background refresh may take.
+const REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Session {
+    /// Answers the batch from the cache if it can. On a miss for a cacheable batch, starts
+    /// recording the answer the origin will give.
+    pub(super) async fn answer_from_cache(&mut self, batch: &[Message]) -> bool {
+        let Some(cache) = self.ctx.cache.clone() else { return false };
+        if !matches!(batch.last().map(Message::tag), Some(fe::SYNC | fe::QUERY)) {
+            return false;
+        }
+        if self.status != b'I' || self.session_pin.is_some() {
+            cache.stats.uncacheable(Reason::InTransaction);
+            return false;
+        }
+        let batch_key = match key::build(&self.database, &self.user, &self.wanted, batch, &self.statements) {
+            Ok(k) => k,
+            Err(reason) => {
+                cache.stats.uncacheable(reason);
+                return false;
+            }
+        };
+        let Some(catalog) = self.catalog(&cache) else {
+            cache.stats.uncacheable(Reason::CatalogLoading);
+            return false;
+        };
+        let mut tables = Vec::new();
+        for sql in &batch_key.sql {
+            match cache.classify(&self.database, &catalog, sql) {
+                Verdict::Read { tables: t } => tables.extend(t),
+                Verdict::Uncacheable(reason) => {
+                    cache.stats.uncacheable(reason);
+                    return false;
+                }
+                Verdict::Write(_) => {
+                    cache.stats.uncacheable(Reason::Write);
+                    return false;
+                }
+            }
+        }
+        let key: Arc<[u8]> = batch_key.key.into();
+        let mut waited = false;
+        loop {
+            match cache.lookup(&key) {
+                Lookup::Fresh(entry) => {
+                    if self.serve_cached(batch, &entry) {
+                        cache.stats.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return true;
+                    }
+                    return false;
+                }
+                Lookup::Stale { entry, refresh } => {
+                    if refresh {
+                        self.spawn_refresh(&cache, batch, key.clone(), tables.clone());
+                    }
+                    if self.serve_cached(batch, &entry) {
+                        cache.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return true;
+                    }
+                    return false;
+                }
+                Lookup::Miss => {}
+            }
+            match cache.claim(&key) {
+                Ok(guard) => {
+                    cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let generations = cache.generations(&self.database, &tables);
+                    self.capture =
+                        Some(Box::new(Capture { guard, generations, bytes: BytesMut::new(), failed: false }));
+                    return false;
+                }
+                // Another client is fetching the same answer: wait for it once, then look again.
+                Err(fetch) if !waited => {
+                    waited = true;
+                    QueryCache::wait_for(fetch).await;
+                }
+                Err(_) => {
+                    cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The catalog snapshot for this database, starting a load if there is none.
+    fn catalog(&self, cache: &Arc<QueryCache>) -> Option<Arc<Catalog>> {
+        cache.catalog(&self.database, || {
+            catalog::spawn_load(cache.clone(), self.pool.clone(), self.database.to_string());
+        })
+    }
+
+    /// Sends a cached answer, after making the batch's effects on the client's statements.
+    fn serve_cached(&mut self, batch: &[Message], entry: &Entry) -> bool {
+        for msg in batch {
+            match msg.tag() {
+                fe::PARSE => {
+                    let Ok(p) = Parse::decode(msg.body()) else { return false };
+                    let stmt = Arc::new(Statement::new(!p.name.is_empty(), p.sql, &p.param_types));
+                    if self.statements.insert(p.name, stmt).is_err() {
+                        // Over the statement memory cap: let the origin path report it.
+                        return false;
+                    }
+                }
+                fe::QUERY => {
+                    self.statements.remove("");
+                }
+                _ => {}
+            }
+        }
+        self.to_client.extend_from_slice(&entry.response);
+        true
+    }
+
+    /// Records bytes sent to the client as part of the answer being captured.
+    pub(super) fn capture(&mut self, tag: u8, frame: &[u8]) {
+        let Some(c) = self.capture.as_mut() else { return };
+        if tag == be::ERROR_RESPONSE {
+            c.failed = true;
+        }
+        // ParameterStatus from pgwarp's settings query is about the connection, not the answer.
+        if c.failed || tag == be::PARAMETER_STATUS {
+            return;
+        }
+        let limit = self.ctx.cache.as_ref().map_or(0, |c| c.config.max_entry_size);
+        if c.bytes.len() + frame.len() > limit {
+            c.failed = true;
+            if let Some(cache) = &self.ctx.cache {
+                cache.stats.uncacheable(Reason::TooLarge);
+            }
+            c.bytes = BytesMut::new();
+            return;
+        }
+        c.bytes.extend_from_slice(frame);
+    }
+
+    /// Stores the captured answer once its ReadyForQuery went out.
+    pub(super) fn finish_capture(&mut self, status: u8) {
+        let Some(c) = self.capture.take() else { return };
+        let Some(cache) = &self.ctx.cache else { return };
+        if c.failed {
+            return;
+        }
+        if status != b'I' {
+            cache.stats.uncacheable(Reason::InTransaction);
+            return;
+        }
+        let Capture { guard, generations, bytes, .. } = *c;
+        cache.store(guard.key.clone(), &self.database, generations, bytes.freeze());
+        // Dropping the guard wakes the clients waiting for this answer.
+    }
+
+    /// Notes what the batch may write, to invalidate once it commits.
+    pub(super) fn track_writes(&mut self, batch: &[Message]) {
+        let Some(cache) = self.ctx.cache.clone() else { return };
+        let catalog = self.catalog(&cache).unwrap_or_default();
+        for msg in batch {
+            let sql: Option<String> = match msg.tag() {
+                fe::QUERY => fe::query_text(msg.body()).ok().map(|text| match prepared::parse(text) {
+                    Some(PreparedCommand::Execute { name, .. }) => {
+                        self.statements.get(&name).map_or_else(|| text.to_owned(), |s| s.sql.to_string())
+                    }
+                    _ => text.to_owned(),
+                }),
+                fe::PARSE => Parse::decode(msg.body()).ok().map(|p| p.sql.to_owned()),
+                fe::BIND => Bind::decode(msg.body())
+                    .ok()
+                    .and_then(|b| self.statements.get(b.statement).map(|s| s.sql.to_string())),
+                _ => None,
+            };
+            let Some(sql) = sql else { continue };
+            if let Verdict::Write(scope) = cache.classify(&self.database, &catalog, &sql) {
+                self.pending_write = Some(match (self.pending_write.take(), scope) {
+                    (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
+                    (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
+                        a.extend(b);
+                        WriteScope::Tables(a)
+                    }
+                    (None, scope) => scope,
+                });
+            }
+        }
+    }
+
+    /// At a ReadyForQuery for the client: once no transaction is open, what was written is
+    /// committed (or rolled back), so cached reads of it go before the client hears back.
+    pub(super) fn invalidate_written(&mut self, status: u8, nothing_outstanding: bool) {
+        if status != b'I' {
+            return;
+        }
+        let Some(cache) = &self.ctx.cache else { return };
+        if let Some(scope) = &self.pending_write {
+            cache.invalidate(&self.database, scope);
+            if nothing_outstanding {
+                self.pending_write = None;
+            }
+        }
+    }
+
+    /// Refreshes a stale entry in the background, on a connection of its own.
+    fn spawn_refresh(&self, cache: &Arc<QueryCache>, batch: &[Message], key: Arc<[u8]>, tables: Vec<String>) {
+        // Statements the batch uses but does not parse itself.
+        let parsed: Vec<&str> = batch
+            .iter()
+            .filter_map(|m| (m.tag() == fe::PARSE).then(|| Parse::decode(m.body()).ok()).flatten())
+            .map(|p| p.name)
+            .collect();
+        let mut statements = StatementMap::new(usize::MAX);
+        for msg in batch {
+            let name = match msg.tag() {
+                fe::BIND => Bind::decode(msg.body()).ok().map(|b| b.statement),
+                fe::DESCRIBE => Named::decode(fe::DESCRIBE, msg.body())
+                    .ok()
+                    .filter(|d| d.target == Target::Statement)
+                    .map(|d| d.name),
+                _ => None,
+            };
+            if let Some(name) = name.filter(|n| !parsed.contains(n)) {
+                if let Some(stmt) = self.statements.get(name) {
+                    let _ = statements.insert(name, stmt.clone());
+                }
+            }
+        }
+        // Own copies: the batch's bytes share the client's read buffer.
+        let batch: Vec<Message> =
+            batch.iter().map(|m| Message::from_frame(bytes::Bytes::copy_from_slice(m.frame()))).collect();
+        let refresh = Refresh {
+            cache: cache.clone(),
+            pool: self.pool.clone(),
+            settings: self.wanted.clone(),
+            database: self.database.to_string(),
+            key,
+            tables,
+        };
+        tokio::spawn(async move {
+            if tokio::time::timeout(REFRESH_TIMEOUT, refresh.run(batch, statements)).await.is_err() {
+                tracing::debug!("cache refresh timed out");
+            }
+        });
+    }
+}
+
+/// A background refresh of one stale cache entry.
+struct Refresh {
+    cache: Arc<QueryCache>,
+    pool: Arc<Pool>,
+    settings: Arc<Settings>,
+    database: String,
+    key: Arc<[u8]>,
+    tables: Vec<String>,
+}
+
+impl Refresh {
+    /// Runs the batch as the client would have, and stores the answer.
+    async fn run(self, batch: Vec<Message>, mut statements: StatementMap) {
+        let generations = self.cache.generations(&self.database, &self.tables);
+        let Ok(mut conn) = self.pool.checkout().await else { return };
+        if let Some(sql) = sync_sql(&conn.applied, &self.settings) {
+            conn.statements.unnamed = None;
+            match conn.simple_query(&sql).await {
+                Ok(out) if out.error.is_none() => conn.applied = (*self.settings).clone(),
+                _ => return,
+            }
+        }
+        let (mut skip, mut needs_sync) = (false, false);
+        let conn_ref = &mut *conn;
+        let planned = Planner {
+            statements: &mut statements,
+            server: &mut conn_ref.statements,
+            queue: &mut conn_ref.queue,
+            out: &mut conn_ref.out,
+            skip_until_sync: &mut skip,
+            needs_sync: &mut needs_sync,
+        }
+        .plan(&batch);
+        if planned.is_err() {
+            return;
+        }
+        let out = std::mem::take(&mut conn.out);
+        if conn.write(&out).await.is_err() {
+            return;
+        }
+        let mut response = BytesMut::new();
+        conn.queue.drain_synthetic(&mut response);
+        let mut failed = false;
+        loop {
+            let Ok(msg) = conn.read().await else { return };
+            let Ok(d) = conn.queue.on_message(msg.tag(), msg.body()) else { return };
+            match msg.tag() {
+                be::ERROR_RESPONSE => failed = true,
+                be::PARAMETER_STATUS => conn.note_parameter(msg.body()),
+                _ if d.forward => response.extend_from_slice(msg.frame()),
+                _ => {}
+            }
+            conn.queue.drain_synthetic(&mut response);
+            if let Some(status) = d.ready.filter(|_| conn.queue.is_empty()) {
+                if !failed && status == b'I' {
+                    self.cache.store(self.key.clone(), &self.database, generations, response.freeze());
+                }
+                break;
+            }
+        }
+        self.pool.checkin(conn);
+    }
+}
