@@ -7,7 +7,8 @@
 #
 # Benches (each is a bench_<name> function below; add new ones the same way and list them in
 # ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients),
-# prepared (pgbench -S -M prepared vs -M extended at 32 clients) and
+# prepared (pgbench -S -M prepared vs -M extended at 32 clients), cache (hot point selects
+# with and without updates, cache on vs off vs direct) and
 # idle_memory (resident memory per idle authenticated client, pgwarp vs PgBouncer).
 #
 # The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
@@ -18,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-ALL_BENCHES=(select_only prepared idle_memory)
+ALL_BENCHES=(select_only prepared cache idle_memory)
 # Median TPS of every pgbench_compare run, keyed "title|target|mode|clients".
 declare -A MEDIAN_TPS=()
 
@@ -92,6 +93,75 @@ bench_prepared() {
     fi
 }
 
+# The query cache: point selects over 1,000 hot keys (read-only), and the same with one update
+# in ten (read-mostly), directly, through pgwarp without the cache, and with it. Targets: with
+# the cache, read-only TPS >= 2x direct, and cache-hit latency at 1 client <= 50% of direct.
+bench_cache() {
+    ((SKIP_PGWARP)) && return 0
+    local read=$BENCH_DIR/cache-read.sql write=$BENCH_DIR/cache-write.sql
+    printf '\\set aid random(1, 1000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' >"$read"
+    printf '\\set aid random(1, 1000)\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n' >"$write"
+    local plain_port=$PGWARP_PORT
+    start_pgwarp target/release/pgwarp \
+        "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
+    local -A port=([direct]=$PG_PORT [nocache]=$plain_port [cache]=$PGWARP_PORT)
+    local -A tps=() lat=()
+    local targets=(direct nocache cache) workload clients run target key result args
+    # Warm the cache (and the catalog it needs) untimed.
+    pgbench_once "${port[cache]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 3 -M prepared -c 8 -j 2 \
+        -f "$read" >/dev/null || true
+    for workload in read-only read-mostly; do
+        if [[ $workload == read-only ]]; then args=(-f "$read"); else args=(-f "$read@9" -f "$write@1"); fi
+        for clients in 1 32; do
+            for ((run = 1; run <= RUNS; run++)); do
+                for target in "${targets[@]}"; do
+                    key="$workload|$clients|$target"
+                    log "cache: $target $workload -c $clients run $run/$RUNS"
+                    if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
+                        "$SECS" -M prepared -c "$clients" -j "$((clients > 1 ? 2 : 1))" "${args[@]}"); then
+                        tps[$key]+="${result% *} "
+                        lat[$key]+="${result#* } "
+                    else
+                        FAILURES=$((FAILURES + 1))
+                    fi
+                done
+            done
+        done
+    done
+    report ""
+    report "== cache: point selects over 1000 hot keys, pgbench -M prepared (median of $RUNS runs x ${SECS}s) =="
+    reportf '%-12s %7s %-8s %12s %10s\n' workload clients target tps lat_ms
+    local -A mt=() ml=()
+    for workload in read-only read-mostly; do
+        for clients in 1 32; do
+            for target in "${targets[@]}"; do
+                key="$workload|$clients|$target"
+                # shellcheck disable=SC2086
+                mt[$key]=$(median ${tps[$key]:-})
+                # shellcheck disable=SC2086
+                ml[$key]=$(median ${lat[$key]:-})
+                reportf '%-12s %7s %-8s %12s %10s\n' "$workload" "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
+            done
+        done
+    done
+    report ""
+    reportf '%-12s %7s %14s %15s %20s\n' workload clients cache/direct cache/nocache latency_cache/direct
+    for workload in read-only read-mostly; do
+        for clients in 1 32; do
+            reportf '%-12s %7s %14s %15s %20s\n' "$workload" "$clients" \
+                "$(ratio "${mt[$workload|$clients|cache]}" "${mt[$workload|$clients|direct]}")" \
+                "$(ratio "${mt[$workload|$clients|cache]}" "${mt[$workload|$clients|nocache]}")" \
+                "$(percent "${ml[$workload|$clients|cache]}" "${ml[$workload|$clients|direct]}")"
+        done
+    done
+    report "targets: read-only cache/direct >= 2x at 32 clients; read-only latency cache/direct <= 50% at 1 client"
+}
+
+# percent A B: A as a percentage of B, or "-".
+percent() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.0f%%\n", 100 * a / b }'
+}
+
 bench_idle_memory() {
     idle_memory target/release/examples/idle_clients "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
         "$IDLE_CLIENTS" pgwarp pgbouncer
@@ -146,8 +216,10 @@ main() {
     add_target direct "$PG_PORT"
 
     if ((!SKIP_PGWARP)); then
+        # The pooler comparisons run pgwarp as a pure pooler; bench_cache starts its own with the
+        # cache on.
         start_pgwarp target/release/pgwarp \
-            "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
+            "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache
         add_target pgwarp "$PGWARP_PORT" "$PGWARP_PID"
     fi
 
