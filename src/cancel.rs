@@ -72,9 +72,9 @@ impl CancelRegistry {
 /// Sends a CancelRequest for `key` on a new connection to the origin.
 pub async fn send_cancel(target: Arc<OriginTarget>, key: BackendKey) {
     let result = async {
-        let mut stream = transport::connect(&target).await?;
-        stream.write_all(&build::cancel_request(key.pid, key.secret)).await?;
-        stream.shutdown().await
+        let mut stream = transport::connect(&target).await.map_err(|e| e.to_string())?;
+        stream.write_all(&build::cancel_request(key.pid, key.secret)).await.map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), result).await {
         Ok(Ok(())) => tracing::debug!(origin_pid = key.pid, "forwarded cancel request"),

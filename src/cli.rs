@@ -63,6 +63,15 @@ pub struct RunArgs {
     /// Turn the query cache off (the `[cache]` section's `enabled = false`).
     #[arg(long)]
     pub no_cache: bool,
+    /// TLS certificate chain (PEM) for clients; reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse clients that do not ask for TLS.
+    #[arg(long)]
+    pub tls_required: bool,
 }
 
 impl RunArgs {
@@ -101,6 +110,15 @@ impl RunArgs {
         }
         if self.no_cache {
             c.cache.enabled = false;
+        }
+        if let Some(v) = self.tls_cert {
+            c.tls_cert = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            c.tls_key = Some(v);
+        }
+        if self.tls_required {
+            c.tls_required = true;
         }
         c.validate()?;
         Ok(c)

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pgwarp::cli::Cli;
-use pgwarp::server::{Server, ShutdownHandle};
+use pgwarp::server::{ReloadHandle, Server, ShutdownHandle};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,9 +38,21 @@ fn main() -> ExitCode {
             }
         };
         tokio::spawn(shutdown_on_signal(server.shutdown_handle()));
+        tokio::spawn(reload_on_sighup(server.reload_handle()));
         server.run().await;
         ExitCode::SUCCESS
     })
+}
+
+async fn reload_on_sighup(handle: ReloadHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        handle.reload();
+    }
 }
 
 async fn shutdown_on_signal(handle: ShutdownHandle) {

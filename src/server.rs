@@ -5,6 +5,7 @@
 //! everyone that is left.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
 use crate::pool::{PoolConfig, PoolSet};
 use crate::session;
+use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::{ClientStream, OriginTarget};
 
 /// What every session shares.
@@ -30,6 +32,8 @@ pub struct ServerContext {
     pub client_slots: Arc<Semaphore>,
     /// The query cache, when enabled.
     pub cache: Option<Arc<QueryCache>>,
+    /// TLS for clients, when configured.
+    pub tls: Option<ClientTls>,
     pub drain: CancellationToken,
     pub kill: CancellationToken,
 }
@@ -40,6 +44,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Triggers shutdown from outside (signals, tests).
@@ -54,6 +60,23 @@ impl ShutdownHandle {
     }
 }
 
+/// Reloads what can change without a restart (SIGHUP): the TLS certificate and key.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    ctx: Arc<ServerContext>,
+}
+
+impl ReloadHandle {
+    pub fn reload(&self) {
+        if let Some(tls) = &self.ctx.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("reloaded the TLS certificate and key"),
+                Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+            }
+        }
+    }
+}
+
 pub struct Server {
     ctx: Arc<ServerContext>,
     listener: TcpListener,
@@ -65,7 +88,17 @@ impl Server {
         config.validate()?;
         let origin = config.origin_url()?;
         let users = UserDirectory::build(&config, &origin).await?;
-        let target = OriginTarget { host: origin.host.clone(), port: origin.port };
+        let origin_tls = OriginTls::new(
+            origin.sslmode,
+            origin.sslrootcert.as_deref().map(Path::new),
+            origin.sslcert.as_deref().map(Path::new),
+            origin.sslkey.as_deref().map(Path::new),
+        )?;
+        let target = OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls) };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
+            _ => None,
+        };
         let pools = PoolSet::new(
             target,
             PoolConfig {
@@ -85,6 +118,7 @@ impl Server {
             cancels: Arc::new(CancelRegistry::default()),
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
             cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
+            tls,
             drain: CancellationToken::new(),
             kill: CancellationToken::new(),
             config,
@@ -98,6 +132,10 @@ impl Server {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle { drain: self.ctx.drain.clone() }
+    }
+
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle { ctx: self.ctx.clone() }
     }
 
     pub fn context(&self) -> &Arc<ServerContext> {

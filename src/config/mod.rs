@@ -100,6 +100,12 @@ pub struct Config {
     pub users: BTreeMap<String, UserConfig>,
     /// The query cache.
     pub cache: crate::cache::CacheConfig,
+    /// TLS certificate chain (PEM) offered to clients; with `tls_key`, clients may use TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) for `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse clients that do not use TLS (SQLSTATE 28000).
+    pub tls_required: bool,
 }
 
 impl Default for Config {
@@ -120,6 +126,9 @@ impl Default for Config {
             max_client_statement_bytes: 16 << 20,
             users: BTreeMap::new(),
             cache: crate::cache::CacheConfig::default(),
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
         }
     }
 }
@@ -162,6 +171,12 @@ impl Config {
         }
         if self.pool_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("pool_timeout", "timeouts must be greater than zero");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.tls_required && self.tls_cert.is_none() {
+            return invalid("tls_required", "needs tls_cert and tls_key");
         }
         if self.cache.max_age > Duration::from_secs(3600) {
             return invalid("cache.max_age", "must be at most 1h");

@@ -11,11 +11,12 @@ pub use queue::{Decision, Expect, Owner, ResponseQueue, Undo};
 pub use statements::ServerStatements;
 
 use crate::protocol::error::{ErrorFields, SqlState};
+use crate::transport::ConnectError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
     #[error("could not connect to the origin: {0}")]
-    Connect(std::io::Error),
+    Connect(crate::transport::ConnectError),
     #[error("timed out connecting to the origin")]
     ConnectTimeout,
     #[error("origin refused the connection: {} ({})", .0.message, .0.code)]
@@ -47,6 +48,12 @@ impl OriginError {
             OriginError::UnsupportedAuth(_) | OriginError::NoPassword | OriginError::Scram(_) => {
                 (SqlState::CONNECTION_REJECTED.code().into(), "pgwarp could not log in to the origin database".into())
             }
+            // The TLS reason (bad certificate, host name mismatch) is the operator's to fix, but
+            // naming it saves everybody a trip to the logs; it holds no secrets.
+            OriginError::Connect(e @ (ConnectError::Tls(_) | ConnectError::TlsRefused(_))) => (
+                SqlState::CONNECTION_FAILURE.code().into(),
+                format!("pgwarp could not connect to the origin database: {e}"),
+            ),
             OriginError::Connect(_) | OriginError::ConnectTimeout => {
                 (SqlState::CONNECTION_FAILURE.code().into(), "pgwarp could not connect to the origin database".into())
             }

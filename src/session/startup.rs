@@ -85,11 +85,21 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 negotiations += 1;
-                if negotiations > 2 {
-                    return Err(Refusal::new(SqlState::PROTOCOL_VIOLATION, "too many encryption requests"));
+                if negotiations > 2 || stream.is_tls() {
+                    return Err(Refusal::new(SqlState::PROTOCOL_VIOLATION, "unexpected encryption request"));
                 }
-                // TLS to clients arrives with the transport layer's TLS acceptor; until then: no.
-                stream.write_all(b"N").await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+                let io = |_| Refusal::new(SqlState::CONNECTION_FAILURE, "");
+                match (&packet, &ctx.tls) {
+                    (StartupPacket::SslRequest, Some(tls)) => {
+                        stream.write_all(b"S").await.map_err(io)?;
+                        if let Err(e) = stream.upgrade(tls).await {
+                            tracing::info!(error = %e, "client TLS handshake failed");
+                            return Ok(None);
+                        }
+                    }
+                    // GSSAPI encryption is not offered; neither is TLS without a certificate.
+                    _ => stream.write_all(b"N").await.map_err(io)?,
+                }
             }
             StartupPacket::Cancel { pid, secret } => {
                 ctx.cancels.cancel(pid, secret);
@@ -111,6 +121,12 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
             .write_all(&build::negotiate_protocol_version(0, &unsupported))
             .await
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+    }
+    if ctx.config.tls_required && !stream.is_tls() {
+        return Err(Refusal::new(
+            SqlState::INVALID_AUTHORIZATION,
+            "pgwarp requires an encrypted connection: connect with sslmode=require",
+        ));
     }
     let startup = StartupParams::from_packet(params)?;
     let permit = ctx

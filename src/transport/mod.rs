@@ -4,12 +4,19 @@
 //! AsyncWrite + Send + Sync + Unpin), whether it is plain TCP, TLS or a WebSocket tunnel, and a
 //! client as a `ClientStream`. Only this layer knows which.
 
+
+pub mod tls;
+
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_boring::SslStream;
+
+use tls::{OriginTls, TlsError};
 
 /// A byte stream that can carry a Postgres connection.
 pub trait ByteStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
@@ -23,18 +30,58 @@ pub type OriginStream = Box<dyn ByteStream>;
 pub struct OriginTarget {
     pub host: String,
     pub port: u16,
+    /// Postgres TLS per the origin URL's sslmode (inside the tunnel, if there is one).
+    pub tls: Arc<OriginTls>,
 }
 
-/// Opens a stream to the origin.
-pub async fn connect(target: &OriginTarget) -> io::Result<OriginStream> {
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the origin does not accept TLS, and sslmode={0} requires it")]
+    TlsRefused(&'static str),
+    #[error("the origin answered the TLS request with {0:?}")]
+    TlsAnswer(char),
+}
+
+/// Opens a stream to the origin: TCP, then Postgres TLS if sslmode asks for it.
+pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
     tcp.set_nodelay(true)?;
-    Ok(Box::new(tcp))
+    negotiate_tls(target, Box::new(tcp)).await
+}
+
+/// SSLRequest, then the TLS handshake if the origin says 'S'.
+async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Result<OriginStream, ConnectError> {
+    if !target.tls.wanted() {
+        return Ok(stream);
+    }
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&80_877_103i32.to_be_bytes());
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => Ok(Box::new(target.tls.connect(&target.host, stream).await?)),
+        b'N' if target.tls.required() => Err(ConnectError::TlsRefused(target.tls.mode.as_str())),
+        b'N' => Ok(stream),
+        other => Err(ConnectError::TlsAnswer(other as char)),
+    }
 }
 
 /// A client's connection to pgwarp.
 pub enum ClientStream {
     Tcp(TcpStream),
+    Tls(Box<SslStream<TcpStream>>),
+    /// Taken apart for a TLS upgrade; never read or written.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "client stream is being upgraded")
 }
 
 impl ClientStream {
@@ -43,13 +90,32 @@ impl ClientStream {
     pub async fn readable(&self) -> io::Result<()> {
         match self {
             ClientStream::Tcp(s) => s.readable().await,
+            // Decrypted bytes may already be waiting inside the TLS layer.
+            ClientStream::Tls(s) if s.ssl().pending() > 0 => Ok(()),
+            ClientStream::Tls(s) => s.get_ref().readable().await,
+            ClientStream::Detached => Err(detached()),
         }
     }
 
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         match self {
             ClientStream::Tcp(s) => s.peer_addr(),
+            ClientStream::Tls(s) => s.get_ref().peer_addr(),
+            ClientStream::Detached => Err(detached()),
         }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+
+    /// Runs the TLS handshake on a plain connection.
+    pub async fn upgrade(&mut self, tls: &tls::ClientTls) -> Result<(), TlsError> {
+        let ClientStream::Tcp(tcp) = std::mem::replace(self, ClientStream::Detached) else {
+            return Err(TlsError::Handshake("connection is not plain TCP".into()));
+        };
+        *self = ClientStream::Tls(Box::new(tls.accept(tcp).await?));
+        Ok(())
     }
 }
 
@@ -57,6 +123,8 @@ impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }
@@ -65,18 +133,24 @@ impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }

@@ -1,0 +1,250 @@
+//! TLS on both sides, against a real Postgres with `ssl = on` and certificates made by the test:
+//! clients with psql's sslmode=require / verify-full, the origin in each sslmode (and a
+//! verify-full failure on a wrong host name), --tls-required, and certificate reload on SIGHUP.
+
+mod common;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PgCluster, PgOptions, PgwarpProcess};
+use support::*;
+
+/// A CA and a server certificate for DNS:localhost (and deliberately not 127.0.0.1).
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new(name: &str) -> Certs {
+        let dir = tempfile::Builder::new().prefix(&format!("pgwarp-certs-{name}-")).tempdir_in("/tmp").unwrap();
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=pgwarp test CA {name}"),
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        // Postgres reads its key as the postgres user and insists on 0600.
+        if common::running_as_root() {
+            for f in ["server.key", "server.pem", "ca.pem"] {
+                Command::new("chown").args(["postgres", d.join(f).to_str().unwrap()]).status().unwrap();
+            }
+            Command::new("chmod").args(["755", d.to_str().unwrap()]).status().unwrap();
+        }
+        Command::new("chmod").args(["600", d.join("server.key").to_str().unwrap()]).status().unwrap();
+        Certs { dir }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+fn origin_with_ssl(certs: &Certs) -> Origin {
+    let cluster = PgCluster::start_with(PgOptions {
+        extra_conf: vec![
+            "ssl = on".into(),
+            format!("ssl_cert_file = '{}'", certs.path("server.pem").display()),
+            format!("ssl_key_file = '{}'", certs.path("server.key").display()),
+        ],
+        ..PgOptions::default()
+    });
+    cluster.create_user(APP_USER, APP_PASSWORD);
+    cluster.create_database(APP_DB, APP_USER);
+    Origin { cluster }
+}
+
+fn origin_url(origin: &Origin, host: &str, params: &str) -> String {
+    format!("postgres://{APP_USER}:{APP_PASSWORD}@{host}:{}/{APP_DB}?{params}", origin.cluster.port())
+}
+
+/// psql through pgwarp; returns (ok, stdout, stderr).
+async fn psql_at(origin: &Origin, conninfo: String, sql: &str) -> (bool, String, String) {
+    let out = psql(origin, vec![conninfo, "-c".into(), sql.into()]).await;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn clients_can_use_tls_and_verify_pgwarps_certificate() {
+    let certs = Certs::new("client");
+    let origin = Origin::start();
+    let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+    })
+    .await;
+    let base = format!("postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}", pgwarp.port);
+    let (ok, out, err) = psql_at(&origin, format!("{base}?sslmode=require"), "SELECT 41 + 1").await;
+    assert!(ok && out == "42", "{err}");
+    let verify = format!("{base}?sslmode=verify-full&sslrootcert={}", certs.path("ca.pem").display());
+    let (ok, out, err) = psql_at(&origin, verify, "SELECT 'verified'").await;
+    assert!(ok && out == "verified", "{err}");
+    // Plain text still works when TLS is offered but not required.
+    let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=disable"), "SELECT 1").await;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn tls_required_refuses_plain_clients() {
+    let certs = Certs::new("required");
+    let origin = Origin::start();
+    let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        c.tls_required = true;
+    })
+    .await;
+    let base = format!("postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}", pgwarp.port);
+    let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=disable"), "SELECT 1").await;
+    assert!(!ok && err.contains("requires an encrypted connection"), "{err}");
+    let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=require"), "SELECT 1").await;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn origin_tls_follows_sslmode() {
+    let certs = Certs::new("origin");
+    let origin = origin_with_ssl(&certs);
+    let ca = certs.path("ca.pem");
+    let ca = ca.display();
+    for (params, host, encrypted) in [
+        ("sslmode=disable".to_string(), "localhost", "f"),
+        ("sslmode=prefer".to_string(), "localhost", "t"),
+        ("sslmode=require".to_string(), "127.0.0.1", "t"),
+        (format!("sslmode=verify-ca&sslrootcert={ca}"), "127.0.0.1", "t"),
+        (format!("sslmode=verify-full&sslrootcert={ca}"), "localhost", "t"),
+    ] {
+        let url = origin_url(&origin, host, &params);
+        let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
+        let client = pgwarp.client().await;
+        let ssl: bool = client
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{params}: {e:?}"))
+            .get(0);
+        assert_eq!(ssl, encrypted == "t", "{params}");
+    }
+}
+
+#[tokio::test]
+async fn verify_full_fails_clearly_on_a_wrong_host_name() {
+    let certs = Certs::new("wronghost");
+    let origin = origin_with_ssl(&certs);
+    let url = origin_url(
+        &origin,
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.pem").display()),
+    );
+    let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert_eq!(code(&err), "08006", "{err:?}");
+    assert!(message.contains("certificate verify failed") && message.contains("mismatch"), "{message}");
+    // A CA that did not sign the certificate fails verify-ca too.
+    let other = Certs::new("otherca");
+    let url =
+        origin_url(&origin, "localhost", &format!("sslmode=verify-ca&sslrootcert={}", other.path("ca.pem").display()));
+    let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("certificate verify failed"), "{message}");
+}
+
+#[tokio::test]
+async fn require_fails_against_an_origin_without_tls() {
+    let origin = Origin::start();
+    let url = origin_url(&origin, "127.0.0.1", "sslmode=require");
+    let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("does not accept TLS"), "{message}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate() {
+    let first = Certs::new("first");
+    let second = Certs::new("second");
+    let origin = Origin::start();
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
+    let install = |c: &Certs| {
+        std::fs::copy(c.path("server.pem"), &cert).unwrap();
+        std::fs::copy(c.path("server.key"), &key).unwrap();
+    };
+    install(&first);
+    let process = PgwarpProcess::start(&[
+        "--origin",
+        &origin.url(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let verify_with = |ca: &Path| {
+        format!(
+            "postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
+            process.port(),
+            ca.display()
+        )
+    };
+    assert!(psql_at(&origin, verify_with(&first.path("ca.pem")), "SELECT 1").await.0);
+    assert!(!psql_at(&origin, verify_with(&second.path("ca.pem")), "SELECT 1").await.0);
+    install(&second);
+    process.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, _, err) = psql_at(&origin, verify_with(&second.path("ca.pem")), "SELECT 1").await;
+    assert!(ok, "after SIGHUP the new certificate is served: {err}");
+    assert!(!psql_at(&origin, verify_with(&first.path("ca.pem")), "SELECT 1").await.0);
+}
