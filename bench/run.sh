@@ -8,7 +8,8 @@
 # Benches (each is a bench_<name> function below; add new ones the same way and list them in
 # ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients),
 # prepared (pgbench -S -M prepared vs -M extended at 32 clients), cache (hot point selects
-# with and without updates, cache on vs off vs direct) and
+# with and without updates, cache on vs off vs direct), tunnel (pgwarp over pgwarp tunnel vs
+# over TCP) and
 # idle_memory (resident memory per idle authenticated client, pgwarp vs PgBouncer).
 #
 # The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
@@ -19,7 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-ALL_BENCHES=(select_only prepared cache idle_memory)
+ALL_BENCHES=(select_only prepared cache tunnel idle_memory)
 # Median TPS of every pgbench_compare run, keyed "title|target|mode|clients".
 declare -A MEDIAN_TPS=()
 
@@ -155,6 +156,56 @@ bench_cache() {
         done
     done
     report "targets: read-only cache/direct >= 2x at 32 clients; read-only latency cache/direct <= 50% at 1 client"
+}
+
+# The WebSocket tunnel: pgbench -S through pgwarp over `pgwarp tunnel` (ws://, loopback) against
+# pgwarp over plain TCP. Target: the tunnel costs <= 15% TPS at 32 clients.
+bench_tunnel() {
+    ((SKIP_PGWARP)) && return 0
+    local plain_port=$PGWARP_PORT tunnel_port log=$BENCH_DIR/tunnel.log
+    free_port tunnel_port
+    target/release/pgwarp tunnel --listen "127.0.0.1:$tunnel_port" --target "127.0.0.1:$PG_PORT" \
+        --client-id bench --client-secret bench-secret --log-level warn >"$log" 2>&1 </dev/null &
+    local tunnel_pid=$!
+    on_exit "stop_pid $tunnel_pid"
+    wait_for_port "$tunnel_port" "$tunnel_pid" 15 "pgwarp tunnel" "$log"
+    start_pgwarp target/release/pgwarp \
+        "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache \
+        --tunnel-url "ws://127.0.0.1:$tunnel_port/" --tunnel-client-id bench --tunnel-client-secret bench-secret
+    local -A port=([tcp]=$plain_port [tunnel]=$PGWARP_PORT)
+    local -A tps=() lat=()
+    local clients run target key result
+    pgbench_once "${port[tunnel]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
+    for clients in 1 32; do
+        for ((run = 1; run <= RUNS; run++)); do
+            for target in tcp tunnel; do
+                key="$clients|$target"
+                log "tunnel: pgwarp over $target -c $clients run $run/$RUNS"
+                if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" "$SECS" \
+                    -S -M extended -c "$clients" -j "$((clients > 1 ? 2 : 1))"); then
+                    tps[$key]+="${result% *} "
+                    lat[$key]+="${result#* } "
+                else
+                    FAILURES=$((FAILURES + 1))
+                fi
+            done
+        done
+    done
+    report ""
+    report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP vs over pgwarp tunnel (ws://) =="
+    reportf '%7s %-7s %12s %10s\n' clients origin tps lat_ms
+    local -A mt=() ml=()
+    for clients in 1 32; do
+        for target in tcp tunnel; do
+            key="$clients|$target"
+            # shellcheck disable=SC2086
+            mt[$key]=$(median ${tps[$key]:-})
+            # shellcheck disable=SC2086
+            ml[$key]=$(median ${lat[$key]:-})
+            reportf '%7s %-7s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
+        done
+    done
+    report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms"
 }
 
 # percent A B: A as a percentage of B, or "-".

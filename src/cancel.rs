@@ -74,6 +74,7 @@ pub async fn send_cancel(target: Arc<OriginTarget>, key: BackendKey) {
     let result = async {
         let mut stream = transport::connect(&target).await.map_err(|e| e.to_string())?;
         stream.write_all(&build::cancel_request(key.pid, key.secret)).await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
         stream.shutdown().await.map_err(|e| e.to_string())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), result).await {

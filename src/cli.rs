@@ -27,7 +27,39 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Run the far end of a WebSocket tunnel next to a private database: accept upgrades that
+    /// carry the service token and pipe each one to the database over TCP.
+    Tunnel(TunnelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TunnelArgs {
+    /// Address to accept WebSocket upgrades on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// The Postgres server, host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target: String,
+    /// Service token id callers must send as CF-Access-Client-Id.
+    #[arg(long, value_name = "ID", env = "PGWARP_TUNNEL_CLIENT_ID")]
+    pub client_id: String,
+    /// Service token secret callers must send as CF-Access-Client-Secret.
+    #[arg(long, value_name = "SECRET", env = "PGWARP_TUNNEL_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: String,
+    /// Certificate chain (PEM) to serve wss:// instead of ws://.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Most tunnel sessions at once; more upgrades get HTTP 503.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_sessions: usize,
+    /// Log level or tracing filter.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
 
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
@@ -72,6 +104,18 @@ pub struct RunArgs {
     /// Refuse clients that do not ask for TLS.
     #[arg(long)]
     pub tls_required: bool,
+    /// Reach the origin through a WebSocket tunnel (ws:// or wss://), e.g. a `pgwarp tunnel`.
+    #[arg(long, value_name = "URL", env = "PGWARP_TUNNEL_URL")]
+    pub tunnel_url: Option<String>,
+    /// Service token id for the tunnel (sent as CF-Access-Client-Id).
+    #[arg(long, value_name = "ID", env = "PGWARP_TUNNEL_CLIENT_ID")]
+    pub tunnel_client_id: Option<String>,
+    /// Service token secret for the tunnel (sent as CF-Access-Client-Secret).
+    #[arg(long, value_name = "SECRET", env = "PGWARP_TUNNEL_CLIENT_SECRET", hide_env_values = true)]
+    pub tunnel_client_secret: Option<String>,
+    /// CA certificates (PEM) to trust for a wss:// tunnel with a private CA.
+    #[arg(long, value_name = "FILE")]
+    pub tunnel_ca_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -119,6 +163,18 @@ impl RunArgs {
         }
         if self.tls_required {
             c.tls_required = true;
+        }
+        for (flag, slot) in [
+            (self.tunnel_url, &mut c.tunnel_url),
+            (self.tunnel_client_id, &mut c.tunnel_client_id),
+            (self.tunnel_client_secret, &mut c.tunnel_client_secret),
+        ] {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        }
+        if let Some(v) = self.tunnel_ca_file {
+            c.tunnel_ca_file = Some(v);
         }
         c.validate()?;
         Ok(c)

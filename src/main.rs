@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgwarp::cli::Cli;
+use pgwarp::cli::{Cli, Command, TunnelArgs};
 use pgwarp::server::{ReloadHandle, Server, ShutdownHandle};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(command) = cli.command {
-        match command {}
+    if let Some(Command::Tunnel(args)) = cli.command {
+        return run_tunnel(args);
     }
     let config = match cli.run.into_config(std::env::var("DATABASE_URL").ok()) {
         Ok(c) => c,
@@ -40,6 +40,54 @@ fn main() -> ExitCode {
         tokio::spawn(shutdown_on_signal(server.shutdown_handle()));
         tokio::spawn(reload_on_sighup(server.reload_handle()));
         server.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pgwarp tunnel`: the far end, next to a private database.
+fn run_tunnel(args: TunnelArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let config = pgwarp::tunnel::TunnelConfig {
+        listen: args.listen,
+        target: args.target,
+        client_id: args.client_id,
+        client_secret: args.client_secret,
+        tls: args.tls_cert.zip(args.tls_key),
+        max_sessions: args.max_sessions,
+        ws: pgwarp::transport::websocket::WsConfig::default(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgwarp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let tunnel = match pgwarp::tunnel::Tunnel::bind(config).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("pgwarp: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signal_stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            signal_stop.cancel();
+        });
+        let term_stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                term.recv().await;
+                term_stop.cancel();
+            }
+        });
+        tunnel.run(stop).await;
         ExitCode::SUCCESS
     })
 }

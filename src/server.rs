@@ -21,7 +21,8 @@ use crate::config::{Config, ConfigError};
 use crate::pool::{PoolConfig, PoolSet};
 use crate::session;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
-use crate::transport::{ClientStream, OriginTarget};
+use crate::transport::websocket::WsConfig;
+use crate::transport::{ClientStream, OriginTarget, TunnelRoute};
 
 /// What every session shares.
 pub struct ServerContext {
@@ -94,7 +95,18 @@ impl Server {
             origin.sslcert.as_deref().map(Path::new),
             origin.sslkey.as_deref().map(Path::new),
         )?;
-        let target = OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls) };
+        let tunnel = config.tunnel_url.as_ref().map(|url| {
+            let mut headers = Vec::new();
+            if let Some(id) = &config.tunnel_client_id {
+                headers.push(("CF-Access-Client-Id".to_owned(), id.clone()));
+            }
+            if let Some(secret) = &config.tunnel_client_secret {
+                headers.push(("CF-Access-Client-Secret".to_owned(), secret.clone()));
+            }
+            let ws = WsConfig { ca_file: config.tunnel_ca_file.clone(), ..WsConfig::default() };
+            Arc::new(TunnelRoute { url: url.clone(), headers, ws })
+        });
+        let target = OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls), tunnel };
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
             _ => None,

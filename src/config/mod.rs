@@ -106,6 +106,16 @@ pub struct Config {
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse clients that do not use TLS (SQLSTATE 28000).
     pub tls_required: bool,
+    /// Reach the origin through a WebSocket tunnel (`pgwarp tunnel` or any peer that carries
+    /// raw Postgres bytes in binary frames): ws:// or wss:// URL. One WebSocket per origin
+    /// connection; Postgres TLS per the origin URL's sslmode runs inside it.
+    pub tunnel_url: Option<String>,
+    /// Service token id, sent as `CF-Access-Client-Id` on the upgrade request.
+    pub tunnel_client_id: Option<String>,
+    /// Service token secret, sent as `CF-Access-Client-Secret`.
+    pub tunnel_client_secret: Option<String>,
+    /// For wss:// tunnels with a private CA: the CA certificates (PEM) to trust.
+    pub tunnel_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -129,6 +139,10 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_required: false,
+            tunnel_url: None,
+            tunnel_client_id: None,
+            tunnel_client_secret: None,
+            tunnel_ca_file: None,
         }
     }
 }
@@ -177,6 +191,11 @@ impl Config {
         }
         if self.tls_required && self.tls_cert.is_none() {
             return invalid("tls_required", "needs tls_cert and tls_key");
+        }
+        if let Some(url) = &self.tunnel_url {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return invalid("tunnel_url", "must start with ws:// or wss://");
+            }
         }
         if self.cache.max_age > Duration::from_secs(3600) {
             return invalid("cache.max_age", "must be at most 1h");

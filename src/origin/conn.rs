@@ -105,6 +105,7 @@ impl OriginConn {
         let mut stream = transport::connect(target).await.map_err(OriginError::Connect)?;
         let startup = build::startup(&[("user", &creds.user), ("database", &creds.database)]);
         stream.write_all(&startup).await?;
+        stream.flush().await?;
         let mut conn = OriginConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream,
@@ -236,8 +237,10 @@ impl OriginConn {
         }
     }
 
+    /// Writes and flushes (a TLS or WebSocket stream may hold bytes until flushed).
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), OriginError> {
         self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 

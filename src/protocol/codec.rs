@@ -202,10 +202,15 @@ pub fn poll_duplex<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
             Poll::Pending => break,
         }
     }
-    if wrote && out.is_empty() {
-        if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
-            return Poll::Ready(Err(e.into()));
-        }
+    // Flushed on every turn once everything is written: free for TCP, and a TLS or WebSocket
+    // stream may hold the last bytes until its flush completes (it may take several polls).
+    let flushed = out.is_empty()
+        && match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+    if wrote && flushed {
         // Report the flush before reading, so the caller can notice it has gone idle (and drop
         // its buffers) rather than wait in a read with a buffer reserved.
         return Poll::Ready(Ok(Duplex::Flushed));
@@ -213,7 +218,7 @@ pub fn poll_duplex<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     if want_read {
         return reader.poll_read_message(cx, stream).map(|r| r.map(|m| m.map_or(Duplex::Eof, Duplex::Message)));
     }
-    if out.is_empty() {
+    if flushed {
         Poll::Ready(Ok(Duplex::Flushed))
     } else {
         Poll::Pending

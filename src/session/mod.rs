@@ -564,6 +564,7 @@ impl Session {
     async fn flush_client(&mut self) -> Result<(), End> {
         if !self.to_client.is_empty() {
             self.client.write_all(&self.to_client).await.map_err(|_| End::ClientGone)?;
+            self.client.flush().await.map_err(|_| End::ClientGone)?;
             self.to_client.clear();
         }
         Ok(())

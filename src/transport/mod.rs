@@ -4,6 +4,7 @@
 //! AsyncWrite + Send + Sync + Unpin), whether it is plain TCP, TLS or a WebSocket tunnel, and a
 //! client as a `ClientStream`. Only this layer knows which.
 
+pub mod websocket;
 
 pub mod tls;
 
@@ -32,6 +33,24 @@ pub struct OriginTarget {
     pub port: u16,
     /// Postgres TLS per the origin URL's sslmode (inside the tunnel, if there is one).
     pub tls: Arc<OriginTls>,
+    /// A WebSocket tunnel the origin is reached through, instead of TCP.
+    pub tunnel: Option<Arc<TunnelRoute>>,
+}
+
+/// How to reach the origin through a WebSocket tunnel.
+#[derive(Clone)]
+pub struct TunnelRoute {
+    pub url: String,
+    /// Extra upgrade-request headers: the service token.
+    pub headers: Vec<(String, String)>,
+    pub ws: websocket::WsConfig,
+}
+
+/// Never print the service token.
+impl std::fmt::Debug for TunnelRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TunnelRoute({})", self.url)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +63,22 @@ pub enum ConnectError {
     TlsRefused(&'static str),
     #[error("the origin answered the TLS request with {0:?}")]
     TlsAnswer(char),
+    #[error("tunnel: {0}")]
+    Tunnel(#[from] websocket::WsError),
 }
 
-/// Opens a stream to the origin: TCP, then Postgres TLS if sslmode asks for it.
+/// Opens a stream to the origin: TCP or the tunnel's WebSocket, then Postgres TLS if sslmode
+/// asks for it.
 pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
-    tcp.set_nodelay(true)?;
-    negotiate_tls(target, Box::new(tcp)).await
+    let raw: OriginStream = match &target.tunnel {
+        Some(t) => Box::new(websocket::connect(&t.url, &t.headers, t.ws.clone()).await?),
+        None => {
+            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            tcp.set_nodelay(true)?;
+            Box::new(tcp)
+        }
+    };
+    negotiate_tls(target, raw).await
 }
 
 /// SSLRequest, then the TLS handshake if the origin says 'S'.
@@ -62,6 +90,7 @@ async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Resul
     request[..4].copy_from_slice(&8i32.to_be_bytes());
     request[4..].copy_from_slice(&80_877_103i32.to_be_bytes());
     stream.write_all(&request).await?;
+    stream.flush().await?;
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).await?;
     match answer[0] {

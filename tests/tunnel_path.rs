@@ -1,0 +1,220 @@
+//! The whole tunnel path with real parts: client -> pgwarp -> WebSocket -> `pgwarp tunnel` ->
+//! Postgres, over ws:// and wss://, with Postgres TLS inside the tunnel; a wrong service token;
+//! and pgwarp's tunnel client against websockify, a WebSocket-to-TCP bridge nobody here wrote.
+
+mod common;
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{PgCluster, PgOptions, PgwarpProcess};
+use support::*;
+
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// A CA and a certificate for DNS:localhost and IP:127.0.0.1, readable by postgres.
+    fn new() -> Certs {
+        let dir = tempfile::Builder::new().prefix("pgwarp-tunnel-certs-").tempdir_in("/tmp").unwrap();
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pgwarp tunnel test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        if common::running_as_root() {
+            for f in ["server.key", "server.pem", "ca.pem"] {
+                Command::new("chown").args(["postgres", d.join(f).to_str().unwrap()]).status().unwrap();
+            }
+            Command::new("chmod").args(["755", d.to_str().unwrap()]).status().unwrap();
+        }
+        Command::new("chmod").args(["600", d.join("server.key").to_str().unwrap()]).status().unwrap();
+        Certs { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).display().to_string()
+    }
+}
+
+const ID: &str = "tunnel-id";
+const SECRET: &str = "tunnel-secret-value";
+
+/// `pgwarp tunnel` as the built binary, in front of `target`.
+fn start_tunnel(target_port: u16, tls: Option<&Certs>) -> PgwarpProcess {
+    let target = format!("127.0.0.1:{target_port}");
+    let mut args = vec!["tunnel", "--target", &target, "--client-id", ID, "--client-secret", SECRET];
+    let (cert, key);
+    if let Some(c) = tls {
+        cert = c.path("server.pem");
+        key = c.path("server.key");
+        args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    }
+    PgwarpProcess::start(&args)
+}
+
+async fn pgwarp_through(origin: &Origin, url: String, tweak: impl FnOnce(&mut pgwarp::config::Config)) -> Pgwarp {
+    Pgwarp::start(origin, |c| {
+        c.tunnel_url = Some(url);
+        c.tunnel_client_id = Some(ID.into());
+        c.tunnel_client_secret = Some(SECRET.into());
+        tweak(c);
+    })
+    .await
+}
+
+async fn exercise(pgwarp: &Pgwarp) {
+    let client = pgwarp.client().await;
+    assert_eq!(client.query_one("SELECT 1 + 1", &[]).await.unwrap().get::<_, i32>(0), 2);
+    let blob = vec![7u8; 1 << 20];
+    let back: Vec<u8> = client.query_one("SELECT $1::bytea", &[&blob]).await.unwrap().get(0);
+    assert_eq!(back, blob);
+    let rows = client.query("SELECT g FROM generate_series(1, 20000) g", &[]).await.unwrap();
+    assert_eq!(rows.len(), 20000);
+}
+
+#[tokio::test]
+async fn through_pgwarp_tunnel_over_ws() {
+    let origin = Origin::start();
+    let tunnel = start_tunnel(origin.cluster.port(), None);
+    let pgwarp = pgwarp_through(&origin, format!("ws://127.0.0.1:{}/", tunnel.port()), |_| {}).await;
+    exercise(&pgwarp).await;
+}
+
+#[tokio::test]
+async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
+    let certs = Certs::new();
+    let cluster = PgCluster::start_with(PgOptions {
+        extra_conf: vec![
+            "ssl = on".into(),
+            format!("ssl_cert_file = '{}'", certs.path("server.pem")),
+            format!("ssl_key_file = '{}'", certs.path("server.key")),
+        ],
+        ..PgOptions::default()
+    });
+    cluster.create_user(APP_USER, APP_PASSWORD);
+    cluster.create_database(APP_DB, APP_USER);
+    let origin = Origin { cluster };
+    let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
+    let url = format!(
+        "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
+        origin.cluster.port(),
+        certs.path("ca.pem")
+    );
+    let ca = PathBuf::from(certs.path("ca.pem"));
+    let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
+        c.origin = Some(url);
+        c.tunnel_ca_file = Some(ca);
+    })
+    .await;
+    exercise(&pgwarp).await;
+    let client = pgwarp.client().await;
+    let ssl: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(ssl, "Postgres TLS must run inside the tunnel");
+}
+
+#[tokio::test]
+async fn a_wrong_service_token_never_reaches_the_database() {
+    let origin = Origin::start();
+    let tunnel = start_tunnel(origin.cluster.port(), None);
+    let pgwarp = pgwarp_through(&origin, format!("ws://127.0.0.1:{}/", tunnel.port()), |c| {
+        c.tunnel_client_secret = Some("wrong".into());
+    })
+    .await;
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    assert_eq!(code(&err), "08006", "{err:?}");
+    assert!(tunnel.log().contains("403") || tunnel.log().to_lowercase().contains("refused"), "{}", tunnel.log());
+    let seen = origin.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'");
+    assert_eq!(seen, "0");
+}
+
+/// websockify (PyPI): a generic WebSocket-to-TCP bridge in front of Postgres.
+struct Websockify(Child);
+
+impl Drop for Websockify {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn websockify_available() -> bool {
+    Command::new("websockify").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+#[tokio::test]
+async fn pgwarp_tunnel_client_works_against_websockify() {
+    if !websockify_available() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install websockify (pip install websockify)");
+        eprintln!("skipping: websockify is not installed (pip install websockify)");
+        return;
+    }
+    let origin = Origin::start();
+    let port = common::free_port();
+    let bridge = Websockify(
+        Command::new("websockify")
+            .args([format!("127.0.0.1:{port}"), format!("127.0.0.1:{}", origin.cluster.port())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pgwarp = pgwarp_through(&origin, format!("ws://127.0.0.1:{port}/"), |_| {}).await;
+    exercise(&pgwarp).await;
+    drop(bridge);
+}
