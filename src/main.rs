@@ -18,17 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgwarp: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = start(&config.log_level) else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let server = match Server::bind(config).await {
             Ok(s) => s,
@@ -44,11 +34,23 @@ fn main() -> ExitCode {
     })
 }
 
+/// Logging to stderr at `level`, and the runtime; None (after saying why) if it cannot start.
+fn start(level: &str) -> Option<tokio::runtime::Runtime> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("pgwarp: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 /// `pgwarp tunnel`: the far end, next to a private database.
 fn run_tunnel(args: TunnelArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let Some(runtime) = start(&args.log_level) else { return ExitCode::FAILURE };
     let config = pgwarp::tunnel::TunnelConfig {
         listen: args.listen,
         target: args.target,
@@ -57,13 +59,6 @@ fn run_tunnel(args: TunnelArgs) -> ExitCode {
         tls: args.tls_cert.zip(args.tls_key),
         max_sessions: args.max_sessions,
         ws: pgwarp::transport::websocket::WsConfig::default(),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgwarp: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
     };
     runtime.block_on(async move {
         let tunnel = match pgwarp::tunnel::Tunnel::bind(config).await {

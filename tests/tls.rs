@@ -5,86 +5,12 @@
 mod common;
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{PgCluster, PgOptions, PgwarpProcess};
+use support::certs::Certs;
 use support::*;
-
-/// A CA and a server certificate for DNS:localhost (and deliberately not 127.0.0.1).
-struct Certs {
-    dir: tempfile::TempDir,
-}
-
-impl Certs {
-    fn new(name: &str) -> Certs {
-        let dir = tempfile::Builder::new().prefix(&format!("pgwarp-certs-{name}-")).tempdir_in("/tmp").unwrap();
-        let d = dir.path();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=pgwarp test CA {name}"),
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        // Postgres reads its key as the postgres user and insists on 0600.
-        if common::running_as_root() {
-            for f in ["server.key", "server.pem", "ca.pem"] {
-                Command::new("chown").args(["postgres", d.join(f).to_str().unwrap()]).status().unwrap();
-            }
-            Command::new("chmod").args(["755", d.to_str().unwrap()]).status().unwrap();
-        }
-        Command::new("chmod").args(["600", d.join("server.key").to_str().unwrap()]).status().unwrap();
-        Certs { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-}
 
 fn origin_with_ssl(certs: &Certs) -> Origin {
     let cluster = PgCluster::start_with(PgOptions {
@@ -116,7 +42,7 @@ async fn psql_at(origin: &Origin, conninfo: String, sql: &str) -> (bool, String,
 
 #[tokio::test]
 async fn clients_can_use_tls_and_verify_pgwarps_certificate() {
-    let certs = Certs::new("client");
+    let certs = Certs::new("client", "DNS:localhost");
     let origin = Origin::start();
     let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
     let pgwarp = Pgwarp::start(&origin, |c| {
@@ -137,7 +63,7 @@ async fn clients_can_use_tls_and_verify_pgwarps_certificate() {
 
 #[tokio::test]
 async fn tls_required_refuses_plain_clients() {
-    let certs = Certs::new("required");
+    let certs = Certs::new("required", "DNS:localhost");
     let origin = Origin::start();
     let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
     let pgwarp = Pgwarp::start(&origin, |c| {
@@ -155,7 +81,7 @@ async fn tls_required_refuses_plain_clients() {
 
 #[tokio::test]
 async fn origin_tls_follows_sslmode() {
-    let certs = Certs::new("origin");
+    let certs = Certs::new("origin", "DNS:localhost");
     let origin = origin_with_ssl(&certs);
     let ca = certs.path("ca.pem");
     let ca = ca.display();
@@ -180,7 +106,7 @@ async fn origin_tls_follows_sslmode() {
 
 #[tokio::test]
 async fn verify_full_fails_clearly_on_a_wrong_host_name() {
-    let certs = Certs::new("wronghost");
+    let certs = Certs::new("wronghost", "DNS:localhost");
     let origin = origin_with_ssl(&certs);
     let url = origin_url(
         &origin,
@@ -193,7 +119,7 @@ async fn verify_full_fails_clearly_on_a_wrong_host_name() {
     assert_eq!(code(&err), "08006", "{err:?}");
     assert!(message.contains("certificate verify failed") && message.contains("mismatch"), "{message}");
     // A CA that did not sign the certificate fails verify-ca too.
-    let other = Certs::new("otherca");
+    let other = Certs::new("otherca", "DNS:localhost");
     let url =
         origin_url(&origin, "localhost", &format!("sslmode=verify-ca&sslrootcert={}", other.path("ca.pem").display()));
     let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
@@ -214,8 +140,8 @@ async fn require_fails_against_an_origin_without_tls() {
 
 #[tokio::test]
 async fn sighup_reloads_the_certificate() {
-    let first = Certs::new("first");
-    let second = Certs::new("second");
+    let first = Certs::new("first", "DNS:localhost");
+    let second = Certs::new("second", "DNS:localhost");
     let origin = Origin::start();
     let live = tempfile::tempdir().unwrap();
     let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));

@@ -5,85 +5,12 @@
 mod common;
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{PgCluster, PgOptions, PgwarpProcess};
+use support::certs::Certs;
 use support::*;
-
-struct Certs {
-    dir: tempfile::TempDir,
-}
-
-impl Certs {
-    /// A CA and a certificate for DNS:localhost and IP:127.0.0.1, readable by postgres.
-    fn new() -> Certs {
-        let dir = tempfile::Builder::new().prefix("pgwarp-tunnel-certs-").tempdir_in("/tmp").unwrap();
-        let d = dir.path();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=pgwarp tunnel test CA",
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        if common::running_as_root() {
-            for f in ["server.key", "server.pem", "ca.pem"] {
-                Command::new("chown").args(["postgres", d.join(f).to_str().unwrap()]).status().unwrap();
-            }
-            Command::new("chmod").args(["755", d.to_str().unwrap()]).status().unwrap();
-        }
-        Command::new("chmod").args(["600", d.join("server.key").to_str().unwrap()]).status().unwrap();
-        Certs { dir }
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.path().join(f).display().to_string()
-    }
-}
 
 const ID: &str = "tunnel-id";
 const SECRET: &str = "tunnel-secret-value";
@@ -94,8 +21,8 @@ fn start_tunnel(target_port: u16, tls: Option<&Certs>) -> PgwarpProcess {
     let mut args = vec!["tunnel", "--target", &target, "--client-id", ID, "--client-secret", SECRET];
     let (cert, key);
     if let Some(c) = tls {
-        cert = c.path("server.pem");
-        key = c.path("server.key");
+        cert = c.path("server.pem").display().to_string();
+        key = c.path("server.key").display().to_string();
         args.extend(["--tls-cert", &cert, "--tls-key", &key]);
     }
     PgwarpProcess::start(&args)
@@ -131,12 +58,12 @@ async fn through_pgwarp_tunnel_over_ws() {
 
 #[tokio::test]
 async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
-    let certs = Certs::new();
+    let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
     let cluster = PgCluster::start_with(PgOptions {
         extra_conf: vec![
             "ssl = on".into(),
-            format!("ssl_cert_file = '{}'", certs.path("server.pem")),
-            format!("ssl_key_file = '{}'", certs.path("server.key")),
+            format!("ssl_cert_file = '{}'", certs.path("server.pem").display()),
+            format!("ssl_key_file = '{}'", certs.path("server.key").display()),
         ],
         ..PgOptions::default()
     });
@@ -147,9 +74,9 @@ async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
     let url = format!(
         "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
         origin.cluster.port(),
-        certs.path("ca.pem")
+        certs.path("ca.pem").display()
     );
-    let ca = PathBuf::from(certs.path("ca.pem"));
+    let ca = certs.path("ca.pem");
     let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
         c.origin = Some(url);
         c.tunnel_ca_file = Some(ca);

@@ -95,6 +95,20 @@ pub enum WriteScope {
     Database,
 }
 
+impl WriteScope {
+    /// What two writes touch together.
+    pub fn merge(a: Option<WriteScope>, b: WriteScope) -> WriteScope {
+        match (a, b) {
+            (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
+            (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
+                a.extend(b);
+                WriteScope::Tables(a)
+            }
+            (None, b) => b,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// A plain read of these tables (names lowercased unless quoted).
@@ -121,16 +135,7 @@ pub fn classify(sql: &str, catalog: &Catalog) -> Verdict {
         match classify_statement(stmt, catalog) {
             Verdict::Read { tables: t } => tables.extend(t),
             Verdict::Uncacheable(r) => uncacheable = uncacheable.or(Some(r)),
-            Verdict::Write(scope) => {
-                write = Some(match (write, scope) {
-                    (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
-                    (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
-                        a.extend(b);
-                        WriteScope::Tables(a)
-                    }
-                    (None, s) => s,
-                })
-            }
+            Verdict::Write(scope) => write = Some(WriteScope::merge(write, scope)),
         }
     }
     if let Some(scope) = write {

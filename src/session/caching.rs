@@ -198,14 +198,7 @@ impl Session {
             };
             let Some(sql) = sql else { continue };
             if let Verdict::Write(scope) = cache.classify(&self.database, &catalog, &sql) {
-                self.pending_write = Some(match (self.pending_write.take(), scope) {
-                    (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
-                    (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
-                        a.extend(b);
-                        WriteScope::Tables(a)
-                    }
-                    (None, scope) => scope,
-                });
+                self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope));
             }
         }
     }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
