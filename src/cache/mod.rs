@@ -73,6 +73,13 @@ pub struct Entry {
     refreshing: AtomicBool,
 }
 
+impl Entry {
+    /// The tables this answer read.
+    pub fn tables(&self) -> Vec<String> {
+        self.generations.tables.iter().map(|(t, _)| t.clone()).collect()
+    }
+}
+
 pub enum Lookup {
     Fresh(Arc<Entry>),
     /// Past max_age but within stale_while_revalidate; `refresh` is true for exactly one

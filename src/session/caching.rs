@@ -49,6 +49,11 @@ impl Session {
                 return false;
             }
         };
+        // An answer in the cache was classified cacheable when it was stored (and DDL through
+        // pgwarp voids every entry of the database), so a hit needs no classification.
+        if let Some(served) = self.serve_if_cached(&cache, batch, &batch_key.key) {
+            return served;
+        }
         let Some(catalog) = self.catalog(&cache) else {
             cache.stats.uncacheable(Reason::CatalogLoading);
             return false;
@@ -68,47 +73,43 @@ impl Session {
             }
         }
         let key: Arc<[u8]> = batch_key.key.into();
-        let mut waited = false;
-        loop {
-            match cache.lookup(&key) {
-                Lookup::Fresh(entry) => {
-                    if self.serve_cached(batch, &entry) {
-                        cache.stats.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return true;
-                    }
-                    return false;
-                }
-                Lookup::Stale { entry, refresh } => {
-                    if refresh {
-                        self.spawn_refresh(&cache, batch, key.clone(), tables.clone());
-                    }
-                    if self.serve_cached(batch, &entry) {
-                        cache.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return true;
-                    }
-                    return false;
-                }
-                Lookup::Miss => {}
+        match cache.claim(&key) {
+            Ok(guard) => {
+                cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let generations = cache.generations(&self.database, &tables);
+                self.capture = Some(Box::new(Capture { guard, generations, bytes: BytesMut::new(), failed: false }));
+                false
             }
-            match cache.claim(&key) {
-                Ok(guard) => {
-                    cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let generations = cache.generations(&self.database, &tables);
-                    self.capture =
-                        Some(Box::new(Capture { guard, generations, bytes: BytesMut::new(), failed: false }));
-                    return false;
+            // Another client is fetching the same answer: wait for it, then look again.
+            Err(fetch) => {
+                QueryCache::wait_for(fetch).await;
+                if let Some(served) = self.serve_if_cached(&cache, batch, &key) {
+                    return served;
                 }
-                // Another client is fetching the same answer: wait for it once, then look again.
-                Err(fetch) if !waited => {
-                    waited = true;
-                    QueryCache::wait_for(fetch).await;
-                }
-                Err(_) => {
-                    cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return false;
-                }
+                cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
             }
         }
+    }
+
+    /// Serves a fresh or stale entry for `key` (starting the one refresh of a stale one);
+    /// None when there is none.
+    fn serve_if_cached(&mut self, cache: &Arc<QueryCache>, batch: &[Message], key: &[u8]) -> Option<bool> {
+        let (entry, counter) = match cache.lookup(key) {
+            Lookup::Fresh(entry) => (entry, &cache.stats.hits),
+            Lookup::Stale { entry, refresh } => {
+                if refresh {
+                    self.spawn_refresh(cache, batch, Arc::from(key), entry.tables());
+                }
+                (entry, &cache.stats.stale)
+            }
+            Lookup::Miss => return None,
+        };
+        let served = self.serve_cached(batch, &entry);
+        if served {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(served)
     }
 
     /// The catalog snapshot for this database, starting a load if there is none.
