@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug, trace, or a tracing filter [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Worker threads; 0 means one per CPU core [default: 0].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// How clients prove their password [default: scram-sha-256].
     #[arg(long, value_name = "METHOD")]
     pub auth_method: Option<AuthMethod>,
@@ -148,6 +151,9 @@ impl RunArgs {
         }
         if let Some(v) = self.log_level {
             c.log_level = v;
+        }
+        if let Some(v) = self.workers {
+            c.workers = v;
         }
         if let Some(v) = self.auth_method {
             c.auth_method = v;

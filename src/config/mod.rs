@@ -86,6 +86,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. Default info.
     pub log_level: String,
+    /// Worker threads; 0 (the default) means one per CPU core.
+    pub workers: usize,
     /// Longest protocol message accepted, in bytes or with a unit ("256MiB"). Hard ceiling 1GiB.
     #[serde(deserialize_with = "units::de_byte_size")]
     pub max_message_size: usize,
@@ -130,6 +132,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
+            workers: 0,
             max_message_size: 256 << 20,
             auth_method: AuthMethod::ScramSha256,
             statement_cache_size: 200,
