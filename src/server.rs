@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct ServerContext {
     /// TLS for clients, when configured.
     pub tls: Option<ClientTls>,
     pub drain: CancellationToken,
+    /// The same as `drain.is_cancelled()`, without the token's lock: checked on hot paths.
+    pub draining: AtomicBool,
     pub kill: CancellationToken,
 }
 
@@ -52,12 +55,13 @@ pub enum ServerError {
 /// Triggers shutdown from outside (signals, tests).
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    drain: CancellationToken,
+    ctx: Arc<ServerContext>,
 }
 
 impl ShutdownHandle {
     pub fn shutdown(&self) {
-        self.drain.cancel();
+        self.ctx.draining.store(true, Ordering::Release);
+        self.ctx.drain.cancel();
     }
 }
 
@@ -132,6 +136,7 @@ impl Server {
             cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
             tls,
             drain: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
             config,
         });
@@ -143,7 +148,7 @@ impl Server {
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle { drain: self.ctx.drain.clone() }
+        ShutdownHandle { ctx: self.ctx.clone() }
     }
 
     pub fn reload_handle(&self) -> ReloadHandle {

@@ -99,6 +99,10 @@ impl Pool {
     }
 
     async fn acquire_permit(&self) -> Result<OwnedSemaphorePermit, PoolError> {
+        // A free slot needs no timer: registering one per transaction is measurable.
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
         tokio::time::timeout(self.config.pool_timeout, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| PoolError::Timeout(self.config.pool_timeout))?

@@ -217,7 +217,7 @@ impl Session {
                 },
             }
             // Draining matters only once the client is idle, so a flag check per turn suffices.
-            self.draining |= self.ctx.drain.is_cancelled();
+            self.draining |= self.ctx.draining.load(std::sync::atomic::Ordering::Acquire);
             if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
                 return if self.draining { Err(End::Shutdown) } else { Ok(()) };
             }
