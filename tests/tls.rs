@@ -8,23 +8,9 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{PgCluster, PgOptions, PgwarpProcess};
+use common::PgwarpProcess;
 use support::certs::Certs;
 use support::*;
-
-fn origin_with_ssl(certs: &Certs) -> Origin {
-    let cluster = PgCluster::start_with(PgOptions {
-        extra_conf: vec![
-            "ssl = on".into(),
-            format!("ssl_cert_file = '{}'", certs.path("server.pem").display()),
-            format!("ssl_key_file = '{}'", certs.path("server.key").display()),
-        ],
-        ..PgOptions::default()
-    });
-    cluster.create_user(APP_USER, APP_PASSWORD);
-    cluster.create_database(APP_DB, APP_USER);
-    Origin { cluster }
-}
 
 fn origin_url(origin: &Origin, host: &str, params: &str) -> String {
     format!("postgres://{APP_USER}:{APP_PASSWORD}@{host}:{}/{APP_DB}?{params}", origin.cluster.port())
@@ -82,7 +68,7 @@ async fn tls_required_refuses_plain_clients() {
 #[tokio::test]
 async fn origin_tls_follows_sslmode() {
     let certs = Certs::new("origin", "DNS:localhost");
-    let origin = origin_with_ssl(&certs);
+    let origin = Origin::start_with_ssl(&certs);
     let ca = certs.path("ca.pem");
     let ca = ca.display();
     for (params, host, encrypted) in [
@@ -107,7 +93,7 @@ async fn origin_tls_follows_sslmode() {
 #[tokio::test]
 async fn verify_full_fails_clearly_on_a_wrong_host_name() {
     let certs = Certs::new("wronghost", "DNS:localhost");
-    let origin = origin_with_ssl(&certs);
+    let origin = Origin::start_with_ssl(&certs);
     let url = origin_url(
         &origin,
         "127.0.0.1",

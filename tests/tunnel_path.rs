@@ -8,7 +8,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{PgCluster, PgOptions, PgwarpProcess};
+use common::PgwarpProcess;
 use support::certs::Certs;
 use support::*;
 
@@ -59,17 +59,7 @@ async fn through_pgwarp_tunnel_over_ws() {
 #[tokio::test]
 async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
     let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
-    let cluster = PgCluster::start_with(PgOptions {
-        extra_conf: vec![
-            "ssl = on".into(),
-            format!("ssl_cert_file = '{}'", certs.path("server.pem").display()),
-            format!("ssl_key_file = '{}'", certs.path("server.key").display()),
-        ],
-        ..PgOptions::default()
-    });
-    cluster.create_user(APP_USER, APP_PASSWORD);
-    cluster.create_database(APP_DB, APP_USER);
-    let origin = Origin { cluster };
+    let origin = Origin::start_with_ssl(&certs);
     let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
     let url = format!(
         "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",

@@ -42,6 +42,21 @@ impl Origin {
         self.cluster.url(APP_USER, APP_PASSWORD, APP_DB)
     }
 
+    /// The same, with `ssl = on` serving the given certificate.
+    pub fn start_with_ssl(certs: &certs::Certs) -> Origin {
+        let cluster = PgCluster::start_with(crate::common::PgOptions {
+            extra_conf: vec![
+                "ssl = on".into(),
+                format!("ssl_cert_file = '{}'", certs.path("server.pem").display()),
+                format!("ssl_key_file = '{}'", certs.path("server.key").display()),
+            ],
+            ..crate::common::PgOptions::default()
+        });
+        cluster.create_user(APP_USER, APP_PASSWORD);
+        cluster.create_database(APP_DB, APP_USER);
+        Origin { cluster }
+    }
+
     /// Runs SQL as the superuser in the app database.
     pub fn sql(&self, sql: &str) -> String {
         self.cluster.psql_db(APP_DB, sql)
