@@ -99,7 +99,9 @@ async fn reload_on_sighup(handle: ReloadHandle) {
         return;
     };
     while hup.recv().await.is_some() {
-        handle.reload();
+        // Reading certificate files is blocking I/O: keep it off the async workers.
+        let handle = handle.clone();
+        let _ = tokio::task::spawn_blocking(move || handle.reload()).await;
     }
 }
 

@@ -199,8 +199,6 @@ async fn small_statement_cache_evicts_and_replays() {
             assert_eq!(v, round + k as i32);
         }
     }
-    let on_origin = origin.sql("SELECT count(*) FROM pg_prepared_statements");
-    assert_eq!(on_origin, "0", "pg_prepared_statements is per backend; this is the superuser's own");
 }
 
 #[tokio::test]

@@ -184,21 +184,20 @@ impl Session {
         let Some(cache) = self.ctx.cache.clone() else { return };
         let catalog = self.catalog(&cache).unwrap_or_default();
         for msg in batch {
-            let sql: Option<String> = match msg.tag() {
+            // Borrowed, not copied: this runs for every batch while the cache is on.
+            let sql: Option<&str> = match msg.tag() {
                 fe::QUERY => fe::query_text(msg.body()).ok().map(|text| match prepared::parse(text) {
-                    Some(PreparedCommand::Execute { name, .. }) => {
-                        self.statements.get(&name).map_or_else(|| text.to_owned(), |s| s.sql.to_string())
-                    }
-                    _ => text.to_owned(),
+                    Some(PreparedCommand::Execute { name, .. }) => self.statements.get(&name).map_or(text, |s| &*s.sql),
+                    _ => text,
                 }),
-                fe::PARSE => Parse::decode(msg.body()).ok().map(|p| p.sql.to_owned()),
-                fe::BIND => Bind::decode(msg.body())
-                    .ok()
-                    .and_then(|b| self.statements.get(b.statement).map(|s| s.sql.to_string())),
+                fe::PARSE => Parse::decode(msg.body()).ok().map(|p| p.sql),
+                fe::BIND => {
+                    Bind::decode(msg.body()).ok().and_then(|b| self.statements.get(b.statement)).map(|s| &*s.sql)
+                }
                 _ => None,
             };
             let Some(sql) = sql else { continue };
-            if let Verdict::Write(scope) = cache.classify(&self.database, &catalog, &sql) {
+            if let Verdict::Write(scope) = cache.classify(&self.database, &catalog, sql) {
                 self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope));
             }
         }

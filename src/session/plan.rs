@@ -310,15 +310,11 @@ impl Planner<'_> {
             Target::Statement => {
                 // The origin's copy may serve other clients; only this client's name goes.
                 self.statements.remove(c.name);
-                self.push(Expect::Synthetic { message: close_complete(), undo: None });
+                self.push(Expect::Synthetic { message: build::close_complete(), undo: None });
             }
         }
         Ok(())
     }
-}
-
-fn close_complete() -> Bytes {
-    build::close_complete()
 }
 
 fn note_sql(notes: &mut PlanNotes, sql: &str) {

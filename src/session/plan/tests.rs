@@ -72,7 +72,8 @@ impl World {
 
     /// Plans a batch; returns what went to the origin as (tag, first name field) pairs and
     /// what pgwarp answered itself.
-    fn run(&mut self, batch: &[Message]) -> (Vec<(char, String)>, Vec<char>) {
+    /// Plans a batch; returns what went to the origin (raw) and the planner's notes.
+    fn plan(&mut self, batch: &[Message]) -> (BytesMut, PlanNotes) {
         let mut out = BytesMut::new();
         let notes = Planner {
             statements: &mut self.statements,
@@ -84,7 +85,11 @@ impl World {
         }
         .plan(batch)
         .unwrap();
-        let _ = notes;
+        (out, notes)
+    }
+
+    fn run(&mut self, batch: &[Message]) -> (Vec<(char, String)>, Vec<char>) {
+        let (out, _) = self.plan(batch);
         let mut synthetic = BytesMut::new();
         self.queue.drain_synthetic(&mut synthetic);
         (decode_all(out), decode_all(synthetic).into_iter().map(|(t, _)| t).collect())
@@ -286,17 +291,7 @@ fn stale_statements_are_closed_before_the_next_batch() {
 #[test]
 fn notes_session_features() {
     let mut w = World::new(10);
-    let mut out = BytesMut::new();
-    let notes = Planner {
-        statements: &mut w.statements,
-        server: &mut w.server,
-        queue: &mut w.queue,
-        out: &mut out,
-        skip_until_sync: &mut w.skip,
-        needs_sync: &mut w.needs_sync,
-    }
-    .plan(&[query("LISTEN x")])
-    .unwrap();
+    let (_, notes) = w.plan(&[query("LISTEN x")]);
     assert_eq!(notes.session_feature, Some("LISTEN"));
 }
 
@@ -307,17 +302,7 @@ fn sql_prepare_is_sent_under_content_name_and_execute_is_rewritten() {
     let id = w.statements.get("q").unwrap().id.to_string();
     assert_eq!(sent, vec![('Q', String::new())]);
     assert_eq!(w.answer(b"CZ"), vec!['C', 'Z']);
-    let mut out = BytesMut::new();
-    Planner {
-        statements: &mut w.statements,
-        server: &mut w.server,
-        queue: &mut w.queue,
-        out: &mut out,
-        skip_until_sync: &mut w.skip,
-        needs_sync: &mut w.needs_sync,
-    }
-    .plan(&[query("EXECUTE q(5)")])
-    .unwrap();
+    let (out, _) = w.plan(&[query("EXECUTE q(5)")]);
     let m = MessageReader::with_buffered(1 << 20, out).try_next().unwrap().unwrap();
     assert_eq!(crate::protocol::frontend::query_text(m.body()).unwrap(), format!("EXECUTE {id}(5)"));
 }
