@@ -3,8 +3,12 @@
 //! else. A client not running anything has no origin connection, so its cancel does nothing.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 
@@ -13,33 +17,97 @@ use crate::protocol::build;
 use crate::protocol::scram::constant_time_eq;
 use crate::transport::{self, OriginTarget};
 
-/// Where a client's work is running right now.
-#[derive(Debug, Default)]
+/// How far shutdown has gone, as a client sees it. Ordered: a later stage implies the earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Stop {
+    Running = 0,
+    /// Finish what is running, then leave.
+    Drain = 1,
+    /// Leave now.
+    Kill = 2,
+}
+
+impl Stop {
+    fn from_u8(v: u8) -> Stop {
+        match v {
+            0 => Stop::Running,
+            1 => Stop::Drain,
+            _ => Stop::Kill,
+        }
+    }
+}
+
+/// One client's entry in the registry: where its work is running right now (for cancels), and
+/// the shutdown signal it watches. Touched on every transaction, so both are plain atomics: a
+/// shared lock or a shared `Notify` here cost measurable throughput.
+#[derive(Debug)]
 pub struct CancelSlot {
-    target: Mutex<Option<(Arc<OriginTarget>, BackendKey)>>,
+    target: Arc<OriginTarget>,
+    /// The origin connection's BackendKeyData packed as `pid << 32 | secret`; 0 when idle
+    /// (Postgres never uses pid 0).
+    key: AtomicU64,
+    stop: AtomicU8,
+    waker: AtomicWaker,
 }
 
 impl CancelSlot {
-    pub fn set(&self, value: Option<(Arc<OriginTarget>, BackendKey)>) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    /// Records the origin connection the client's work now runs on (None: none).
+    pub fn set(&self, key: Option<BackendKey>) {
+        let packed = key.map_or(0, |k| (u64::from(k.pid as u32) << 32) | u64::from(k.secret as u32));
+        self.key.store(packed, Ordering::Release);
     }
 
-    fn get(&self) -> Option<(Arc<OriginTarget>, BackendKey)> {
-        self.target.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn get(&self) -> Option<BackendKey> {
+        match self.key.load(Ordering::Acquire) {
+            0 => None,
+            packed => Some(BackendKey { pid: (packed >> 32) as u32 as i32, secret: packed as u32 as i32 }),
+        }
+    }
+
+    /// How far shutdown has gone.
+    pub fn stop(&self) -> Stop {
+        Stop::from_u8(self.stop.load(Ordering::Acquire))
+    }
+
+    /// Resolves once shutdown reaches `stage`. Only the client's own task may poll this (the
+    /// slot keeps one waker).
+    pub fn stopped(&self, stage: Stop) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.stop() >= stage {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.stop() >= stage {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    fn signal(&self, stage: Stop) {
+        self.stop.fetch_max(stage as u8, Ordering::AcqRel);
+        self.waker.wake();
     }
 }
 
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
     keys: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+    /// The stage every client is at; a client registering late starts there.
+    stop: AtomicU8,
 }
 
 impl CancelRegistry {
-    /// Issues a fresh key for a client; it is withdrawn when the handle drops.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
+    /// Issues a fresh key for a client whose work runs on `target`; it is withdrawn when the
+    /// handle drops.
+    pub fn register(self: &Arc<Self>, target: Arc<OriginTarget>) -> CancelHandle {
         let mut rng = rand::thread_rng();
-        let slot = Arc::new(CancelSlot::default());
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock, so `stop_all` either sees this slot or this slot sees its stage.
+        let stop = AtomicU8::new(self.stop.load(Ordering::Acquire));
+        let slot = Arc::new(CancelSlot { target, key: AtomicU64::new(0), stop, waker: AtomicWaker::new() });
         loop {
             let pid = rng.gen_range(1..i32::MAX);
             if let std::collections::hash_map::Entry::Vacant(v) = keys.entry(pid) {
@@ -47,6 +115,15 @@ impl CancelRegistry {
                 v.insert((secret, slot.clone()));
                 return CancelHandle { pid, secret, slot, registry: self.clone() };
             }
+        }
+    }
+
+    /// Moves every client, present and future, to shutdown stage `stage`.
+    pub fn stop_all(&self, stage: Stop) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop.fetch_max(stage as u8, Ordering::AcqRel);
+        for (_, slot) in keys.values() {
+            slot.signal(stage);
         }
     }
 
@@ -63,8 +140,8 @@ impl CancelRegistry {
                 }
             }
         };
-        if let Some((target, key)) = slot.get() {
-            tokio::spawn(send_cancel(target, key));
+        if let Some(key) = slot.get() {
+            tokio::spawn(send_cancel(slot.target.clone(), key));
         }
     }
 }
@@ -102,15 +179,58 @@ impl Drop for CancelHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SslMode;
+    use crate::transport::tls::OriginTls;
+
+    fn target() -> Arc<OriginTarget> {
+        Arc::new(OriginTarget {
+            host: "localhost".into(),
+            port: 5432,
+            tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap()),
+            tunnel: None,
+        })
+    }
 
     #[test]
     fn keys_are_unique_and_withdrawn_on_drop() {
         let reg = Arc::new(CancelRegistry::default());
-        let a = reg.register();
-        let b = reg.register();
+        let a = reg.register(target());
+        let b = reg.register(target());
         assert_ne!(a.pid, b.pid);
         assert_eq!(reg.keys.lock().unwrap().len(), 2);
         drop(a);
         assert_eq!(reg.keys.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn slot_round_trips_any_origin_key() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register(target());
+        assert_eq!(h.slot.get(), None);
+        for (pid, secret) in [(1, 0), (i32::MAX, -1), (12345, i32::MIN), (7, 42)] {
+            h.slot.set(Some(BackendKey { pid, secret }));
+            assert_eq!(h.slot.get(), Some(BackendKey { pid, secret }));
+        }
+        h.slot.set(None);
+        assert_eq!(h.slot.get(), None);
+    }
+
+    #[tokio::test]
+    async fn stop_reaches_present_and_late_clients() {
+        let reg = Arc::new(CancelRegistry::default());
+        let early = reg.register(target());
+        let waiting = {
+            let slot = early.slot.clone();
+            tokio::spawn(async move { slot.stopped(Stop::Drain).await })
+        };
+        tokio::task::yield_now().await;
+        reg.stop_all(Stop::Drain);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!(early.slot.stop(), Stop::Drain);
+        let late = reg.register(target());
+        assert_eq!(late.slot.stop(), Stop::Drain);
+        reg.stop_all(Stop::Kill);
+        late.slot.stopped(Stop::Kill).await;
+        assert_eq!(early.slot.stop(), Stop::Kill);
     }
 }

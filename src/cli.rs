@@ -89,7 +89,7 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug, trace, or a tracing filter [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// Worker threads; 0 means one per CPU core [default: 0].
+    /// Worker threads, each with its share of every pool; 0 means one per CPU core [default: 0].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// How clients prove their password [default: scram-sha-256].

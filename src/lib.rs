@@ -15,3 +15,4 @@ pub mod session;
 pub mod sql;
 pub mod transport;
 pub mod tunnel;
+pub mod workers;

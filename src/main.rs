@@ -18,7 +18,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Some(runtime) = start(&config.log_level, config.workers) else { return ExitCode::FAILURE };
+    // Clients run on the server's worker threads; this runtime only accepts and handles signals.
+    let Some(runtime) = start(&config.log_level, Some(1)) else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let server = match Server::bind(config).await {
             Ok(s) => s,
@@ -34,16 +35,16 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logging to stderr at `level`, and the runtime with `workers` threads (0: one per core);
-/// None (after saying why) if it cannot start.
-fn start(level: &str, workers: usize) -> Option<tokio::runtime::Runtime> {
+/// Logging to stderr at `level`, and a runtime: on the calling thread with `Some(1)`, else
+/// work-stealing with one thread per core; None (after saying why) if it cannot start.
+fn start(level: &str, threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     match builder.enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {
@@ -55,7 +56,7 @@ fn start(level: &str, workers: usize) -> Option<tokio::runtime::Runtime> {
 
 /// `pgwarp tunnel`: the far end, next to a private database.
 fn run_tunnel(args: TunnelArgs) -> ExitCode {
-    let Some(runtime) = start(&args.log_level, 0) else { return ExitCode::FAILURE };
+    let Some(runtime) = start(&args.log_level, None) else { return ExitCode::FAILURE };
     let config = pgwarp::tunnel::TunnelConfig {
         listen: args.listen,
         target: args.target,

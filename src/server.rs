@@ -1,12 +1,12 @@
 //! The accept loop, the state every session shares, and graceful shutdown.
 //!
-//! Shutdown has two phases. `drain` (SIGTERM/SIGINT): stop accepting, close idle clients with
-//! 57P01, and let clients inside a transaction finish. `kill` (after shutdown_timeout): close
-//! everyone that is left.
+//! Shutdown has two phases. Drain (SIGTERM/SIGINT): stop accepting, close idle clients with
+//! 57P01, and let clients inside a transaction finish. Kill (after shutdown_timeout): close
+//! everyone that is left. Clients hear both through their slot in the cancel registry
+//! (`cancel::Stop`), which costs them nothing per transaction.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::UserDirectory;
 use crate::cache::QueryCache;
-use crate::cancel::CancelRegistry;
+use crate::cancel::{CancelRegistry, Stop};
 use crate::config::{Config, ConfigError};
 use crate::pool::{PoolConfig, PoolSet};
 use crate::session;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
 use crate::transport::{ClientStream, OriginTarget, TunnelRoute};
+use crate::workers::{self, Workers};
 
 /// What every session shares.
 pub struct ServerContext {
@@ -36,10 +37,8 @@ pub struct ServerContext {
     pub cache: Option<Arc<QueryCache>>,
     /// TLS for clients, when configured.
     pub tls: Option<ClientTls>,
+    /// Stops the accept loop.
     pub drain: CancellationToken,
-    /// The same as `drain.is_cancelled()`, without the token's lock: checked on hot paths.
-    pub draining: AtomicBool,
-    pub kill: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +49,8 @@ pub enum ServerError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Triggers shutdown from outside (signals, tests).
@@ -60,8 +61,8 @@ pub struct ShutdownHandle {
 
 impl ShutdownHandle {
     pub fn shutdown(&self) {
-        self.ctx.draining.store(true, Ordering::Release);
         self.ctx.drain.cancel();
+        self.ctx.cancels.stop_all(Stop::Drain);
     }
 }
 
@@ -85,6 +86,7 @@ impl ReloadHandle {
 pub struct Server {
     ctx: Arc<ServerContext>,
     listener: TcpListener,
+    workers: Workers,
 }
 
 impl Server {
@@ -115,6 +117,7 @@ impl Server {
             (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
             _ => None,
         };
+        let workers = Workers::start(workers::resolve(config.workers)).map_err(ServerError::Workers)?;
         let pools = PoolSet::new(
             target,
             PoolConfig {
@@ -124,6 +127,7 @@ impl Server {
                 idle_timeout: config.idle_timeout,
                 statement_cache: config.statement_cache_size,
             },
+            workers.len(),
         );
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -136,11 +140,9 @@ impl Server {
             cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
             tls,
             drain: CancellationToken::new(),
-            draining: AtomicBool::new(false),
-            kill: CancellationToken::new(),
             config,
         });
-        Ok(Server { ctx, listener })
+        Ok(Server { ctx, listener, workers })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -161,16 +163,29 @@ impl Server {
 
     /// Accepts clients until shutdown, then drains them.
     pub async fn run(self) {
-        let Server { ctx, listener } = self;
+        let Server { ctx, listener, workers } = self;
         let tracker = TaskTracker::new();
-        tracing::info!(listen = %ctx.config.listen, "pgwarp accepting clients");
+        tracing::info!(listen = %ctx.config.listen, workers = workers.len(), "pgwarp accepting clients");
         loop {
             tokio::select! {
                 _ = ctx.drain.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
-                        tracker.spawn(session::serve_client(ctx.clone(), ClientStream::Tcp(socket), peer));
+                        // Handed over as a plain socket: it registers with the worker's own reactor.
+                        match socket.into_std() {
+                            Ok(socket) => {
+                                let (ctx, token) = (ctx.clone(), tracker.token());
+                                workers.spawn(move || async move {
+                                    let _token = token;
+                                    match tokio::net::TcpStream::from_std(socket) {
+                                        Ok(s) => session::serve_client(ctx, ClientStream::Tcp(s), peer).await,
+                                        Err(e) => tracing::warn!(error = %e, "cannot register an accepted client"),
+                                    }
+                                });
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot hand an accepted client to a worker"),
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -185,7 +200,7 @@ impl Server {
         tracing::info!(clients = tracker.len(), "shutting down: letting running transactions finish");
         if tokio::time::timeout(ctx.config.shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");
-            ctx.kill.cancel();
+            ctx.cancels.stop_all(Stop::Kill);
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
         for pool in ctx.pools.all() {

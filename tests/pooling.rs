@@ -35,6 +35,32 @@ async fn fifty_clients_share_a_pool_of_three_with_correct_results() {
 }
 
 #[tokio::test]
+async fn clients_on_every_worker_share_one_pool_of_its_configured_size() {
+    let origin = Origin::start();
+    // More worker threads than connections: a worker with none of its own borrows another's,
+    // and the pool's size holds across all of them.
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.workers = 4;
+    })
+    .await;
+    let clients: Vec<_> = join_all((0..8).map(|_| pgwarp.client())).await;
+    let pids = join_all(clients.iter().enumerate().map(|(i, c)| async move {
+        let mut pids = std::collections::BTreeSet::new();
+        for j in 0..25i32 {
+            let row =
+                c.query_one("SELECT $1::int * 100 + $2::int, pg_backend_pid()", &[&(i as i32), &j]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i as i32 * 100 + j);
+            pids.insert(row.get::<_, i32>(1));
+        }
+        pids
+    }))
+    .await;
+    let all: std::collections::BTreeSet<i32> = pids.into_iter().flatten().collect();
+    assert_eq!(all.len(), 1, "a pool of 1 used origin backends {all:?}");
+}
+
+#[tokio::test]
 async fn transaction_stays_on_one_connection_and_other_clients_still_run() {
     let origin = Origin::start();
     let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 2).await;

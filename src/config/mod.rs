@@ -86,7 +86,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. Default info.
     pub log_level: String,
-    /// Worker threads; 0 (the default) means one per CPU core.
+    /// Worker threads; 0 (the default) means one per CPU core. Each runs its clients on its own
+    /// share of every pool (see `workers`).
     pub workers: usize,
     /// Longest protocol message accepted, in bytes or with a unit ("256MiB"). Hard ceiling 1GiB.
     #[serde(deserialize_with = "units::de_byte_size")]

@@ -66,6 +66,9 @@ pub struct OriginConn {
     pub statements: ServerStatements,
     pub created: Instant,
     pub last_used: Instant,
+    /// The worker whose reactor the socket is registered with (see `workers`): the pool hands
+    /// the connection to that worker's clients first.
+    home: usize,
     /// Set when the connection must not go back to the pool.
     pub broken: bool,
     /// The origin sent a FATAL error: it is going away.
@@ -116,6 +119,7 @@ impl OriginConn {
             statements: ServerStatements::new(statement_cache),
             created: Instant::now(),
             last_used: Instant::now(),
+            home: crate::workers::current(),
             broken: false,
             fatal: false,
             queue: ResponseQueue::new(),
@@ -254,6 +258,27 @@ impl OriginConn {
     /// Whether nothing is owed or waiting to be sent, so the connection can serve someone else.
     pub fn is_quiet(&self) -> bool {
         self.queue.is_empty() && self.out.is_empty() && !self.needs_sync
+    }
+
+    /// The worker whose reactor the socket is registered with.
+    pub fn home(&self) -> usize {
+        self.home
+    }
+
+    /// Moves the socket to the calling worker's reactor, when its kind allows (plain TCP).
+    /// Only for an idle connection: nobody may be waiting on it. On failure the connection is
+    /// marked broken.
+    pub fn rehome(&mut self) {
+        if !self.stream.can_rehome() {
+            return;
+        }
+        match self.stream.rehome() {
+            Ok(()) => self.home = crate::workers::current(),
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "cannot move origin connection between workers");
+                self.broken = true;
+            }
+        }
     }
 
     /// Whether an idle connection still looks usable: nothing to read and not closed. An idle

@@ -103,10 +103,11 @@ impl MessageReader {
         !self.buf.is_empty()
     }
 
-    /// Gives up the buffer's memory when nothing is in it, so idle connections stay small.
+    /// Gives up the buffer's memory when nothing is in it, so idle connections stay small
+    /// (to this thread's spares: the next reader to need one takes it back).
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+            super::spare::give(std::mem::take(&mut self.buf));
         }
     }
 
@@ -148,6 +149,9 @@ impl MessageReader {
                 Some(len) => (len + 1 - self.buf.len()).min(READ_CHUNK),
                 None => READ_CHUNK,
             };
+            if self.buf.capacity() == 0 {
+                self.buf = super::spare::take();
+            }
             self.buf.reserve(want.max(4096));
             let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut self.buf))?;
             if n == 0 {

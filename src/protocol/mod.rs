@@ -12,6 +12,7 @@ pub mod error;
 pub mod frontend;
 pub mod md5;
 pub mod scram;
+pub mod spare;
 pub mod startup;
 
 pub use codec::{poll_duplex, Duplex, Message, MessageReader};

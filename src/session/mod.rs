@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use crate::cancel::{self, CancelHandle};
+use crate::cancel::{self, CancelHandle, Stop};
 use crate::origin::settings::{sync_sql, Settings, CAPTURE_SQL};
 use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
@@ -29,7 +29,7 @@ use crate::protocol::backend as be;
 use crate::protocol::codec::FrameError;
 use crate::protocol::error::{ErrorFields, Severity, SqlState};
 use crate::protocol::frontend as fe;
-use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader};
+use crate::protocol::{build, poll_duplex, spare, Duplex, Message, MessageReader};
 use crate::server::ServerContext;
 use crate::sql::inspect;
 use crate::transport::ClientStream;
@@ -125,7 +125,7 @@ pub struct Session {
 impl Session {
     fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established) -> Session {
         let pool = ctx.pools.get(&e.creds);
-        let cancel = ctx.cancels.register();
+        let cancel = ctx.cancels.register(pool.target().clone());
         let statements = StatementMap::new(ctx.config.max_client_statement_bytes);
         Session {
             client,
@@ -165,15 +165,15 @@ impl Session {
     async fn serve(&mut self) -> End {
         loop {
             if self.origin.is_none() && !self.reader.has_bytes() && self.to_client.is_empty() {
-                if self.draining {
+                if self.draining || self.cancel.slot.stop() >= Stop::Drain {
                     return End::Shutdown;
                 }
                 // Idle: hold no buffers while waiting.
                 self.reader.shrink_if_empty();
-                self.to_client = BytesMut::new();
+                spare::give(std::mem::take(&mut self.to_client));
                 tokio::select! {
                     r = self.client.readable() => if r.is_err() { return End::ClientGone },
-                    _ = self.ctx.drain.cancelled() => return End::Shutdown,
+                    _ = self.cancel.slot.stopped(Stop::Drain) => return End::Shutdown,
                 }
             }
             if let Err(end) = Box::pin(self.until_idle()).await {
@@ -185,9 +185,11 @@ impl Session {
     /// Serves until nothing is outstanding in either direction. Entered when the client is
     /// readable or something is buffered, so it always polls before checking for idleness.
     async fn until_idle(&mut self) -> Result<(), End> {
-        // Made once per burst rather than per loop turn: the shutdown signal is rare, the loop hot.
-        let ctx = self.ctx.clone();
-        let kill = ctx.kill.cancelled();
+        if self.to_client.capacity() == 0 {
+            self.to_client = spare::take();
+        }
+        let slot = self.cancel.slot.clone();
+        let kill = slot.stopped(Stop::Kill);
         tokio::pin!(kill);
         loop {
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
@@ -217,7 +219,7 @@ impl Session {
                 },
             }
             // Draining matters only once the client is idle, so a flag check per turn suffices.
-            self.draining |= self.ctx.draining.load(std::sync::atomic::Ordering::Acquire);
+            self.draining |= slot.stop() >= Stop::Drain;
             if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
                 return if self.draining { Err(End::Shutdown) } else { Ok(()) };
             }
@@ -361,7 +363,7 @@ impl Session {
                 self.validate_settings(&mut att, &sql).await?;
             }
         }
-        self.cancel.slot.set(Some((self.pool.target().clone(), att.key)));
+        self.cancel.slot.set(Some(att.key));
         Ok(att)
     }
 

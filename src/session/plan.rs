@@ -318,10 +318,9 @@ impl Planner<'_> {
 }
 
 fn note_sql(notes: &mut PlanNotes, sql: &str) {
-    if notes.session_feature.is_none() {
-        notes.session_feature = inspect::session_feature(sql);
-    }
-    notes.may_change_settings |= inspect::may_change_settings(sql);
+    let hints = inspect::session_hints(sql);
+    notes.session_feature = notes.session_feature.or(hints.feature);
+    notes.may_change_settings |= hints.may_change_settings;
 }
 
 /// Forgets what a message that never took effect would have created.

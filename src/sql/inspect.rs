@@ -2,13 +2,31 @@
 
 use super::lexer::{statements, tokenize, Token};
 
+/// What the session must know about SQL it forwards: the session-scoped feature it uses (for
+/// the log) and whether it may change settings without a SET command tag.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SessionHints {
+    pub feature: Option<&'static str>,
+    pub may_change_settings: bool,
+}
+
+/// Both questions at once, for the hot path: one pass over the text, and the tokenizer only
+/// for the rare statement that mentions a word of interest.
+pub fn session_hints(sql: &str) -> SessionHints {
+    let found = mentions(sql);
+    SessionHints {
+        feature: if found & SESSION_WORDS != 0 { session_feature_tokens(sql) } else { None },
+        may_change_settings: found & SET_CONFIG != 0 && calls_any(&tokenize(sql), &["set_config"]),
+    }
+}
+
 /// Session-scoped state that outlives a transaction, which transaction pooling cannot share.
 /// Returns what the SQL uses, for the log, or None.
 pub fn session_feature(sql: &str) -> Option<&'static str> {
-    // Almost no statement mentions any of these words: skip the tokenizer for the rest.
-    if !contains_any_ignore_case(sql, &["listen", "temp", "hold", "advisory"]) {
-        return None;
-    }
+    session_hints(sql).feature
+}
+
+fn session_feature_tokens(sql: &str) -> Option<&'static str> {
     let tokens = tokenize(sql);
     for stmt in statements(&tokens) {
         if stmt[0].is_word("listen") {
@@ -35,31 +53,45 @@ pub fn session_feature(sql: &str) -> Option<&'static str> {
 
 /// Whether the SQL may change session settings without a SET command tag (set_config()).
 pub fn may_change_settings(sql: &str) -> bool {
-    // Cheap pre-check: most statements never mention it.
-    if !contains_ignore_case(sql, "set_config") {
-        return false;
+    session_hints(sql).may_change_settings
+}
+
+/// The words worth tokenizing for, lowercase; bit i of `mentions` stands for `WORDS[i]`.
+const WORDS: [&[u8]; 5] = [b"listen", b"temp", b"hold", b"advisory", b"set_config"];
+const SESSION_WORDS: u8 = 0b01111;
+const SET_CONFIG: u8 = 0b10000;
+
+/// For each byte, the words that start with it (either case).
+static FIRST_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < WORDS.len() {
+        let b = WORDS[i][0];
+        table[b as usize] |= 1 << i;
+        table[b.to_ascii_uppercase() as usize] |= 1 << i;
+        i += 1;
     }
-    calls_any(&tokenize(sql), &["set_config"])
-}
+    table
+};
 
-/// ASCII case-insensitive substring search; `needle` must be lowercase.
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
-    contains_any_ignore_case(haystack, &[needle])
-}
-
-/// Whether any of the lowercase `needles` occurs, case-insensitively, in one pass that only
-/// compares where a needle's first letter appears.
-fn contains_any_ignore_case(haystack: &str, needles: &[&str]) -> bool {
-    let h = haystack.as_bytes();
-    h.iter().enumerate().any(|(i, c)| {
-        let c = c.to_ascii_lowercase();
-        needles.iter().any(|n| {
-            let n = n.as_bytes();
-            n[0] == c
-                && h.len() - i >= n.len()
-                && h[i..i + n.len()].iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b)
-        })
-    })
+/// Which of `WORDS` occur in the text, case-insensitively, anywhere (comments and strings
+/// included: this only decides whether the tokenizer needs to look). Runs on every query:
+/// one table lookup per byte, comparing only where a word's first letter appears.
+fn mentions(sql: &str) -> u8 {
+    let h = sql.as_bytes();
+    let mut found = 0u8;
+    for (i, &b) in h.iter().enumerate() {
+        let mut candidates = FIRST_BYTE[usize::from(b)] & !found;
+        while candidates != 0 {
+            let w = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            let word = WORDS[w];
+            if h.get(i..i + word.len()).is_some_and(|s| s.eq_ignore_ascii_case(word)) {
+                found |= 1 << w;
+            }
+        }
+    }
+    found
 }
 
 /// Whether the tokens call one of `names` (a word followed by an opening parenthesis).
@@ -107,5 +139,21 @@ mod tests {
         assert!(may_change_settings("select pg_catalog.set_config('a.b', 'x', false)"));
         assert!(!may_change_settings("select 'set_config(' "));
         assert!(!may_change_settings("select 1"));
+    }
+
+    #[test]
+    fn prefilter_matches_any_case_anywhere() {
+        assert_eq!(mentions("LISTEN x"), 0b00001);
+        assert_eq!(mentions("create TeMp table"), 0b00010);
+        assert_eq!(mentions("select SET_CONFIG"), 0b10000);
+        assert_eq!(mentions("xxtempxxhold advisory"), 0b01110);
+        assert_eq!(mentions("select tem, lis ten, tmp, set config, advisor"), 0);
+        assert_eq!(mentions(""), 0);
+        assert_eq!(mentions("é listen"), 0b00001);
+        assert_eq!(session_hints("select 1"), SessionHints::default());
+        assert_eq!(
+            session_hints("select set_config('a.b', '1', false), pg_advisory_lock(1)"),
+            SessionHints { feature: Some("session advisory locks"), may_change_settings: true }
+        );
     }
 }

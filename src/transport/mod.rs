@@ -23,8 +23,75 @@ use tls::{OriginTls, TlsError};
 pub trait ByteStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> ByteStream for T {}
 
-/// The origin connection's stream, whatever carries it.
-pub type OriginStream = Box<dyn ByteStream>;
+/// The origin connection's stream, whatever carries it. Plain TCP is kept apart from the
+/// layered kinds (TLS, WebSocket) for one reason: its socket can move to another worker's
+/// reactor (`rehome`).
+pub enum OriginStream {
+    Tcp(TcpStream),
+    Layered(Box<dyn ByteStream>),
+    /// Between reactors inside `rehome`; never read or written.
+    Moving,
+}
+
+impl OriginStream {
+    /// Re-registers the socket with the calling thread's runtime, so its readiness events wake
+    /// tasks here without a cross-thread hop (see `workers`). Layered streams stay registered
+    /// where they were opened; they work from any thread all the same.
+    /// Only for a connection nobody is waiting on: pending readiness is re-read from the kernel.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        if let OriginStream::Tcp(_) = self {
+            if let OriginStream::Tcp(tcp) = std::mem::replace(self, OriginStream::Moving) {
+                *self = OriginStream::Tcp(TcpStream::from_std(tcp.into_std()?)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `rehome` moves this stream.
+    pub fn can_rehome(&self) -> bool {
+        matches!(self, OriginStream::Tcp(_))
+    }
+}
+
+fn moving() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "origin stream is moving between workers")
+}
+
+impl AsyncRead for OriginStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            OriginStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            OriginStream::Layered(s) => Pin::new(s).poll_read(cx, buf),
+            OriginStream::Moving => Poll::Ready(Err(moving())),
+        }
+    }
+}
+
+impl AsyncWrite for OriginStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            OriginStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            OriginStream::Layered(s) => Pin::new(s).poll_write(cx, buf),
+            OriginStream::Moving => Poll::Ready(Err(moving())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            OriginStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            OriginStream::Layered(s) => Pin::new(s).poll_flush(cx),
+            OriginStream::Moving => Poll::Ready(Err(moving())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            OriginStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            OriginStream::Layered(s) => Pin::new(s).poll_shutdown(cx),
+            OriginStream::Moving => Poll::Ready(Err(moving())),
+        }
+    }
+}
 
 /// Where and how to reach the origin.
 #[derive(Clone, Debug)]
@@ -71,11 +138,11 @@ pub enum ConnectError {
 /// asks for it.
 pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError> {
     let raw: OriginStream = match &target.tunnel {
-        Some(t) => Box::new(websocket::connect(&t.url, &t.headers, t.ws.clone()).await?),
+        Some(t) => OriginStream::Layered(Box::new(websocket::connect(&t.url, &t.headers, t.ws.clone()).await?)),
         None => {
             let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
-            Box::new(tcp)
+            OriginStream::Tcp(tcp)
         }
     };
     negotiate_tls(target, raw).await
@@ -94,7 +161,7 @@ async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Resul
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).await?;
     match answer[0] {
-        b'S' => Ok(Box::new(target.tls.connect(&target.host, stream).await?)),
+        b'S' => Ok(OriginStream::Layered(Box::new(target.tls.connect(&target.host, stream).await?))),
         b'N' if target.tls.required() => Err(ConnectError::TlsRefused(target.tls.mode.as_str())),
         b'N' => Ok(stream),
         other => Err(ConnectError::TlsAnswer(other as char)),
