@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         }
     };
     // Clients run on the server's worker threads; this runtime only accepts and handles signals.
-    let Some(runtime) = start(&config.log_level, Some(1)) else { return ExitCode::FAILURE };
+    let Some(runtime) = start(&config.log_level) else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let server = match Server::bind(config).await {
             Ok(s) => s,
@@ -35,17 +35,13 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logging to stderr at `level`, and a runtime: on the calling thread with `Some(1)`, else
-/// work-stealing with one thread per core; None (after saying why) if it cannot start.
-fn start(level: &str, threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
+/// Logging to stderr at `level`, and a runtime on the calling thread (the work itself runs on
+/// `workers`); None (after saying why) if it cannot start.
+fn start(level: &str) -> Option<tokio::runtime::Runtime> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    match builder.enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {
             eprintln!("pgwarp: cannot start the runtime: {e}");
@@ -56,7 +52,8 @@ fn start(level: &str, threads: Option<usize>) -> Option<tokio::runtime::Runtime>
 
 /// `pgwarp tunnel`: the far end, next to a private database.
 fn run_tunnel(args: TunnelArgs) -> ExitCode {
-    let Some(runtime) = start(&args.log_level, None) else { return ExitCode::FAILURE };
+    // Sessions run on the tunnel's worker threads; this runtime only accepts and handles signals.
+    let Some(runtime) = start(&args.log_level) else { return ExitCode::FAILURE };
     let config = pgwarp::tunnel::TunnelConfig {
         listen: args.listen,
         target: args.target,

@@ -19,13 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boring::ssl::{SslAcceptor, SslFiletype, SslMethod};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::transport::websocket::WsConfig;
+use crate::workers::Workers;
 use access::ServiceToken;
 use session::Shared;
 
@@ -81,6 +82,8 @@ pub struct Tunnel {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Sessions run on these, one single-threaded runtime per core, as pgwarp's clients do.
+    workers: Workers,
 }
 
 impl Tunnel {
@@ -114,7 +117,9 @@ impl Tunnel {
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             ws: config.ws.protocol_config(),
         };
-        Ok(Tunnel { listener, local_addr, shared: Arc::new(shared) })
+        let workers = Workers::start(crate::workers::resolve(0))
+            .map_err(|source| TunnelError::Bind { addr: config.listen, source })?;
+        Ok(Tunnel { listener, local_addr, shared: Arc::new(shared), workers })
     }
 
     /// The address the listener is bound to (useful after binding port 0).
@@ -135,8 +140,25 @@ impl Tunnel {
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    let span = info_span!("tunnel_session", %peer);
-                    sessions.spawn(session::serve(Arc::clone(&self.shared), tcp, shutdown.clone()).instrument(span));
+                    // Handed over as a plain socket: it registers with the worker's own reactor.
+                    let tcp = match tcp.into_std() {
+                        Ok(tcp) => tcp,
+                        Err(err) => {
+                            warn!(error = %err, "cannot hand a connection to a worker");
+                            continue;
+                        }
+                    };
+                    let (shared, shutdown, token) = (Arc::clone(&self.shared), shutdown.clone(), sessions.token());
+                    self.workers.spawn(move || {
+                        async move {
+                            let _token = token;
+                            match TcpStream::from_std(tcp) {
+                                Ok(tcp) => session::serve(shared, tcp, shutdown).await,
+                                Err(err) => warn!(error = %err, "cannot register an accepted connection"),
+                            }
+                        }
+                        .instrument(info_span!("tunnel_session", %peer))
+                    });
                 }
                 Err(err) => {
                     warn!(error = %err, "accept failed");
