@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::classify::{Catalog, FunctionFacts};
-use super::QueryCache;
+use super::DatabaseCache;
 use crate::pool::Pool;
 
 /// Per function name: all overloads immutable? any user-defined volatile one?
@@ -20,13 +20,13 @@ const RELATIONS_SQL: &str = "SELECT c.relname, bool_and(c.relkind IN ('r', 'p'))
      AND n.nspname NOT LIKE 'pg_temp%' GROUP BY c.relname";
 
 /// Loads the catalog in the background and installs it in the cache.
-pub fn spawn_load(cache: Arc<QueryCache>, pool: Arc<Pool>, database: String) {
+pub fn spawn_load(database: Arc<DatabaseCache>, pool: Arc<Pool>) {
     tokio::spawn(async move {
         let loaded = load(&pool).await;
         if let Err(e) = &loaded {
-            tracing::warn!(error = %e, database, "could not load the catalog for the cache");
+            tracing::warn!(error = %e, database = database.name(), "could not load the catalog for the cache");
         }
-        cache.set_catalog(&database, loaded.ok());
+        database.set_catalog(loaded.ok());
     });
 }
 

@@ -29,9 +29,9 @@ const RESULT_SETTINGS: &[&str] = &[
 
 /// A batch the cache may answer: its key and the SQL it runs.
 #[derive(Debug, PartialEq, Eq)]
-pub struct CacheableBatch {
+pub struct CacheableBatch<'a> {
     pub key: Vec<u8>,
-    pub sql: Vec<String>,
+    pub sql: Vec<&'a str>,
 }
 
 fn put(key: &mut Vec<u8>, part: &[u8]) {
@@ -39,15 +39,10 @@ fn put(key: &mut Vec<u8>, part: &[u8]) {
     key.extend_from_slice(part);
 }
 
-/// Builds the key, or says why the batch's shape cannot be cached.
-pub fn build(
-    database: &str,
-    user: &str,
-    settings: &Settings,
-    batch: &[Message],
-    statements: &StatementMap,
-) -> Result<CacheableBatch, Reason> {
-    let mut key = Vec::with_capacity(256);
+/// The part of every key that says who asks: database, user and the settings that change
+/// result bytes. It changes only when the client's settings do, so sessions keep it.
+pub fn prefix(database: &str, user: &str, settings: &Settings) -> Vec<u8> {
+    let mut key = Vec::with_capacity(128);
     put(&mut key, database.as_bytes());
     put(&mut key, user.as_bytes());
     for (k, v) in settings {
@@ -56,15 +51,20 @@ pub fn build(
             put(&mut key, v.as_bytes());
         }
     }
+    key
+}
+
+/// Builds the key (after `prefix`), or says why the batch's shape cannot be cached.
+pub fn build<'a>(
+    prefix: &[u8],
+    batch: &'a [Message],
+    statements: &'a StatementMap,
+) -> Result<CacheableBatch<'a>, Reason> {
+    let mut key = Vec::with_capacity(prefix.len() + 192);
+    key.extend_from_slice(prefix);
     let mut sql = Vec::new();
     // Statements parsed earlier in this same batch.
-    let mut local: HashMap<&str, (String, Vec<u32>)> = HashMap::new();
-    let content = |name: &str, local: &HashMap<&str, (String, Vec<u32>)>| -> Option<(String, Vec<u32>)> {
-        if let Some(s) = local.get(name) {
-            return Some(s.clone());
-        }
-        statements.get(name).map(|s| (s.sql.to_string(), s.param_types.to_vec()))
-    };
+    let mut local: Local<'a> = HashMap::new();
     let last = batch.len().saturating_sub(1);
     for (i, msg) in batch.iter().enumerate() {
         let tag = msg.tag();
@@ -73,7 +73,7 @@ pub fn build(
             fe::QUERY if batch.len() == 1 => {
                 let text = fe::query_text(msg.body()).map_err(|_| Reason::Protocol)?;
                 put(&mut key, text.as_bytes());
-                sql.push(text.to_owned());
+                sql.push(text);
             }
             fe::PARSE => {
                 let p = Parse::decode(msg.body()).map_err(|_| Reason::Protocol)?;
@@ -81,16 +81,16 @@ pub fn build(
                     return Err(Reason::Protocol); // "already exists": let the origin path say so
                 }
                 put_statement(&mut key, p.sql, &p.param_types);
-                sql.push(p.sql.to_owned());
-                local.insert(p.name, (p.sql.to_owned(), p.param_types));
+                sql.push(p.sql);
+                local.insert(p.name, (p.sql, p.param_types));
             }
             fe::BIND => {
                 let b = Bind::decode(msg.body()).map_err(|_| Reason::Protocol)?;
                 if !b.portal.is_empty() {
                     return Err(Reason::Protocol);
                 }
-                let (text, types) = content(b.statement, &local).ok_or(Reason::Protocol)?;
-                put_statement(&mut key, &text, &types);
+                let (text, types) = content(&local, statements, b.statement).ok_or(Reason::Protocol)?;
+                put_statement(&mut key, text, types);
                 put(&mut key, b.rest);
                 sql.push(text);
             }
@@ -99,9 +99,9 @@ pub fn build(
                 match d.target {
                     Target::Portal if d.name.is_empty() => key.push(b'P'),
                     Target::Statement => {
-                        let (text, types) = content(d.name, &local).ok_or(Reason::Protocol)?;
+                        let (text, types) = content(&local, statements, d.name).ok_or(Reason::Protocol)?;
                         key.push(b'S');
-                        put_statement(&mut key, &text, &types);
+                        put_statement(&mut key, text, types);
                     }
                     Target::Portal => return Err(Reason::Protocol),
                 }
@@ -122,6 +122,20 @@ pub fn build(
         return Err(Reason::NotARead);
     }
     Ok(CacheableBatch { key, sql })
+}
+
+/// Statements parsed earlier in the batch being keyed: name to text and parameter types.
+type Local<'a> = HashMap<&'a str, (&'a str, Vec<u32>)>;
+
+/// The text and parameter types of a statement the batch names.
+fn content<'a, 'm>(local: &'m Local<'a>, statements: &'a StatementMap, name: &str) -> Option<(&'a str, &'m [u32])>
+where
+    'a: 'm,
+{
+    match local.get(name) {
+        Some((sql, types)) => Some((sql, types)),
+        None => statements.get(name).map(|s| (&*s.sql, &*s.param_types)),
+    }
 }
 
 fn put_statement(key: &mut Vec<u8>, sql: &str, types: &[u32]) {
@@ -172,7 +186,7 @@ mod tests {
     }
 
     fn key(user: &str, settings: &Settings, batch: &[Message], stmts: &StatementMap) -> Vec<u8> {
-        build("db", user, settings, batch, stmts).unwrap().key
+        build(&prefix("db", user, settings), batch, stmts).unwrap().key
     }
 
     #[test]
@@ -209,10 +223,16 @@ mod tests {
         let stmts = StatementMap::new(1 << 20);
         let s = Settings::new();
         let flush = msg(build::frame(b'H', |_| {}));
-        assert_eq!(build("db", "u", &s, &[parse("", "select 1"), flush], &stmts), Err(Reason::Protocol));
-        assert_eq!(build("db", "u", &s, &[bind("missing", "1"), msg(build::sync())], &stmts), Err(Reason::Protocol));
+        assert_eq!(build(&prefix("db", "u", &s), &[parse("", "select 1"), flush], &stmts), Err(Reason::Protocol));
+        assert_eq!(
+            build(&prefix("db", "u", &s), &[bind("missing", "1"), msg(build::sync())], &stmts),
+            Err(Reason::Protocol)
+        );
         let mut close = BytesMut::new();
         build::close_statement_into(&mut close, "x");
-        assert_eq!(build("db", "u", &s, &[msg(close.freeze()), msg(build::sync())], &stmts), Err(Reason::Protocol));
+        assert_eq!(
+            build(&prefix("db", "u", &s), &[msg(close.freeze()), msg(build::sync())], &stmts),
+            Err(Reason::Protocol)
+        );
     }
 }

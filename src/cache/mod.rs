@@ -7,12 +7,17 @@
 //! tables it touched (or of the whole database) before the client sees the commit, so every
 //! entry that depends on them stops matching at once. That also covers a read that was in flight
 //! during the write: it started under the old counters, so what it stores is already stale.
+//!
+//! The hot path takes no lock but the cache's own: a session holds its database's state, the
+//! classification of each SQL text carries the counters of the tables it reads, and a key's hash
+//! is computed once and reused by every map it goes into.
 
 pub mod catalog;
 pub mod classify;
 pub mod key;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -55,11 +60,75 @@ impl Default for CacheConfig {
     }
 }
 
-/// The generation counters an entry depends on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A cache key: the bytes [`key::build`] made, with their hash computed once.
+#[derive(Clone, Debug)]
+pub struct CacheKey {
+    hash: u64,
+    bytes: Arc<[u8]>,
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.bytes == other.bytes
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Hands a [`CacheKey`]'s precomputed hash through to the maps that hold it.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a CacheKey is hashed: fold it in (FNV-1a).
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyHash = BuildHasherDefault<KeyHasher>;
+
+/// One table's generation counter.
+#[derive(Debug)]
+pub struct Table {
+    name: Box<str>,
+    generation: AtomicU64,
+}
+
+/// The generation counters an entry depends on, as they were when its query started.
+#[derive(Clone, Debug)]
 pub struct Generations {
     database: u64,
-    tables: Vec<(String, u64)>,
+    tables: Vec<(Arc<Table>, u64)>,
+}
+
+/// A classified SQL text, with the counters of the tables it reads.
+#[derive(Debug)]
+pub struct Classified {
+    pub verdict: Verdict,
+    reads: Vec<Arc<Table>>,
+}
+
+impl Classified {
+    pub fn reads(&self) -> &[Arc<Table>] {
+        &self.reads
+    }
 }
 
 /// One cached answer.
@@ -68,15 +137,19 @@ pub struct Entry {
     /// The exact bytes the origin answered for the batch, ending in ReadyForQuery 'I'.
     pub response: Bytes,
     pub created: Instant,
-    database: String,
+    database: Arc<DatabaseCache>,
     generations: Generations,
     refreshing: AtomicBool,
 }
 
 impl Entry {
     /// The tables this answer read.
-    pub fn tables(&self) -> Vec<String> {
+    pub fn tables(&self) -> Vec<Arc<Table>> {
         self.generations.tables.iter().map(|(t, _)| t.clone()).collect()
+    }
+
+    fn is_current(&self) -> bool {
+        self.database.is_current(&self.generations)
     }
 }
 
@@ -115,14 +188,16 @@ impl CacheStats {
     }
 }
 
-/// Per-database state: the catalog snapshot, counters and classified SQL.
+/// Per-database state: the catalog snapshot, generation counters and classified SQL. A
+/// session looks it up once and keeps it.
 #[derive(Debug, Default)]
-struct Database {
+pub struct DatabaseCache {
+    name: Box<str>,
     catalog: RwLock<Option<(Arc<Catalog>, Instant)>>,
     loading: AtomicBool,
     generation: AtomicU64,
-    tables: Mutex<HashMap<String, u64>>,
-    verdicts: Mutex<HashMap<String, Verdict>>,
+    tables: Mutex<HashMap<Box<str>, Arc<Table>>>,
+    verdicts: Mutex<HashMap<Box<str>, Arc<Classified>>>,
 }
 
 /// How long a catalog snapshot is used before it is reloaded in the background.
@@ -132,12 +207,108 @@ const MAX_VERDICTS: usize = 10_000;
 /// How long a concurrent miss waits for the first one to store its result.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
 
+impl DatabaseCache {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The catalog snapshot, if one is loaded; `load` is called (once at a time) when there is
+    /// none or it is old.
+    pub fn catalog(&self, load: impl FnOnce()) -> Option<Arc<Catalog>> {
+        let current = self.catalog.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let stale = current.as_ref().is_none_or(|(_, at)| at.elapsed() > CATALOG_MAX_AGE);
+        if stale && !self.loading.swap(true, Ordering::AcqRel) {
+            load();
+        }
+        current.map(|(c, _)| c)
+    }
+
+    /// Installs a freshly loaded catalog (or gives up the load on failure).
+    pub fn set_catalog(&self, catalog: Option<Catalog>) {
+        if let Some(c) = catalog {
+            *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(c), Instant::now()));
+            self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        self.loading.store(false, Ordering::Release);
+    }
+
+    /// Classifies SQL against the catalog, remembering the answer per text.
+    pub fn classify(&self, catalog: &Catalog, sql: &str) -> Arc<Classified> {
+        if let Some(c) = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+            return c.clone();
+        }
+        let verdict = classify::classify(sql, catalog);
+        let reads = match &verdict {
+            Verdict::Read { tables } => self.tables(tables),
+            _ => Vec::new(),
+        };
+        let classified = Arc::new(Classified { verdict, reads });
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.clear();
+        }
+        verdicts.insert(sql.into(), classified.clone());
+        classified
+    }
+
+    /// The counters of these tables (created at 0 when new).
+    pub fn tables(&self, names: &[String]) -> Vec<Arc<Table>> {
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .iter()
+            .map(|n| {
+                tables
+                    .entry(n.as_str().into())
+                    .or_insert_with(|| Arc::new(Table { name: n.as_str().into(), generation: AtomicU64::new(0) }))
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// The counters a read of `tables` depends on, taken before it is sent.
+    pub fn generations(&self, tables: &[Arc<Table>]) -> Generations {
+        Generations {
+            database: self.generation.load(Ordering::Acquire),
+            tables: tables.iter().map(|t| (t.clone(), t.generation.load(Ordering::Acquire))).collect(),
+        }
+    }
+
+    fn is_current(&self, g: &Generations) -> bool {
+        self.generation.load(Ordering::Acquire) == g.database
+            && g.tables.iter().all(|(t, n)| t.generation.load(Ordering::Acquire) == *n)
+    }
+
+    /// A write committed: nothing that read these tables (or this database) is served again.
+    fn invalidate(&self, scope: &WriteScope) {
+        match scope {
+            WriteScope::Database => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                // DDL may have changed what names mean.
+                *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            WriteScope::Tables(names) => {
+                for t in self.tables(names) {
+                    t.generation.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}
+
+impl Table {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 pub struct QueryCache {
     pub config: CacheConfig,
     pub stats: CacheStats,
-    entries: moka::sync::Cache<Arc<[u8]>, Arc<Entry>>,
-    databases: Mutex<HashMap<String, Arc<Database>>>,
-    in_flight: Mutex<HashMap<Arc<[u8]>, watch::Receiver<()>>>,
+    hasher: foldhash::quality::RandomState,
+    entries: moka::sync::Cache<CacheKey, Arc<Entry>, KeyHash>,
+    databases: Mutex<HashMap<Box<str>, Arc<DatabaseCache>>>,
+    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<()>, KeyHash>>,
 }
 
 impl std::fmt::Debug for QueryCache {
@@ -150,104 +321,47 @@ impl QueryCache {
     pub fn new(config: CacheConfig) -> Arc<QueryCache> {
         let entries = moka::sync::Cache::builder()
             .max_capacity(config.max_size as u64)
-            .weigher(|k: &Arc<[u8]>, v: &Arc<Entry>| (k.len() + v.response.len() + 128).min(u32::MAX as usize) as u32)
+            .weigher(|k: &CacheKey, v: &Arc<Entry>| {
+                (k.bytes.len() + v.response.len() + 128).min(u32::MAX as usize) as u32
+            })
             .time_to_live(config.max_age + config.stale_while_revalidate)
-            .build();
+            .build_with_hasher(KeyHash::default());
         Arc::new(QueryCache {
             config,
             stats: CacheStats::default(),
+            hasher: foldhash::quality::RandomState::default(),
             entries,
             databases: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::default()),
         })
     }
 
-    fn database(&self, name: &str) -> Arc<Database> {
-        self.databases.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_owned()).or_default().clone()
+    /// The state of one database, created on first use.
+    pub fn database(&self, name: &str) -> Arc<DatabaseCache> {
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = databases.get(name) {
+            return db.clone();
+        }
+        let db = Arc::new(DatabaseCache { name: name.into(), ..DatabaseCache::default() });
+        databases.insert(name.into(), db.clone());
+        db
     }
 
-    /// The database's catalog snapshot, if one is loaded; `load` is called (once at a time)
-    /// when there is none or it is old.
-    pub fn catalog(&self, database: &str, load: impl FnOnce()) -> Option<Arc<Catalog>> {
-        let db = self.database(database);
-        let current = db.catalog.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let stale = current.as_ref().is_none_or(|(_, at)| at.elapsed() > CATALOG_MAX_AGE);
-        if stale && !db.loading.swap(true, Ordering::AcqRel) {
-            load();
-        }
-        current.map(|(c, _)| c)
-    }
-
-    /// Installs a freshly loaded catalog (or gives up the load on failure).
-    pub fn set_catalog(&self, database: &str, catalog: Option<Catalog>) {
-        let db = self.database(database);
-        if let Some(c) = catalog {
-            *db.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(c), Instant::now()));
-            db.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-        db.loading.store(false, Ordering::Release);
-    }
-
-    /// Classifies SQL against the catalog, remembering the answer per text.
-    pub fn classify(&self, database: &str, catalog: &Catalog, sql: &str) -> Verdict {
-        let db = self.database(database);
-        if let Some(v) = db.verdicts.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
-            return v.clone();
-        }
-        let verdict = classify::classify(sql, catalog);
-        let mut verdicts = db.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-        if verdicts.len() >= MAX_VERDICTS {
-            verdicts.clear();
-        }
-        verdicts.insert(sql.to_owned(), verdict.clone());
-        verdict
-    }
-
-    /// The counters a read of `tables` depends on, taken before it is sent.
-    pub fn generations(&self, database: &str, tables: &[String]) -> Generations {
-        let db = self.database(database);
-        let counters = db.tables.lock().unwrap_or_else(|e| e.into_inner());
-        Generations {
-            database: db.generation.load(Ordering::Acquire),
-            tables: tables.iter().map(|t| (t.clone(), counters.get(t).copied().unwrap_or(0))).collect(),
-        }
-    }
-
-    fn is_current(&self, database: &str, g: &Generations) -> bool {
-        let db = self.database(database);
-        if db.generation.load(Ordering::Acquire) != g.database {
-            return false;
-        }
-        let counters = db.tables.lock().unwrap_or_else(|e| e.into_inner());
-        g.tables.iter().all(|(t, n)| counters.get(t).copied().unwrap_or(0) == *n)
+    /// Hashes key bytes once (with a per-process random seed: clients choose what goes in).
+    pub fn key(&self, bytes: Vec<u8>) -> CacheKey {
+        CacheKey { hash: self.hasher.hash_one(&bytes), bytes: bytes.into() }
     }
 
     /// A write committed: nothing that read these tables (or this database) is served again.
-    pub fn invalidate(&self, database: &str, scope: &WriteScope) {
-        let db = self.database(database);
+    pub fn invalidate(&self, database: &DatabaseCache, scope: &WriteScope) {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        match scope {
-            WriteScope::Database => {
-                db.generation.fetch_add(1, Ordering::AcqRel);
-                // DDL may have changed what names mean.
-                *db.catalog.write().unwrap_or_else(|e| e.into_inner()) = None;
-                db.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            }
-            WriteScope::Tables(tables) => {
-                let mut counters = db.tables.lock().unwrap_or_else(|e| e.into_inner());
-                for t in tables {
-                    *counters.entry(t.clone()).or_insert(0) += 1;
-                }
-            }
-        }
+        database.invalidate(scope);
     }
 
-    pub fn lookup(&self, key: &[u8]) -> Lookup {
-        let Some(entry) = self.entries.get(key) else { return Lookup::Miss };
-        if !self.is_current(&entry.database, &entry.generations) {
-            self.entries.invalidate(key);
-            return Lookup::Miss;
-        }
+    pub fn lookup(&self, key: &CacheKey) -> Lookup {
+        // An entry made stale by a write stays until the fresh answer replaces it, the clock
+        // expires it, or eviction takes it: removing it here would cost every miss after a write.
+        let Some(entry) = self.entries.get(key).filter(|e| e.is_current()) else { return Lookup::Miss };
         let age = entry.created.elapsed();
         if age <= self.config.max_age {
             Lookup::Fresh(entry)
@@ -260,14 +374,14 @@ impl QueryCache {
     }
 
     /// Stores an answer, unless a write made it stale while it was being fetched.
-    pub fn store(&self, key: Arc<[u8]>, database: &str, generations: Generations, response: Bytes) {
-        if response.len() > self.config.max_entry_size || !self.is_current(database, &generations) {
+    pub fn store(&self, key: CacheKey, database: &Arc<DatabaseCache>, generations: Generations, response: Bytes) {
+        if response.len() > self.config.max_entry_size || !database.is_current(&generations) {
             return;
         }
         let entry = Entry {
             response,
             created: Instant::now(),
-            database: database.to_owned(),
+            database: database.clone(),
             generations,
             refreshing: AtomicBool::new(false),
         };
@@ -277,7 +391,7 @@ impl QueryCache {
 
     /// Claims the right to fetch `key` from the origin. When another client is already
     /// fetching it, returns something to wait on instead.
-    pub fn claim(self: &Arc<Self>, key: &Arc<[u8]>) -> Result<MissGuard, watch::Receiver<()>> {
+    pub fn claim(self: &Arc<Self>, key: &CacheKey) -> Result<MissGuard, watch::Receiver<()>> {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = in_flight.get(key) {
             return Err(rx.clone());
@@ -302,7 +416,7 @@ impl QueryCache {
 /// Held by the one client fetching a key; others wait until it is dropped.
 pub struct MissGuard {
     cache: Arc<QueryCache>,
-    pub key: Arc<[u8]>,
+    pub key: CacheKey,
     _done: watch::Sender<()>,
 }
 
@@ -326,45 +440,65 @@ mod tests {
         QueryCache::new(CacheConfig::default())
     }
 
+    fn reads(db: &DatabaseCache, tables: &[&str]) -> Generations {
+        let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        db.generations(&db.tables(&names))
+    }
+
     #[test]
     fn write_to_a_table_hides_entries_that_read_it() {
         let c = cache();
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
-        let other: Arc<[u8]> = Arc::from(&b"o"[..]);
-        c.store(key.clone(), "db", c.generations("db", &["users".into()]), Bytes::from_static(b"r"));
-        c.store(other.clone(), "db", c.generations("db", &["orders".into()]), Bytes::from_static(b"r"));
+        let db = c.database("db");
+        let key = c.key(b"k".to_vec());
+        let other = c.key(b"o".to_vec());
+        c.store(key.clone(), &db, reads(&db, &["users"]), Bytes::from_static(b"r"));
+        c.store(other.clone(), &db, reads(&db, &["orders"]), Bytes::from_static(b"r"));
         assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
-        c.invalidate("db", &WriteScope::Tables(vec!["users".into()]));
+        c.invalidate(&db, &WriteScope::Tables(vec!["users".into()]));
         assert!(matches!(c.lookup(&key), Lookup::Miss));
         assert!(matches!(c.lookup(&other), Lookup::Fresh(_)));
-        c.invalidate("db", &WriteScope::Database);
+        c.invalidate(&c.database("db"), &WriteScope::Database);
         assert!(matches!(c.lookup(&other), Lookup::Miss));
+        // The fresh answer replaces the stale one.
+        c.store(key.clone(), &db, reads(&db, &["users"]), Bytes::from_static(b"new"));
+        assert!(matches!(c.lookup(&key), Lookup::Fresh(e) if e.response == "new"));
     }
 
     #[test]
     fn a_read_in_flight_during_a_write_is_not_stored() {
         let c = cache();
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
-        let before = c.generations("db", &["users".into()]);
-        c.invalidate("db", &WriteScope::Tables(vec!["users".into()]));
-        c.store(key.clone(), "db", before, Bytes::from_static(b"old"));
+        let db = c.database("db");
+        let key = c.key(b"k".to_vec());
+        let before = reads(&db, &["users"]);
+        c.invalidate(&db, &WriteScope::Tables(vec!["users".into()]));
+        c.store(key.clone(), &db, before, Bytes::from_static(b"old"));
         assert!(matches!(c.lookup(&key), Lookup::Miss));
     }
 
     #[test]
     fn other_databases_are_not_affected() {
         let c = cache();
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
-        c.store(key.clone(), "a", c.generations("a", &["t".into()]), Bytes::from_static(b"r"));
-        c.invalidate("b", &WriteScope::Database);
+        let a = c.database("a");
+        let key = c.key(b"k".to_vec());
+        c.store(key.clone(), &a, reads(&a, &["t"]), Bytes::from_static(b"r"));
+        c.invalidate(&c.database("b"), &WriteScope::Database);
+        c.invalidate(&c.database("b"), &WriteScope::Tables(vec!["t".into()]));
         assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn keys_are_equal_by_their_bytes() {
+        let c = cache();
+        assert_eq!(c.key(b"abc".to_vec()), c.key(b"abc".to_vec()));
+        assert_ne!(c.key(b"abc".to_vec()), c.key(b"abd".to_vec()));
     }
 
     #[test]
     fn oversized_results_are_not_stored() {
         let c = QueryCache::new(CacheConfig { max_entry_size: 4, ..CacheConfig::default() });
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
-        c.store(key.clone(), "db", c.generations("db", &[]), Bytes::from_static(b"12345"));
+        let db = c.database("db");
+        let key = c.key(b"k".to_vec());
+        c.store(key.clone(), &db, reads(&db, &[]), Bytes::from_static(b"12345"));
         assert!(matches!(c.lookup(&key), Lookup::Miss));
     }
 
@@ -375,8 +509,9 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(60),
             ..CacheConfig::default()
         });
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
-        c.store(key.clone(), "db", c.generations("db", &[]), Bytes::from_static(b"r"));
+        let db = c.database("db");
+        let key = c.key(b"k".to_vec());
+        c.store(key.clone(), &db, reads(&db, &[]), Bytes::from_static(b"r"));
         std::thread::sleep(Duration::from_millis(2));
         assert!(matches!(c.lookup(&key), Lookup::Stale { refresh: true, .. }));
         assert!(matches!(c.lookup(&key), Lookup::Stale { refresh: false, .. }));
@@ -385,11 +520,12 @@ mod tests {
     #[tokio::test]
     async fn concurrent_misses_wait_for_the_first() {
         let c = cache();
-        let key: Arc<[u8]> = Arc::from(&b"k"[..]);
+        let db = c.database("db");
+        let key = c.key(b"k".to_vec());
         let guard = c.claim(&key).unwrap();
         let wait = c.claim(&key).unwrap_err();
         let waiter = tokio::spawn(QueryCache::wait_for(wait));
-        c.store(key.clone(), "db", c.generations("db", &[]), Bytes::from_static(b"r"));
+        c.store(key.clone(), &db, reads(&db, &[]), Bytes::from_static(b"r"));
         drop(guard);
         tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
         assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));

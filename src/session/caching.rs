@@ -4,18 +4,19 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::plan::Planner;
 use super::statements::{Statement, StatementMap};
 use super::Session;
 use crate::cache::classify::{Catalog, Reason, Verdict, WriteScope};
-use crate::cache::{catalog, key, Entry, Generations, Lookup, MissGuard, QueryCache};
+use crate::cache::key::CacheableBatch;
+use crate::cache::{catalog, key, CacheKey, DatabaseCache, Entry, Generations, Lookup, MissGuard, QueryCache, Table};
 use crate::origin::settings::{sync_sql, Settings};
 use crate::pool::Pool;
 use crate::protocol::backend as be;
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
-use crate::protocol::Message;
+use crate::protocol::{spare, Message};
 use crate::sql::prepared::{self, PreparedCommand};
 
 /// An answer being recorded for the cache while it streams to the client.
@@ -34,7 +35,7 @@ impl Session {
     /// Answers the batch from the cache if it can. On a miss for a cacheable batch, starts
     /// recording the answer the origin will give.
     pub(super) async fn answer_from_cache(&mut self, batch: &[Message]) -> bool {
-        let Some(cache) = self.ctx.cache.clone() else { return false };
+        let (Some(cache), Some(db)) = (self.ctx.cache.clone(), self.cache_db.clone()) else { return false };
         if !matches!(batch.last().map(Message::tag), Some(fe::SYNC | fe::QUERY)) {
             return false;
         }
@@ -42,28 +43,38 @@ impl Session {
             cache.stats.uncacheable(Reason::InTransaction);
             return false;
         }
-        let batch_key = match key::build(&self.database, &self.user, &self.wanted, batch, &self.statements) {
+        let prefix = match &self.key_prefix {
+            Some((made_from, prefix)) if Arc::ptr_eq(made_from, &self.wanted) => prefix,
+            _ => {
+                let prefix = key::prefix(&self.database, &self.user, &self.wanted);
+                &self.key_prefix.insert((self.wanted.clone(), prefix)).1
+            }
+        };
+        let CacheableBatch { key, sql } = match key::build(prefix, batch, &self.statements) {
             Ok(k) => k,
             Err(reason) => {
                 cache.stats.uncacheable(reason);
                 return false;
             }
         };
+        let key = cache.key(key);
         // An answer in the cache was classified cacheable when it was stored (and DDL through
         // pgwarp voids every entry of the database), so a hit needs no classification.
-        if let Some(served) = self.serve_if_cached(&cache, batch, &batch_key.key) {
-            return served;
+        let found = cache.lookup(&key);
+        if !matches!(found, Lookup::Miss) {
+            return self.serve_found(&cache, batch, &key, found).unwrap_or(false);
         }
-        let Some(catalog) = self.catalog(&cache) else {
+        let Some(catalog) = self.catalog(&db) else {
             cache.stats.uncacheable(Reason::CatalogLoading);
             return false;
         };
-        let mut tables = Vec::new();
-        for sql in &batch_key.sql {
-            match cache.classify(&self.database, &catalog, sql) {
-                Verdict::Read { tables: t } => tables.extend(t),
+        let mut tables: Vec<Arc<Table>> = Vec::new();
+        for sql in sql {
+            let classified = db.classify(&catalog, sql);
+            match &classified.verdict {
+                Verdict::Read { .. } => tables.extend(classified.reads().iter().cloned()),
                 Verdict::Uncacheable(reason) => {
-                    cache.stats.uncacheable(reason);
+                    cache.stats.uncacheable(*reason);
                     return false;
                 }
                 Verdict::Write(_) => {
@@ -72,12 +83,11 @@ impl Session {
                 }
             }
         }
-        let key: Arc<[u8]> = batch_key.key.into();
         match cache.claim(&key) {
             Ok(guard) => {
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let generations = cache.generations(&self.database, &tables);
-                self.capture = Some(Box::new(Capture { guard, generations, bytes: BytesMut::new(), failed: false }));
+                let generations = db.generations(&tables);
+                self.capture = Some(Box::new(Capture { guard, generations, bytes: spare::take(), failed: false }));
                 false
             }
             // Another client is fetching the same answer: wait for it, then look again.
@@ -94,12 +104,23 @@ impl Session {
 
     /// Serves a fresh or stale entry for `key` (starting the one refresh of a stale one);
     /// None when there is none.
-    fn serve_if_cached(&mut self, cache: &Arc<QueryCache>, batch: &[Message], key: &[u8]) -> Option<bool> {
-        let (entry, counter) = match cache.lookup(key) {
+    fn serve_if_cached(&mut self, cache: &Arc<QueryCache>, batch: &[Message], key: &CacheKey) -> Option<bool> {
+        let found = cache.lookup(key);
+        self.serve_found(cache, batch, key, found)
+    }
+
+    fn serve_found(
+        &mut self,
+        cache: &Arc<QueryCache>,
+        batch: &[Message],
+        key: &CacheKey,
+        found: Lookup,
+    ) -> Option<bool> {
+        let (entry, counter) = match found {
             Lookup::Fresh(entry) => (entry, &cache.stats.hits),
             Lookup::Stale { entry, refresh } => {
                 if refresh {
-                    self.spawn_refresh(cache, batch, Arc::from(key), entry.tables());
+                    self.spawn_refresh(cache, batch, key.clone(), entry.tables());
                 }
                 (entry, &cache.stats.stale)
             }
@@ -113,10 +134,8 @@ impl Session {
     }
 
     /// The catalog snapshot for this database, starting a load if there is none.
-    fn catalog(&self, cache: &Arc<QueryCache>) -> Option<Arc<Catalog>> {
-        cache.catalog(&self.database, || {
-            catalog::spawn_load(cache.clone(), self.pool.clone(), self.database.to_string());
-        })
+    fn catalog(&self, db: &Arc<DatabaseCache>) -> Option<Arc<Catalog>> {
+        db.catalog(|| catalog::spawn_load(db.clone(), self.pool.clone()))
     }
 
     /// Sends a cached answer, after making the batch's effects on the client's statements.
@@ -157,7 +176,7 @@ impl Session {
             if let Some(cache) = &self.ctx.cache {
                 cache.stats.uncacheable(Reason::TooLarge);
             }
-            c.bytes = BytesMut::new();
+            spare::give(std::mem::take(&mut c.bytes));
             return;
         }
         c.bytes.extend_from_slice(frame);
@@ -166,23 +185,28 @@ impl Session {
     /// Stores the captured answer once its ReadyForQuery went out.
     pub(super) fn finish_capture(&mut self, status: u8) {
         let Some(c) = self.capture.take() else { return };
-        let Some(cache) = &self.ctx.cache else { return };
-        if c.failed {
-            return;
-        }
-        if status != b'I' {
+        let Capture { guard, generations, bytes, failed } = *c;
+        // The entry gets an exact-size copy; the recording buffer goes back for the next one.
+        let response = (!failed && status == b'I').then(|| Bytes::copy_from_slice(&bytes));
+        spare::give(bytes);
+        let (Some(cache), Some(db)) = (&self.ctx.cache, &self.cache_db) else { return };
+        if status != b'I' && !failed {
             cache.stats.uncacheable(Reason::InTransaction);
-            return;
         }
-        let Capture { guard, generations, bytes, .. } = *c;
-        cache.store(guard.key.clone(), &self.database, generations, bytes.freeze());
+        if let Some(response) = response {
+            cache.store(guard.key.clone(), db, generations, response);
+        }
         // Dropping the guard wakes the clients waiting for this answer.
     }
 
     /// Notes what the batch may write, to invalidate once it commits.
     pub(super) fn track_writes(&mut self, batch: &[Message]) {
-        let Some(cache) = self.ctx.cache.clone() else { return };
-        let catalog = self.catalog(&cache).unwrap_or_default();
+        let Some(db) = self.cache_db.clone() else { return };
+        if self.capture.is_some() {
+            // Classified as reads only, to be recorded.
+            return;
+        }
+        let catalog = self.catalog(&db).unwrap_or_default();
         for msg in batch {
             // Borrowed, not copied: this runs for every batch while the cache is on.
             let sql: Option<&str> = match msg.tag() {
@@ -197,8 +221,8 @@ impl Session {
                 _ => None,
             };
             let Some(sql) = sql else { continue };
-            if let Verdict::Write(scope) = cache.classify(&self.database, &catalog, sql) {
-                self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope));
+            if let Verdict::Write(scope) = &db.classify(&catalog, sql).verdict {
+                self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope.clone()));
             }
         }
     }
@@ -209,9 +233,9 @@ impl Session {
         if status != b'I' {
             return;
         }
-        let Some(cache) = &self.ctx.cache else { return };
+        let (Some(cache), Some(db)) = (&self.ctx.cache, &self.cache_db) else { return };
         if let Some(scope) = &self.pending_write {
-            cache.invalidate(&self.database, scope);
+            cache.invalidate(db, scope);
             if nothing_outstanding {
                 self.pending_write = None;
             }
@@ -219,7 +243,8 @@ impl Session {
     }
 
     /// Refreshes a stale entry in the background, on a connection of its own.
-    fn spawn_refresh(&self, cache: &Arc<QueryCache>, batch: &[Message], key: Arc<[u8]>, tables: Vec<String>) {
+    fn spawn_refresh(&self, cache: &Arc<QueryCache>, batch: &[Message], key: CacheKey, tables: Vec<Arc<Table>>) {
+        let Some(database) = self.cache_db.clone() else { return };
         // Statements the batch uses but does not parse itself.
         let parsed: Vec<&str> = batch
             .iter()
@@ -249,7 +274,7 @@ impl Session {
             cache: cache.clone(),
             pool: self.pool.clone(),
             settings: self.wanted.clone(),
-            database: self.database.to_string(),
+            database,
             key,
             tables,
         };
@@ -266,15 +291,15 @@ struct Refresh {
     cache: Arc<QueryCache>,
     pool: Arc<Pool>,
     settings: Arc<Settings>,
-    database: String,
-    key: Arc<[u8]>,
-    tables: Vec<String>,
+    database: Arc<DatabaseCache>,
+    key: CacheKey,
+    tables: Vec<Arc<Table>>,
 }
 
 impl Refresh {
     /// Runs the batch as the client would have, and stores the answer.
     async fn run(self, batch: Vec<Message>, mut statements: StatementMap) {
-        let generations = self.cache.generations(&self.database, &self.tables);
+        let generations = self.database.generations(&self.tables);
         let Ok(mut conn) = self.pool.checkout().await else { return };
         if let Some(sql) = sync_sql(&conn.applied, &self.settings) {
             conn.statements.unnamed = None;

@@ -114,6 +114,10 @@ pub struct Session {
     /// Who is asking, for cache keys.
     user: Box<str>,
     database: Box<str>,
+    /// The cache's state for this database, when the cache is on.
+    cache_db: Option<Arc<crate::cache::DatabaseCache>>,
+    /// The start of this client's cache keys, and the settings it was made from.
+    key_prefix: Option<(Arc<Settings>, Vec<u8>)>,
     /// The answer being recorded for the cache, on a cacheable miss.
     capture: Option<Box<caching::Capture>>,
     /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
@@ -145,8 +149,10 @@ impl Session {
             session_pin: None,
             settings_validated: e.settings_validated,
             draining: false,
+            cache_db: ctx.cache.as_ref().map(|c| c.database(&e.database)),
             user: e.user.into(),
             database: e.database.into(),
+            key_prefix: None,
             capture: None,
             pending_write: None,
             cancel,
