@@ -56,6 +56,9 @@ pub struct TunnelArgs {
     /// Most tunnel sessions at once; more upgrades get HTTP 503.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_sessions: usize,
+    /// Worker threads that relay sessions; 0 means one per CPU core.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub workers: usize,
     /// Log level or tracing filter.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,

@@ -61,6 +61,7 @@ fn run_tunnel(args: TunnelArgs) -> ExitCode {
         client_secret: args.client_secret,
         tls: args.tls_cert.zip(args.tls_key),
         max_sessions: args.max_sessions,
+        workers: args.workers,
         ws: pgwarp::transport::websocket::WsConfig::default(),
     };
     runtime.block_on(async move {

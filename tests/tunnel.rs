@@ -74,6 +74,7 @@ impl RunningTunnel {
             tls,
             max_sessions,
             ws: WsConfig::default(),
+            workers: 2,
         };
         let tunnel = Tunnel::bind(config).await.expect("bind the tunnel");
         let addr = tunnel.local_addr();

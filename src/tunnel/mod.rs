@@ -50,6 +50,8 @@ pub struct TunnelConfig {
     pub max_sessions: usize,
     /// Size caps for incoming frames and messages (`ca_file` is not used here).
     pub ws: WsConfig,
+    /// Worker threads relaying sessions; 0 means one per CPU core.
+    pub workers: usize,
 }
 
 impl fmt::Debug for TunnelConfig {
@@ -62,6 +64,7 @@ impl fmt::Debug for TunnelConfig {
             .field("tls", &self.tls)
             .field("max_sessions", &self.max_sessions)
             .field("ws", &self.ws)
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -117,7 +120,7 @@ impl Tunnel {
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             ws: config.ws.protocol_config(),
         };
-        let workers = Workers::start(crate::workers::resolve(0))
+        let workers = Workers::start(crate::workers::resolve(config.workers))
             .map_err(|source| TunnelError::Bind { addr: config.listen, source })?;
         Ok(Tunnel { listener, local_addr, shared: Arc::new(shared), workers })
     }
