@@ -114,12 +114,12 @@ impl Planner<'_> {
 
     fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<(), DecodeError> {
         let p = Parse::decode(msg.body())?;
-        note_sql(notes, p.sql);
         if p.name.is_empty() {
             let stmt = match self.statements.get("") {
                 Some(s) if s.same_content(p.sql, &p.param_types) => s.clone(),
                 _ => Arc::new(Statement::new(false, p.sql, &p.param_types)),
             };
+            note_hints(notes, stmt.hints);
             if let Err(e) = self.statements.insert("", stmt.clone()) {
                 self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
                 return Ok(());
@@ -139,6 +139,7 @@ impl Planner<'_> {
             return Ok(());
         }
         let stmt = Arc::new(Statement::new(true, p.sql, &p.param_types));
+        note_hints(notes, stmt.hints);
         if let Err(e) = self.statements.insert(p.name, stmt.clone()) {
             self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
             return Ok(());
@@ -318,7 +319,10 @@ impl Planner<'_> {
 }
 
 fn note_sql(notes: &mut PlanNotes, sql: &str) {
-    let hints = inspect::session_hints(sql);
+    note_hints(notes, inspect::session_hints(sql));
+}
+
+fn note_hints(notes: &mut PlanNotes, hints: inspect::SessionHints) {
     notes.session_feature = notes.session_feature.or(hints.feature);
     notes.may_change_settings |= hints.may_change_settings;
 }

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::protocol::build;
+use crate::sql::inspect::{session_hints, SessionHints};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
@@ -21,6 +22,8 @@ pub struct Statement {
     pub param_types: Box<[u32]>,
     /// How to create it on an origin connection that lacks it.
     pub replay: Replay,
+    /// What its SQL means for the session, worked out once rather than at every use.
+    pub hints: SessionHints,
 }
 
 /// How a statement is created on an origin connection.
@@ -38,14 +41,26 @@ impl Statement {
         let id = content_id(b'P', param_types, "", sql);
         let mut parse = BytesMut::new();
         build::parse_into(&mut parse, if named { &id } else { "" }, sql, param_types);
-        Statement { id, sql: sql.into(), param_types: param_types.into(), replay: Replay::Parse(parse.freeze()) }
+        Statement {
+            id,
+            sql: sql.into(),
+            param_types: param_types.into(),
+            replay: Replay::Parse(parse.freeze()),
+            hints: session_hints(sql),
+        }
     }
 
     /// A statement from SQL `PREPARE name <types> AS <body>`; `types` as written, or "".
     pub fn sql_prepared(types: &str, body: &str) -> Statement {
         let id = content_id(b'S', &[], types, body);
         let prepare = format!("PREPARE {id} {types} AS {body}");
-        Statement { id, sql: body.into(), param_types: Box::new([]), replay: Replay::Prepare(prepare.into()) }
+        Statement {
+            id,
+            sql: body.into(),
+            param_types: Box::new([]),
+            replay: Replay::Prepare(prepare.into()),
+            hints: session_hints(body),
+        }
     }
 
     pub fn same_content(&self, sql: &str, param_types: &[u32]) -> bool {
@@ -91,6 +106,9 @@ pub struct OverLimit {
 
 #[derive(Debug, Default)]
 pub struct StatementMap {
+    /// The unnamed statement, kept apart: it is replaced by nearly every extended-protocol
+    /// batch, so it should not cost a hash lookup each time.
+    unnamed: Option<Arc<Statement>>,
     by_name: HashMap<String, Arc<Statement>>,
     bytes: usize,
     max_bytes: usize,
@@ -98,32 +116,40 @@ pub struct StatementMap {
 
 impl StatementMap {
     pub fn new(max_bytes: usize) -> Self {
-        StatementMap { by_name: HashMap::new(), bytes: 0, max_bytes }
+        StatementMap { unnamed: None, by_name: HashMap::new(), bytes: 0, max_bytes }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
-        self.by_name.get(name)
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.by_name.get(name)
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+        self.get(name).is_some()
     }
 
     /// Saves a statement under a name, replacing any previous one (the unnamed statement is
     /// replaced by every unnamed Parse).
     pub fn insert(&mut self, name: &str, stmt: Arc<Statement>) -> Result<(), OverLimit> {
-        let old = self.by_name.get(name).map_or(0, |s| s.weight());
+        let old = self.get(name).map_or(0, |s| s.weight());
         let new_total = self.bytes - old + stmt.weight();
         if new_total > self.max_bytes {
             return Err(OverLimit { limit: self.max_bytes });
         }
         self.bytes = new_total;
-        self.by_name.insert(name.to_owned(), stmt);
+        if name.is_empty() {
+            self.unnamed = Some(stmt);
+        } else {
+            self.by_name.insert(name.to_owned(), stmt);
+        }
         Ok(())
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
-        let removed = self.by_name.remove(name);
+        let removed = if name.is_empty() { self.unnamed.take() } else { self.by_name.remove(name) };
         if let Some(s) = &removed {
             self.bytes -= s.weight();
         }
@@ -132,23 +158,24 @@ impl StatementMap {
 
     /// Removes `name` only if it still holds the statement with `id`.
     pub fn remove_if(&mut self, name: &str, id: &str) {
-        if self.by_name.get(name).is_some_and(|s| &*s.id == id) {
+        if self.get(name).is_some_and(|s| &*s.id == id) {
             self.remove(name);
         }
     }
 
     pub fn clear(&mut self) {
+        self.unnamed = None;
         self.by_name.clear();
         self.by_name.shrink_to_fit();
         self.bytes = 0;
     }
 
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.by_name.len() + usize::from(self.unnamed.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.len() == 0
     }
 
     pub fn bytes(&self) -> usize {

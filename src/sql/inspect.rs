@@ -4,7 +4,7 @@ use super::lexer::{statements, tokenize, Token};
 
 /// What the session must know about SQL it forwards: the session-scoped feature it uses (for
 /// the log) and whether it may change settings without a SET command tag.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionHints {
     pub feature: Option<&'static str>,
     pub may_change_settings: bool,
@@ -76,12 +76,16 @@ static FIRST_BYTE: [u8; 256] = {
 
 /// Which of `WORDS` occur in the text, case-insensitively, anywhere (comments and strings
 /// included: this only decides whether the tokenizer needs to look). Runs on every query:
-/// one table lookup per byte, comparing only where a word's first letter appears.
+/// one table lookup per byte, comparing only where a word's first letter starts a word. A
+/// letter before it would make it part of a longer name (`_`, `.` and digits do not: the words
+/// may follow `pg_`, a schema, ...; anything else only means a needless look).
 fn mentions(sql: &str) -> u8 {
     let h = sql.as_bytes();
     let mut found = 0u8;
+    let mut after_letter = false;
     for (i, &b) in h.iter().enumerate() {
-        let mut candidates = FIRST_BYTE[usize::from(b)] & !found;
+        let mut candidates = if after_letter { 0 } else { FIRST_BYTE[usize::from(b)] & !found };
+        after_letter = b.is_ascii_alphabetic();
         while candidates != 0 {
             let w = candidates.trailing_zeros() as usize;
             candidates &= candidates - 1;
@@ -135,6 +139,18 @@ mod tests {
     }
 
     #[test]
+    fn the_prefilter_finds_words_after_any_non_letter() {
+        assert_eq!(session_feature("select 1;listen chan"), Some("LISTEN"));
+        assert_eq!(session_feature("/*x*/LISTEN chan"), Some("LISTEN"));
+        assert_eq!(session_feature("select pg_catalog.pg_advisory_lock(1)"), Some("session advisory locks"));
+        assert_eq!(session_feature("create\ttemp table t (a int)"), Some("temporary objects"));
+        assert!(may_change_settings("select \"set_config\"('a.b', 'x', false)"));
+        assert!(may_change_settings("select 1,set_config('a.b', 'x', false)"));
+        // Inside a longer name the words are not looked for at all.
+        assert_eq!(mentions("select mylisten, attempt, threshold, unset_configured"), 0);
+    }
+
+    #[test]
     fn spots_set_config_calls_only_in_code() {
         assert!(may_change_settings("select pg_catalog.set_config('a.b', 'x', false)"));
         assert!(!may_change_settings("select 'set_config(' "));
@@ -142,11 +158,12 @@ mod tests {
     }
 
     #[test]
-    fn prefilter_matches_any_case_anywhere() {
+    fn prefilter_matches_any_case_at_word_starts() {
         assert_eq!(mentions("LISTEN x"), 0b00001);
         assert_eq!(mentions("create TeMp table"), 0b00010);
         assert_eq!(mentions("select SET_CONFIG"), 0b10000);
-        assert_eq!(mentions("xxtempxxhold advisory"), 0b01110);
+        assert_eq!(mentions("xx_temp.hold 1advisory"), 0b01110);
+        assert_eq!(mentions("xxtempxxhold"), 0);
         assert_eq!(mentions("select tem, lis ten, tmp, set config, advisor"), 0);
         assert_eq!(mentions(""), 0);
         assert_eq!(mentions("é listen"), 0b00001);

@@ -17,9 +17,9 @@ pub enum PreparedCommand<'a> {
 /// Recognises a query that is exactly one PREPARE, EXECUTE or DEALLOCATE.
 pub fn parse(sql: &str) -> Option<PreparedCommand<'_>> {
     // Cheap pre-check before lexing.
-    let head = sql.trim_start();
-    let first = head.get(..10).unwrap_or(head).to_ascii_lowercase();
-    if !(first.starts_with("prepare") || first.starts_with("execute") || first.starts_with("deallocate")) {
+    let head = sql.trim_start().as_bytes();
+    let starts = |word: &str| head.get(..word.len()).is_some_and(|h| h.eq_ignore_ascii_case(word.as_bytes()));
+    if !(starts("prepare") || starts("execute") || starts("deallocate")) {
         return None;
     }
     let spanned = tokenize_with_spans(sql);
