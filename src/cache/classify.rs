@@ -46,10 +46,12 @@ pub enum Reason {
     Protocol,
     TooLarge,
     Error,
+    /// Its tables are written so often that answers die before anyone reads them.
+    WriteHot,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Write,
         Reason::VolatileFunction,
         Reason::UnknownFunction,
@@ -64,6 +66,7 @@ impl Reason {
         Reason::Protocol,
         Reason::TooLarge,
         Reason::Error,
+        Reason::WriteHot,
     ];
 
     pub fn label(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Reason {
             Reason::Protocol => "protocol",
             Reason::TooLarge => "too_large",
             Reason::Error => "error",
+            Reason::WriteHot => "write_hot",
         }
     }
 }

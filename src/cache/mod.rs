@@ -18,7 +18,7 @@ pub mod key;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -104,11 +104,63 @@ impl Hasher for KeyHasher {
 
 type KeyHash = BuildHasherDefault<KeyHasher>;
 
-/// One table's generation counter.
+/// One table's generation counter, and how its cached answers have fared lately.
 #[derive(Debug)]
 pub struct Table {
     name: Box<str>,
     generation: AtomicU64,
+    /// Answers stored that read this table (halved now and then, with the next two).
+    stored: AtomicU32,
+    /// Of those, how many were served at least once.
+    served: AtomicU32,
+    /// Writes to the table that went through pgwarp.
+    writes: AtomicU32,
+    /// Misses that asked whether to record their answer, for sampling a write-hot table.
+    asked: AtomicU32,
+}
+
+/// Below this many stored answers a table's record says nothing yet.
+const ADMISSION_MIN_STORED: u32 = 64;
+/// When `stored` reaches this, both counts are halved, so the record follows the workload.
+const ADMISSION_WINDOW: u32 = 1024;
+/// A write-hot table still has one answer in this many recorded, to notice when writes stop.
+const ADMISSION_SAMPLE: u32 = 16;
+
+impl Table {
+    fn new(name: &str) -> Table {
+        Table {
+            name: name.into(),
+            generation: AtomicU64::new(0),
+            stored: AtomicU32::new(0),
+            served: AtomicU32::new(0),
+            writes: AtomicU32::new(0),
+            asked: AtomicU32::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether, lately, the table was written about as often as answers reading it were
+    /// stored, and hardly any of those answers was served: then recording answers costs every
+    /// miss and saves nothing.
+    fn write_hot(&self) -> bool {
+        let stored = u64::from(self.stored.load(Ordering::Relaxed));
+        let served = u64::from(self.served.load(Ordering::Relaxed));
+        let writes = u64::from(self.writes.load(Ordering::Relaxed));
+        stored >= u64::from(ADMISSION_MIN_STORED) && writes * 8 >= stored && served * 8 < stored
+    }
+
+    fn note_stored(&self) {
+        if self.stored.fetch_add(1, Ordering::Relaxed) + 1 >= ADMISSION_WINDOW {
+            // Racy halving is fine: this is a rough record, not an account.
+            self.stored.store(ADMISSION_WINDOW / 2, Ordering::Relaxed);
+            for c in [&self.served, &self.writes] {
+                c.store(c.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// The generation counters an entry depends on, as they were when its query started.
@@ -140,6 +192,8 @@ pub struct Entry {
     database: Arc<DatabaseCache>,
     generations: Generations,
     refreshing: AtomicBool,
+    /// Served to a client at least once.
+    served: AtomicBool,
 }
 
 impl Entry {
@@ -150,6 +204,15 @@ impl Entry {
 
     fn is_current(&self) -> bool {
         self.database.is_current(&self.generations)
+    }
+
+    /// Counts the entry as served for its tables, once: the hot path only reads a flag.
+    fn note_served(&self) {
+        if !self.served.load(Ordering::Relaxed) && !self.served.swap(true, Ordering::Relaxed) {
+            for (t, _) in &self.generations.tables {
+                t.served.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -256,12 +319,7 @@ impl DatabaseCache {
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         names
             .iter()
-            .map(|n| {
-                tables
-                    .entry(n.as_str().into())
-                    .or_insert_with(|| Arc::new(Table { name: n.as_str().into(), generation: AtomicU64::new(0) }))
-                    .clone()
-            })
+            .map(|n| tables.entry(n.as_str().into()).or_insert_with(|| Arc::new(Table::new(n))).clone())
             .collect()
     }
 
@@ -290,15 +348,10 @@ impl DatabaseCache {
             WriteScope::Tables(names) => {
                 for t in self.tables(names) {
                     t.generation.fetch_add(1, Ordering::AcqRel);
+                    t.writes.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-    }
-}
-
-impl Table {
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 
@@ -359,9 +412,13 @@ impl QueryCache {
     }
 
     pub fn lookup(&self, key: &CacheKey) -> Lookup {
-        // An entry made stale by a write stays until the fresh answer replaces it, the clock
-        // expires it, or eviction takes it: removing it here would cost every miss after a write.
-        let Some(entry) = self.entries.get(key).filter(|e| e.is_current()) else { return Lookup::Miss };
+        let Some(entry) = self.entries.get(key) else { return Lookup::Miss };
+        if !entry.is_current() {
+            // It stays until the fresh answer replaces it, the clock expires it, or eviction
+            // takes it: removing it here would cost every miss after a write.
+            return Lookup::Miss;
+        }
+        entry.note_served();
         let age = entry.created.elapsed();
         if age <= self.config.max_age {
             Lookup::Fresh(entry)
@@ -371,6 +428,12 @@ impl QueryCache {
         } else {
             Lookup::Miss
         }
+    }
+
+    /// Whether a miss that reads `tables` should record its answer: not when one of them is
+    /// write-hot, except for a sample that tells when it cools down.
+    pub fn admits(&self, tables: &[Arc<Table>]) -> bool {
+        tables.iter().all(|t| !t.write_hot() || t.asked.fetch_add(1, Ordering::Relaxed) % ADMISSION_SAMPLE == 0)
     }
 
     /// Stores an answer, unless a write made it stale while it was being fetched.
@@ -384,7 +447,11 @@ impl QueryCache {
             database: database.clone(),
             generations,
             refreshing: AtomicBool::new(false),
+            served: AtomicBool::new(false),
         };
+        for (t, _) in &entry.generations.tables {
+            t.note_stored();
+        }
         self.entries.insert(key, Arc::new(entry));
         self.stats.stores.fetch_add(1, Ordering::Relaxed);
     }
@@ -484,6 +551,54 @@ mod tests {
         c.invalidate(&c.database("b"), &WriteScope::Database);
         c.invalidate(&c.database("b"), &WriteScope::Tables(vec!["t".into()]));
         assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn answers_for_a_write_hot_table_are_mostly_not_recorded_until_it_cools() {
+        let c = cache();
+        let db = c.database("db");
+        let hot = db.tables(&["hot".to_string()]);
+        let cool = db.tables(&["cool".to_string()]);
+        // Every stored answer goes stale unread.
+        for i in 0..ADMISSION_MIN_STORED {
+            assert!(c.admits(&hot));
+            let key = c.key(format!("k{i}").into_bytes());
+            c.store(key.clone(), &db, db.generations(&hot), Bytes::from_static(b"r"));
+            c.store(c.key(format!("c{i}").into_bytes()), &db, db.generations(&cool), Bytes::from_static(b"r"));
+            c.invalidate(&db, &WriteScope::Tables(vec!["hot".into(), "cool".into()]));
+            assert!(matches!(c.lookup(&key), Lookup::Miss));
+        }
+        let admitted = (0..ADMISSION_SAMPLE * 4).filter(|_| c.admits(&hot)).count();
+        assert_eq!(admitted, 4, "one in {ADMISSION_SAMPLE} is still recorded");
+        // A table written as often whose answers are read is not write-hot.
+        for i in 0..ADMISSION_MIN_STORED {
+            let key = c.key(format!("c{i}").into_bytes());
+            c.store(key.clone(), &db, db.generations(&cool), Bytes::from_static(b"r"));
+            assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
+        }
+        assert!((0..ADMISSION_SAMPLE).all(|_| c.admits(&cool)), "answers that are read keep being recorded");
+        // Writes stop: the sampled answers are read, and the table is admitted again.
+        for i in 0..ADMISSION_WINDOW {
+            let key = c.key(format!("n{i}").into_bytes());
+            c.store(key.clone(), &db, db.generations(&hot), Bytes::from_static(b"r"));
+            assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
+            if (0..ADMISSION_SAMPLE).all(|_| c.admits(&hot)) {
+                return;
+            }
+        }
+        panic!("the table never cooled down");
+    }
+
+    #[test]
+    fn a_table_that_is_never_written_is_always_admitted() {
+        let c = cache();
+        let db = c.database("db");
+        let t = db.tables(&["t".to_string()]);
+        // Answers stored faster than they are read (a large working set warming up).
+        for i in 0..ADMISSION_WINDOW * 2 {
+            c.store(c.key(format!("k{i}").into_bytes()), &db, db.generations(&t), Bytes::from_static(b"r"));
+        }
+        assert!((0..ADMISSION_SAMPLE).all(|_| c.admits(&t)));
     }
 
     #[test]

@@ -83,6 +83,10 @@ impl Session {
                 }
             }
         }
+        if !cache.admits(&tables) {
+            cache.stats.uncacheable(Reason::WriteHot);
+            return false;
+        }
         match cache.claim(&key) {
             Ok(guard) => {
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
