@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::*;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::SimpleQueryMessage;
 
 /// How many times the origin has run `tick()`: the proof that a read reached it. `tick` is
@@ -132,6 +133,30 @@ async fn own_and_other_clients_see_a_write_through_pgwarp_at_once() {
     futures_util::SinkExt::send(&mut sink, bytes::Bytes::from_static(b"3\tcopied\n")).await.unwrap();
     sink.finish().await.unwrap();
     assert_eq!(first(&reader.simple_query(read).await.unwrap()), "copied");
+}
+
+#[tokio::test]
+async fn a_write_pipelined_behind_a_recorded_read_still_invalidates() {
+    let origin = Origin::start();
+    setup(&origin);
+    let pgwarp = cached(&origin, |_| {}).await;
+    let writer = pgwarp.client().await;
+    let reader = pgwarp.client().await;
+    warm(&writer, "SELECT name FROM items WHERE id = 1").await;
+    let sql = "SELECT name FROM items WHERE id = $1";
+    let (read, reread) = (writer.prepare(sql).await.unwrap(), reader.prepare(sql).await.unwrap());
+    let update = writer.prepare("UPDATE items SET name = $2 WHERE id = $1").await.unwrap();
+    for id in 10..40i32 {
+        let new = format!("new {id}");
+        // Sent back to back on one connection: the read's answer is being recorded while the
+        // write is already on its way, on the same origin connection.
+        let (read_params, update_params): (&[&(dyn ToSql + Sync)], &[&(dyn ToSql + Sync)]) = (&[&id], &[&id, &new]);
+        let (r, w) = tokio::join!(writer.query_one(&read, read_params), writer.execute(&update, update_params));
+        assert_eq!(r.unwrap().get::<_, String>(0), format!("item {id}"));
+        assert_eq!(w.unwrap(), 1);
+        assert_eq!(writer.query_one(&read, &[&id]).await.unwrap().get::<_, String>(0), new);
+        assert_eq!(reader.query_one(&reread, &[&id]).await.unwrap().get::<_, String>(0), new);
+    }
 }
 
 #[tokio::test]

@@ -28,20 +28,43 @@ pub(super) struct Capture {
     failed: bool,
 }
 
+/// What became of a batch at the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CacheAnswer {
+    /// Answered from the cache.
+    Served,
+    /// A cacheable read (so it writes nothing) whose answer from the origin is being recorded.
+    Recording,
+    /// For the origin, unrecorded.
+    Forward,
+}
+
+impl CacheAnswer {
+    fn from_served(served: Option<bool>) -> CacheAnswer {
+        if served == Some(true) {
+            CacheAnswer::Served
+        } else {
+            CacheAnswer::Forward
+        }
+    }
+}
+
 /// How long a background refresh may take.
 const REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Session {
     /// Answers the batch from the cache if it can. On a miss for a cacheable batch, starts
     /// recording the answer the origin will give.
-    pub(super) async fn answer_from_cache(&mut self, batch: &[Message]) -> bool {
-        let (Some(cache), Some(db)) = (self.ctx.cache.clone(), self.cache_db.clone()) else { return false };
+    pub(super) async fn answer_from_cache(&mut self, batch: &[Message]) -> CacheAnswer {
+        let (Some(cache), Some(db)) = (self.ctx.cache.clone(), self.cache_db.clone()) else {
+            return CacheAnswer::Forward;
+        };
         if !matches!(batch.last().map(Message::tag), Some(fe::SYNC | fe::QUERY)) {
-            return false;
+            return CacheAnswer::Forward;
         }
         if self.status != b'I' || self.session_pin.is_some() {
             cache.stats.uncacheable(Reason::InTransaction);
-            return false;
+            return CacheAnswer::Forward;
         }
         let prefix = match &self.key_prefix {
             Some((made_from, prefix)) if Arc::ptr_eq(made_from, &self.wanted) => prefix,
@@ -54,7 +77,7 @@ impl Session {
             Ok(k) => k,
             Err(reason) => {
                 cache.stats.uncacheable(reason);
-                return false;
+                return CacheAnswer::Forward;
             }
         };
         let key = cache.key(key);
@@ -62,11 +85,11 @@ impl Session {
         // pgwarp voids every entry of the database), so a hit needs no classification.
         let found = cache.lookup(&key);
         if !matches!(found, Lookup::Miss) {
-            return self.serve_found(&cache, batch, &key, found).unwrap_or(false);
+            return CacheAnswer::from_served(self.serve_found(&cache, batch, &key, found));
         }
         let Some(catalog) = self.catalog(&db) else {
             cache.stats.uncacheable(Reason::CatalogLoading);
-            return false;
+            return CacheAnswer::Forward;
         };
         let mut tables: Vec<Arc<Table>> = Vec::new();
         for sql in sql {
@@ -75,33 +98,33 @@ impl Session {
                 Verdict::Read { .. } => tables.extend(classified.reads().iter().cloned()),
                 Verdict::Uncacheable(reason) => {
                     cache.stats.uncacheable(*reason);
-                    return false;
+                    return CacheAnswer::Forward;
                 }
                 Verdict::Write(_) => {
                     cache.stats.uncacheable(Reason::Write);
-                    return false;
+                    return CacheAnswer::Forward;
                 }
             }
         }
         if !cache.admits(&tables) {
             cache.stats.uncacheable(Reason::WriteHot);
-            return false;
+            return CacheAnswer::Forward;
         }
         match cache.claim(&key) {
             Ok(guard) => {
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let generations = db.generations(&tables);
                 self.capture = Some(Box::new(Capture { guard, generations, bytes: spare::take(), failed: false }));
-                false
+                CacheAnswer::Recording
             }
             // Another client is fetching the same answer: wait for it, then look again.
             Err(fetch) => {
                 QueryCache::wait_for(fetch).await;
                 if let Some(served) = self.serve_if_cached(&cache, batch, &key) {
-                    return served;
+                    return CacheAnswer::from_served(Some(served));
                 }
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                false
+                CacheAnswer::Forward
             }
         }
     }
@@ -206,10 +229,6 @@ impl Session {
     /// Notes what the batch may write, to invalidate once it commits.
     pub(super) fn track_writes(&mut self, batch: &[Message]) {
         let Some(db) = self.cache_db.clone() else { return };
-        if self.capture.is_some() {
-            // Classified as reads only, to be recorded.
-            return;
-        }
         let catalog = self.catalog(&db).unwrap_or_default();
         for msg in batch {
             // Borrowed, not copied: this runs for every batch while the cache is on.

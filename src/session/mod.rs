@@ -301,6 +301,7 @@ impl Session {
     }
 
     async fn dispatch_batch(&mut self, batch: &[Message]) -> Result<(), End> {
+        let mut answer = caching::CacheAnswer::Forward;
         if self.origin.is_none() {
             if self.skip_until_sync {
                 // Finishing an error pgwarp already answered: no origin needed.
@@ -310,7 +311,8 @@ impl Session {
                 }
                 return Ok(());
             }
-            if self.answer_from_cache(batch).await {
+            answer = self.answer_from_cache(batch).await;
+            if answer == caching::CacheAnswer::Served {
                 return Ok(());
             }
             match self.attach().await {
@@ -323,7 +325,10 @@ impl Session {
                 Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
             }
         }
-        self.track_writes(batch);
+        // A batch being recorded for the cache was classified as reads only: it writes nothing.
+        if answer != caching::CacheAnswer::Recording {
+            self.track_writes(batch);
+        }
         let Some(conn) = self.origin.as_mut() else {
             return Ok(());
         };
