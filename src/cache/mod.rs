@@ -121,7 +121,8 @@ pub struct Table {
 
 /// Below this many stored answers a table's record says nothing yet.
 const ADMISSION_MIN_STORED: u32 = 64;
-/// When `stored` reaches this, both counts are halved, so the record follows the workload.
+/// When `stored` reaches this, it and the counts beside it are halved, so the record follows
+/// the workload. `writes` stops counting here too: more says nothing more.
 const ADMISSION_WINDOW: u32 = 1024;
 /// A write-hot table still has one answer in this many recorded, to notice when writes stop.
 const ADMISSION_SAMPLE: u32 = 16;
@@ -348,7 +349,9 @@ impl DatabaseCache {
             WriteScope::Tables(names) => {
                 for t in self.tables(names) {
                     t.generation.fetch_add(1, Ordering::AcqRel);
-                    t.writes.fetch_add(1, Ordering::Relaxed);
+                    if t.writes.load(Ordering::Relaxed) < ADMISSION_WINDOW {
+                        t.writes.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
