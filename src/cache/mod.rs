@@ -347,7 +347,12 @@ impl DatabaseCache {
                 self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
             WriteScope::Tables(names) => {
-                for t in self.tables(names) {
+                // A table with no counter yet has never been read through the cache: nothing
+                // can depend on it, and a read that creates the counter later (under this lock)
+                // starts after this write committed. So writes never add counters, and writes
+                // naming tables that do not exist cannot grow the map.
+                let tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+                for t in names.iter().filter_map(|n| tables.get(n.as_str())) {
                     t.generation.fetch_add(1, Ordering::AcqRel);
                     if t.writes.load(Ordering::Relaxed) < ADMISSION_WINDOW {
                         t.writes.fetch_add(1, Ordering::Relaxed);
@@ -602,6 +607,22 @@ mod tests {
             c.store(c.key(format!("k{i}").into_bytes()), &db, db.generations(&t), Bytes::from_static(b"r"));
         }
         assert!((0..ADMISSION_SAMPLE).all(|_| c.admits(&t)));
+    }
+
+    #[test]
+    fn writes_to_tables_never_read_through_the_cache_add_no_counters() {
+        let c = cache();
+        let db = c.database("db");
+        for i in 0..100 {
+            c.invalidate(&db, &WriteScope::Tables(vec![format!("no_such_table_{i}")]));
+        }
+        assert_eq!(db.tables.lock().unwrap().len(), 0);
+        // A counter made after a write starts at the current state and is bumped by the next.
+        let key = c.key(b"k".to_vec());
+        c.store(key.clone(), &db, reads(&db, &["no_such_table_1"]), Bytes::from_static(b"r"));
+        assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
+        c.invalidate(&db, &WriteScope::Tables(vec!["no_such_table_1".into()]));
+        assert!(matches!(c.lookup(&key), Lookup::Miss));
     }
 
     #[test]
