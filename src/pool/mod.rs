@@ -152,20 +152,24 @@ impl Pool {
         let timeout = self.config.pool_timeout;
         // First in this worker's own queue: when every shard is busy, its clients are served by
         // its connections, without crossing threads.
-        match tokio::time::timeout(OWN_SHARD_GRACE.min(timeout), self.shards[shard].permits.clone().acquire_owned())
-            .await
-        {
+        let mut own = Box::pin(self.shards[shard].permits.clone().acquire_owned());
+        let grace = if self.shards.len() > 1 { OWN_SHARD_GRACE.min(timeout) } else { timeout };
+        match tokio::time::timeout(grace, &mut own).await {
             Ok(Ok(permit)) => return Ok(Slot { shard, permit }),
             Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) if self.shards.len() == 1 => return Err(PoolError::Timeout(timeout)),
             Err(_) => {}
         }
         // Then in every shard's queue at once, taking the first slot any of them frees: a shard
-        // held by pinned clients must not keep its worker's clients waiting.
-        let any = futures_util::future::select_all(
-            self.shards.iter().map(|s| Box::pin(s.permits.clone().acquire_owned())).collect::<Vec<_>>(),
-        );
+        // held by pinned clients must not keep its worker's clients waiting. The client keeps
+        // its place in its own queue, so those waiting there are still served in arrival order.
+        let others: Vec<usize> = (0..self.shards.len()).filter(|&s| s != shard).collect();
+        let mut queues = vec![own];
+        queues.extend(others.iter().map(|&s| Box::pin(self.shards[s].permits.clone().acquire_owned())));
+        let any = futures_util::future::select_all(queues);
         match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), any).await {
-            Ok((Ok(permit), shard, _)) => Ok(Slot { shard, permit }),
+            Ok((Ok(permit), 0, _)) => Ok(Slot { shard, permit }),
+            Ok((Ok(permit), i, _)) => Ok(Slot { shard: others[i - 1], permit }),
             Ok((Err(_), _, _)) => Err(PoolError::Closed),
             Err(_) => Err(PoolError::Timeout(timeout)),
         }
