@@ -2,7 +2,7 @@
 //! and what exactly it asks (query text, parameter types, formats and values, Describe targets,
 //! row limits), never a client's statement or portal name. Pure.
 
-use std::collections::HashMap;
+use bytes::BufMut;
 
 use crate::origin::settings::Settings;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
@@ -27,16 +27,9 @@ const RESULT_SETTINGS: &[&str] = &[
     "standard_conforming_strings",
 ];
 
-/// A batch the cache may answer: its key and the SQL it runs.
-#[derive(Debug, PartialEq, Eq)]
-pub struct CacheableBatch<'a> {
-    pub key: Vec<u8>,
-    pub sql: Vec<&'a str>,
-}
-
-fn put(key: &mut Vec<u8>, part: &[u8]) {
-    key.extend_from_slice(&(part.len() as u32).to_be_bytes());
-    key.extend_from_slice(part);
+fn put(key: &mut impl BufMut, part: &[u8]) {
+    key.put_u32(part.len() as u32);
+    key.put_slice(part);
 }
 
 /// The part of every key that says who asks: database, user and the settings that change
@@ -54,35 +47,54 @@ pub fn prefix(database: &str, user: &str, settings: &Settings) -> Vec<u8> {
     key
 }
 
-/// Builds the key (after `prefix`), or says why the batch's shape cannot be cached.
-pub fn build<'a>(
-    prefix: &[u8],
+/// Builds the key into `key` (cleared first; the caller keeps the buffer), or says why the
+/// batch's shape cannot be cached.
+pub fn build(key: &mut Vec<u8>, prefix: &[u8], batch: &[Message], statements: &StatementMap) -> Result<(), Reason> {
+    key.clear();
+    key.extend_from_slice(prefix);
+    walk(batch, statements, key, |_| {})
+}
+
+/// The SQL texts a batch [`build`] accepted runs, in order: what a miss classifies.
+pub fn texts<'a>(batch: &'a [Message], statements: &'a StatementMap) -> Result<Vec<&'a str>, Reason> {
+    let mut sql = Vec::new();
+    walk(batch, statements, &mut Vec::new(), |text| sql.push(text))?;
+    Ok(sql)
+}
+
+/// Statements parsed earlier in the batch being keyed: name, text and parameter types. A batch
+/// parses few statements, so a list beats a map.
+type Local<'a> = Vec<(&'a str, &'a str, Vec<u32>)>;
+
+fn walk<'a>(
     batch: &'a [Message],
     statements: &'a StatementMap,
-) -> Result<CacheableBatch<'a>, Reason> {
-    let mut key = Vec::with_capacity(prefix.len() + 192);
-    key.extend_from_slice(prefix);
-    let mut sql = Vec::new();
-    // Statements parsed earlier in this same batch.
-    let mut local: Local<'a> = HashMap::new();
+    key: &mut Vec<u8>,
+    mut on_sql: impl FnMut(&'a str),
+) -> Result<(), Reason> {
+    let mut local: Local<'a> = Vec::new();
+    let mut reads = false;
     let last = batch.len().saturating_sub(1);
     for (i, msg) in batch.iter().enumerate() {
         let tag = msg.tag();
-        key.push(tag);
+        key.put_u8(tag);
         match tag {
             fe::QUERY if batch.len() == 1 => {
                 let text = fe::query_text(msg.body()).map_err(|_| Reason::Protocol)?;
-                put(&mut key, text.as_bytes());
-                sql.push(text);
+                put(key, text.as_bytes());
+                on_sql(text);
+                reads = true;
             }
             fe::PARSE => {
                 let p = Parse::decode(msg.body()).map_err(|_| Reason::Protocol)?;
                 if !p.name.is_empty() && statements.contains(p.name) {
                     return Err(Reason::Protocol); // "already exists": let the origin path say so
                 }
-                put_statement(&mut key, p.sql, &p.param_types);
-                sql.push(p.sql);
-                local.insert(p.name, (p.sql, p.param_types));
+                put_statement(key, p.sql, &p.param_types);
+                on_sql(p.sql);
+                reads = true;
+                local.retain(|(name, _, _)| *name != p.name);
+                local.push((p.name, p.sql, p.param_types));
             }
             fe::BIND => {
                 let b = Bind::decode(msg.body()).map_err(|_| Reason::Protocol)?;
@@ -90,18 +102,19 @@ pub fn build<'a>(
                     return Err(Reason::Protocol);
                 }
                 let (text, types) = content(&local, statements, b.statement).ok_or(Reason::Protocol)?;
-                put_statement(&mut key, text, types);
-                put(&mut key, b.rest);
-                sql.push(text);
+                put_statement(key, text, types);
+                put(key, b.rest);
+                on_sql(text);
+                reads = true;
             }
             fe::DESCRIBE => {
                 let d = Named::decode(fe::DESCRIBE, msg.body()).map_err(|_| Reason::Protocol)?;
                 match d.target {
-                    Target::Portal if d.name.is_empty() => key.push(b'P'),
+                    Target::Portal if d.name.is_empty() => key.put_u8(b'P'),
                     Target::Statement => {
                         let (text, types) = content(&local, statements, d.name).ok_or(Reason::Protocol)?;
-                        key.push(b'S');
-                        put_statement(&mut key, text, types);
+                        key.put_u8(b'S');
+                        put_statement(key, text, types);
                     }
                     Target::Portal => return Err(Reason::Protocol),
                 }
@@ -118,22 +131,19 @@ pub fn build<'a>(
             _ => return Err(Reason::Protocol),
         }
     }
-    if sql.is_empty() {
+    if !reads {
         return Err(Reason::NotARead);
     }
-    Ok(CacheableBatch { key, sql })
+    Ok(())
 }
-
-/// Statements parsed earlier in the batch being keyed: name to text and parameter types.
-type Local<'a> = HashMap<&'a str, (&'a str, Vec<u32>)>;
 
 /// The text and parameter types of a statement the batch names.
 fn content<'a, 'm>(local: &'m Local<'a>, statements: &'a StatementMap, name: &str) -> Option<(&'a str, &'m [u32])>
 where
     'a: 'm,
 {
-    match local.get(name) {
-        Some((sql, types)) => Some((sql, types)),
+    match local.iter().rev().find(|(n, _, _)| *n == name) {
+        Some((_, sql, types)) => Some((sql, types)),
         None => statements.get(name).map(|s| (&*s.sql, &*s.param_types)),
     }
 }
@@ -186,7 +196,13 @@ mod tests {
     }
 
     fn key(user: &str, settings: &Settings, batch: &[Message], stmts: &StatementMap) -> Vec<u8> {
-        build(&prefix("db", user, settings), batch, stmts).unwrap().key
+        let mut key = b"reused: build clears it".to_vec();
+        build(&mut key, &prefix("db", user, settings), batch, stmts).unwrap();
+        key
+    }
+
+    fn shape(batch: &[Message], stmts: &StatementMap) -> Result<(), Reason> {
+        build(&mut Vec::new(), &prefix("db", "u", &Settings::new()), batch, stmts)
     }
 
     #[test]
@@ -221,18 +237,33 @@ mod tests {
     #[test]
     fn shapes_the_cache_cannot_answer() {
         let stmts = StatementMap::new(1 << 20);
-        let s = Settings::new();
         let flush = msg(build::frame(b'H', |_| {}));
-        assert_eq!(build(&prefix("db", "u", &s), &[parse("", "select 1"), flush], &stmts), Err(Reason::Protocol));
-        assert_eq!(
-            build(&prefix("db", "u", &s), &[bind("missing", "1"), msg(build::sync())], &stmts),
-            Err(Reason::Protocol)
-        );
+        assert_eq!(shape(&[parse("", "select 1"), flush], &stmts), Err(Reason::Protocol));
+        assert_eq!(shape(&[bind("missing", "1"), msg(build::sync())], &stmts), Err(Reason::Protocol));
         let mut close = BytesMut::new();
         build::close_statement_into(&mut close, "x");
-        assert_eq!(
-            build(&prefix("db", "u", &s), &[msg(close.freeze()), msg(build::sync())], &stmts),
-            Err(Reason::Protocol)
-        );
+        assert_eq!(shape(&[msg(close.freeze()), msg(build::sync())], &stmts), Err(Reason::Protocol));
+        assert_eq!(shape(&[msg(build::sync())], &stmts), Err(Reason::NotARead));
+    }
+
+    #[test]
+    fn texts_follow_the_batch_through_parsed_and_saved_statements() {
+        let mut stmts = StatementMap::new(1 << 20);
+        stmts.insert("saved", Arc::new(Statement::new(true, "select 2", &[]))).unwrap();
+        let sync = msg(build::sync());
+        let batch = [
+            parse("", "select 1"),
+            bind("", "1"),
+            execute(),
+            bind("saved", "1"),
+            execute(),
+            parse("", "select 3"),
+            bind("", "1"),
+            execute(),
+            sync,
+        ];
+        assert_eq!(shape(&batch, &stmts), Ok(()));
+        assert_eq!(texts(&batch, &stmts), Ok(vec!["select 1", "select 1", "select 2", "select 3", "select 3"]));
+        assert_eq!(texts(&[msg(build::query("select 4"))], &stmts), Ok(vec!["select 4"]));
     }
 }

@@ -81,6 +81,65 @@ impl Hash for CacheKey {
     }
 }
 
+/// A key being looked up, borrowed from the session's scratch buffer: a hit allocates nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    hash: u64,
+    bytes: &'a [u8],
+}
+
+/// What the maps hash and compare, so an owned [`CacheKey`] is found by a borrowed [`KeyRef`].
+pub trait KeyView {
+    fn hash_value(&self) -> u64;
+    fn bytes(&self) -> &[u8];
+    fn to_key(&self) -> CacheKey;
+}
+
+impl KeyView for CacheKey {
+    fn hash_value(&self) -> u64 {
+        self.hash
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    fn to_key(&self) -> CacheKey {
+        self.clone()
+    }
+}
+
+impl KeyView for KeyRef<'_> {
+    fn hash_value(&self) -> u64 {
+        self.hash
+    }
+    fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+    fn to_key(&self) -> CacheKey {
+        CacheKey { hash: self.hash, bytes: self.bytes.into() }
+    }
+}
+
+// Hashes and compares exactly as CacheKey does, as `Borrow` requires.
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash_value());
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash_value() == other.hash_value() && self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl<'a> std::borrow::Borrow<dyn KeyView + 'a> for CacheKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
 /// Hands a [`CacheKey`]'s precomputed hash through to the maps that hold it.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -413,13 +472,18 @@ impl QueryCache {
         CacheKey { hash: self.hasher.hash_one(&bytes), bytes: bytes.into() }
     }
 
+    /// The key for looking up `bytes`, without copying them.
+    pub fn key_ref<'a>(&self, bytes: &'a [u8]) -> KeyRef<'a> {
+        KeyRef { hash: self.hasher.hash_one(bytes), bytes }
+    }
+
     /// A write committed: nothing that read these tables (or this database) is served again.
     pub fn invalidate(&self, database: &DatabaseCache, scope: &WriteScope) {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         database.invalidate(scope);
     }
 
-    pub fn lookup(&self, key: &CacheKey) -> Lookup {
+    pub fn lookup(&self, key: &dyn KeyView) -> Lookup {
         let Some(entry) = self.entries.get(key) else { return Lookup::Miss };
         if !entry.is_current() {
             // It stays until the fresh answer replaces it, the clock expires it, or eviction
@@ -466,14 +530,15 @@ impl QueryCache {
 
     /// Claims the right to fetch `key` from the origin. When another client is already
     /// fetching it, returns something to wait on instead.
-    pub fn claim(self: &Arc<Self>, key: &CacheKey) -> Result<MissGuard, watch::Receiver<()>> {
+    pub fn claim(self: &Arc<Self>, key: &dyn KeyView) -> Result<MissGuard, watch::Receiver<()>> {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = in_flight.get(key) {
             return Err(rx.clone());
         }
         let (done, rx) = watch::channel(());
+        let key = key.to_key();
         in_flight.insert(key.clone(), rx);
-        Ok(MissGuard { cache: self.clone(), key: key.clone(), _done: done })
+        Ok(MissGuard { cache: self.clone(), key, _done: done })
     }
 
     /// Waits (bounded) for another client's fetch of the same key: its guard dropping closes
@@ -630,6 +695,20 @@ mod tests {
         let c = cache();
         assert_eq!(c.key(b"abc".to_vec()), c.key(b"abc".to_vec()));
         assert_ne!(c.key(b"abc".to_vec()), c.key(b"abd".to_vec()));
+    }
+
+    #[test]
+    fn a_borrowed_key_finds_what_an_owned_key_stored_and_claimed() {
+        let c = cache();
+        let db = c.database("db");
+        c.store(c.key(b"k".to_vec()), &db, reads(&db, &["t"]), Bytes::from_static(b"r"));
+        assert!(matches!(c.lookup(&c.key_ref(b"k")), Lookup::Fresh(_)));
+        assert!(matches!(c.lookup(&c.key_ref(b"j")), Lookup::Miss));
+        let guard = c.claim(&c.key_ref(b"m")).unwrap();
+        assert_eq!(guard.key, c.key(b"m".to_vec()));
+        assert!(c.claim(&c.key(b"m".to_vec())).is_err(), "one fetch per key, however it is named");
+        drop(guard);
+        assert!(c.claim(&c.key_ref(b"m")).is_ok());
     }
 
     #[test]

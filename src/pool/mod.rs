@@ -147,6 +147,11 @@ impl Pool {
         if let Some(slot) = self.try_slot() {
             return Ok(slot);
         }
+        // Boxed, like connecting: kept out of the common path's future.
+        Box::pin(self.wait_for_slot()).await
+    }
+
+    async fn wait_for_slot(&self) -> Result<Slot, PoolError> {
         let started = Instant::now();
         let shard = self.own_shard();
         let timeout = self.config.pool_timeout;
@@ -189,9 +194,16 @@ impl Pool {
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
+        // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
+        // make every session's per-burst future that large.
         let conn = Box::new(
-            OriginConn::connect(&self.target, &self.creds, self.config.statement_cache, self.config.connect_timeout)
-                .await?,
+            Box::pin(OriginConn::connect(
+                &self.target,
+                &self.creds,
+                self.config.statement_cache,
+                self.config.connect_timeout,
+            ))
+            .await?,
         );
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());

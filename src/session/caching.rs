@@ -10,8 +10,9 @@ use super::plan::Planner;
 use super::statements::{Statement, StatementMap};
 use super::Session;
 use crate::cache::classify::{Catalog, Reason, Verdict, WriteScope};
-use crate::cache::key::CacheableBatch;
-use crate::cache::{catalog, key, CacheKey, DatabaseCache, Entry, Generations, Lookup, MissGuard, QueryCache, Table};
+use crate::cache::{
+    catalog, key, CacheKey, DatabaseCache, Entry, Generations, KeyRef, KeyView, Lookup, MissGuard, QueryCache, Table,
+};
 use crate::origin::settings::{sync_sql, Settings};
 use crate::pool::Pool;
 use crate::protocol::backend as be;
@@ -73,21 +74,40 @@ impl Session {
                 &self.key_prefix.insert((self.wanted.clone(), prefix)).1
             }
         };
-        let CacheableBatch { key, sql } = match key::build(prefix, batch, &self.statements) {
-            Ok(k) => k,
-            Err(reason) => {
-                cache.stats.uncacheable(reason);
-                return CacheAnswer::Forward;
-            }
-        };
-        let key = cache.key(key);
-        // An answer in the cache was classified cacheable when it was stored (and DDL through
-        // pgwarp voids every entry of the database), so a hit needs no classification.
-        let found = cache.lookup(&key);
-        if !matches!(found, Lookup::Miss) {
-            return CacheAnswer::from_served(self.serve_found(&cache, batch, &key, found));
+        // Built in the session's own buffer, and looked up borrowed from it: a hit allocates nothing.
+        let mut scratch = std::mem::take(&mut self.key_scratch);
+        if let Err(reason) = key::build(&mut scratch, prefix, batch, &self.statements) {
+            self.key_scratch = scratch;
+            cache.stats.uncacheable(reason);
+            return CacheAnswer::Forward;
         }
-        let Some(catalog) = self.catalog(&db) else {
+        let key = cache.key_ref(&scratch);
+        let found = cache.lookup(&key);
+        let answer = if matches!(found, Lookup::Miss) {
+            self.on_miss(&cache, &db, batch, &key).await
+        } else {
+            // An answer in the cache was classified cacheable when it was stored (and DDL through
+            // pgwarp voids every entry of the database), so a hit needs no classification.
+            CacheAnswer::from_served(self.serve_found(&cache, batch, &key, found))
+        };
+        self.key_scratch = scratch;
+        answer
+    }
+
+    /// A miss for a batch of cacheable shape: classifies it, and if it reads only what may be
+    /// cached, starts recording the origin's answer (or waits for the client already fetching it).
+    async fn on_miss(
+        &mut self,
+        cache: &Arc<QueryCache>,
+        db: &Arc<DatabaseCache>,
+        batch: &[Message],
+        key: &KeyRef<'_>,
+    ) -> CacheAnswer {
+        let Ok(sql) = key::texts(batch, &self.statements) else {
+            cache.stats.uncacheable(Reason::Protocol);
+            return CacheAnswer::Forward;
+        };
+        let Some(catalog) = self.catalog(db) else {
             cache.stats.uncacheable(Reason::CatalogLoading);
             return CacheAnswer::Forward;
         };
@@ -110,7 +130,7 @@ impl Session {
             cache.stats.uncacheable(Reason::WriteHot);
             return CacheAnswer::Forward;
         }
-        match cache.claim(&key) {
+        match cache.claim(key) {
             Ok(guard) => {
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let generations = db.generations(&tables);
@@ -119,8 +139,8 @@ impl Session {
             }
             // Another client is fetching the same answer: wait for it, then look again.
             Err(fetch) => {
-                QueryCache::wait_for(fetch).await;
-                if let Some(served) = self.serve_if_cached(&cache, batch, &key) {
+                Box::pin(QueryCache::wait_for(fetch)).await;
+                if let Some(served) = self.serve_if_cached(cache, batch, key) {
                     return CacheAnswer::from_served(Some(served));
                 }
                 cache.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -131,7 +151,7 @@ impl Session {
 
     /// Serves a fresh or stale entry for `key` (starting the one refresh of a stale one);
     /// None when there is none.
-    fn serve_if_cached(&mut self, cache: &Arc<QueryCache>, batch: &[Message], key: &CacheKey) -> Option<bool> {
+    fn serve_if_cached(&mut self, cache: &Arc<QueryCache>, batch: &[Message], key: &KeyRef<'_>) -> Option<bool> {
         let found = cache.lookup(key);
         self.serve_found(cache, batch, key, found)
     }
@@ -140,14 +160,14 @@ impl Session {
         &mut self,
         cache: &Arc<QueryCache>,
         batch: &[Message],
-        key: &CacheKey,
+        key: &KeyRef<'_>,
         found: Lookup,
     ) -> Option<bool> {
         let (entry, counter) = match found {
             Lookup::Fresh(entry) => (entry, &cache.stats.hits),
             Lookup::Stale { entry, refresh } => {
                 if refresh {
-                    self.spawn_refresh(cache, batch, key.clone(), entry.tables());
+                    self.spawn_refresh(cache, batch, key.to_key(), entry.tables());
                 }
                 (entry, &cache.stats.stale)
             }

@@ -118,6 +118,8 @@ pub struct Session {
     cache_db: Option<Arc<crate::cache::DatabaseCache>>,
     /// The start of this client's cache keys, and the settings it was made from.
     key_prefix: Option<(Arc<Settings>, Vec<u8>)>,
+    /// Where batch keys are built, reused from batch to batch (about 100 bytes, kept while idle).
+    key_scratch: Vec<u8>,
     /// The answer being recorded for the cache, on a cacheable miss.
     capture: Option<Box<caching::Capture>>,
     /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
@@ -153,6 +155,7 @@ impl Session {
             user: e.user.into(),
             database: e.database.into(),
             key_prefix: None,
+            key_scratch: Vec::new(),
             capture: None,
             pending_write: None,
             cancel,
@@ -371,7 +374,7 @@ impl Session {
                 att.out.extend_from_slice(&build::query(&sql));
                 att.queue.push(Expect::query(Owner::Internal));
             } else {
-                self.validate_settings(&mut att, &sql).await?;
+                Box::pin(self.validate_settings(&mut att, &sql)).await?;
             }
         }
         self.cancel.slot.set(Some(att.key));
@@ -549,29 +552,37 @@ impl Session {
         }
         if self.settings_dirty {
             self.settings_dirty = false;
-            // The client has its answer already; read back its settings before anyone else
-            // can get this connection.
-            self.flush_client().await?;
-            match att.simple_query(CAPTURE_SQL).await {
-                Ok(out) if out.error.is_none() && out.status == b'I' => {
-                    let captured: Settings = out
-                        .rows
-                        .into_iter()
-                        .filter_map(|r| match r.as_slice() {
-                            [Some(k), Some(v)] => Some((k.clone(), v.clone())),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut wanted = (*self.startup_settings).clone();
-                    wanted.extend(captured.clone());
-                    self.wanted = Arc::new(wanted);
-                    att.applied = captured;
-                }
-                Ok(_) | Err(_) => return Ok(()),
+            // Boxed: a rare round trip, kept out of the common path's future.
+            if !Box::pin(self.capture_settings(&mut att)).await? {
+                return Ok(());
             }
         }
         self.pool.checkin(att);
         Ok(())
+    }
+
+    /// Reads back the client's settings from the connection it just used, before anyone else
+    /// can get it (the client has its answer already). False: the connection is not reusable.
+    async fn capture_settings(&mut self, att: &mut PooledConn) -> Result<bool, End> {
+        self.flush_client().await?;
+        match att.simple_query(CAPTURE_SQL).await {
+            Ok(out) if out.error.is_none() && out.status == b'I' => {
+                let captured: Settings = out
+                    .rows
+                    .into_iter()
+                    .filter_map(|r| match r.as_slice() {
+                        [Some(k), Some(v)] => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                let mut wanted = (*self.startup_settings).clone();
+                wanted.extend(captured.clone());
+                self.wanted = Arc::new(wanted);
+                att.applied = captured;
+                Ok(true)
+            }
+            Ok(_) | Err(_) => Ok(false),
+        }
     }
 
     async fn flush_client(&mut self) -> Result<(), End> {

@@ -109,14 +109,15 @@ pub struct StatementMap {
     /// The unnamed statement, kept apart: it is replaced by nearly every extended-protocol
     /// batch, so it should not cost a hash lookup each time.
     unnamed: Option<Arc<Statement>>,
-    by_name: HashMap<String, Arc<Statement>>,
+    /// Hashed with foldhash (seeded per process): SipHash was a measurable part of each Bind.
+    by_name: HashMap<String, Arc<Statement>, foldhash::fast::RandomState>,
     bytes: usize,
     max_bytes: usize,
 }
 
 impl StatementMap {
     pub fn new(max_bytes: usize) -> Self {
-        StatementMap { unnamed: None, by_name: HashMap::new(), bytes: 0, max_bytes }
+        StatementMap { unnamed: None, by_name: HashMap::default(), bytes: 0, max_bytes }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
