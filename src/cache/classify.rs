@@ -128,14 +128,24 @@ pub enum Verdict {
 pub const OPT_OUT: &str = "/* pgwarp:nocache */";
 
 pub fn classify(sql: &str, catalog: &Catalog) -> Verdict {
-    let tokens = tokenize(sql);
+    classify_tokens(&tokenize(sql), opted_out(sql), catalog)
+}
+
+/// Whether the SQL opts out of the cache with a leading `/* pgwarp:nocache */`.
+pub fn opted_out(sql: &str) -> bool {
+    sql.trim_start().starts_with(OPT_OUT)
+}
+
+/// [`classify`] for SQL already tokenized. It depends on nothing else: not on the text between
+/// tokens (comments, spacing) and not on the values of literals, which is what [`shape`] keeps.
+pub fn classify_tokens(tokens: &[Token<'_>], opted_out: bool, catalog: &Catalog) -> Verdict {
     if tokens.contains(&Token::Unterminated) {
         return Verdict::Uncacheable(Reason::NotARead);
     }
     let mut tables: Vec<String> = Vec::new();
     let mut uncacheable = None;
     let mut write: Option<WriteScope> = None;
-    for stmt in statements(&tokens) {
+    for stmt in statements(tokens) {
         match classify_statement(stmt, catalog) {
             Verdict::Read { tables: t } => tables.extend(t),
             Verdict::Uncacheable(r) => uncacheable = uncacheable.or(Some(r)),
@@ -145,7 +155,7 @@ pub fn classify(sql: &str, catalog: &Catalog) -> Verdict {
     if let Some(scope) = write {
         return Verdict::Write(scope);
     }
-    if sql.trim_start().starts_with(OPT_OUT) {
+    if opted_out {
         return Verdict::Uncacheable(Reason::OptOut);
     }
     if let Some(r) = uncacheable {
@@ -154,6 +164,39 @@ pub fn classify(sql: &str, catalog: &Catalog) -> Verdict {
     tables.sort();
     tables.dedup();
     Verdict::Read { tables }
+}
+
+/// Writes into `out` everything [`classify_tokens`] looks at: each token, with string and number
+/// literals reduced to their kind, and whether the SQL opted out. Texts that differ only in
+/// literal values, comments or spacing (`... WHERE id = 1`, `... WHERE id = 2`) have one shape
+/// and so one verdict. Says whether there were literals. Unambiguous: contents are
+/// length-prefixed.
+pub fn shape(tokens: &[Token<'_>], opted_out: bool, out: &mut Vec<u8>) -> bool {
+    fn put(out: &mut Vec<u8>, kind: u8, text: &str) {
+        out.push(kind);
+        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    out.push(u8::from(opted_out));
+    let mut literals = false;
+    for t in tokens {
+        match t {
+            Token::Word(w) => put(out, b'w', w),
+            Token::QuotedIdent(q) => put(out, b'q', q),
+            Token::Punct(p) => put(out, b'o', p),
+            Token::Str => {
+                literals = true;
+                out.push(b's');
+            }
+            Token::Number => {
+                literals = true;
+                out.push(b'n');
+            }
+            Token::Param => out.push(b'p'),
+            Token::Unterminated => out.push(b'u'),
+        }
+    }
+    literals
 }
 
 /// Words followed by "(" that are syntax, not function calls.
@@ -506,6 +549,51 @@ mod tests {
 
     fn v(sql: &str) -> Verdict {
         classify(sql, &catalog())
+    }
+
+    fn shape_of(sql: &str) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let literals = shape(&tokenize(sql), opted_out(sql), &mut out);
+        (out, literals)
+    }
+
+    #[test]
+    fn shapes_ignore_literal_values_comments_and_spacing_only() {
+        let base = shape_of("select * from users where id = 1 and name = 'a'");
+        assert!(base.1, "it has literals");
+        for same in [
+            "select * from users where id = 22 and name = 'bob'",
+            "select  *  from users /* note */ where id = 3.5 and name = E'x\\'y' -- end",
+            "select * from users where id = 1e3 and name = $q$it's$q$",
+        ] {
+            assert_eq!(shape_of(same), base, "{same}");
+        }
+        for different in [
+            "select * from orders where id = 1 and name = 'a'",
+            "select * from users where id = $1 and name = 'a'",
+            "select * from users where id = 1 and \"name\" = 'a'",
+            "select * from users where id = random() and name = 'a'",
+            "/* pgwarp:nocache */ select * from users where id = 1 and name = 'a'",
+            "select * from users where id = 1 and name = 'a'; delete from users",
+            "select * from users where id = 1 and name = 'a; delete from users'x",
+        ] {
+            assert_ne!(shape_of(different).0, base.0, "{different}");
+        }
+        assert!(!shape_of("select * from users where id = $1").1, "parameters are not literals");
+    }
+
+    #[test]
+    fn texts_of_one_shape_have_one_verdict() {
+        // What the shape memo relies on: classification reads nothing the shape leaves out.
+        for (a, b) in [
+            ("select * from users where id = 1", "select * from users where id = 2 -- x"),
+            ("update users set name = 'a' where id = 1", "update users set name = 'zz' where id = 9"),
+            ("select lower('A') from users", "select lower('B')   from users"),
+            ("select * from users where id = 1 for update", "select * from users where id = 7 for update"),
+        ] {
+            assert_eq!(shape_of(a).0, shape_of(b).0);
+            assert_eq!(v(a), v(b), "{a} / {b}");
+        }
     }
 
     fn read(tables: &[&str]) -> Verdict {

@@ -2,8 +2,6 @@
 //! and what exactly it asks (query text, parameter types, formats and values, Describe targets,
 //! row limits), never a client's statement or portal name. Pure.
 
-use bytes::BufMut;
-
 use crate::origin::settings::Settings;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
 use crate::protocol::Message;
@@ -27,9 +25,9 @@ const RESULT_SETTINGS: &[&str] = &[
     "standard_conforming_strings",
 ];
 
-fn put(key: &mut impl BufMut, part: &[u8]) {
-    key.put_u32(part.len() as u32);
-    key.put_slice(part);
+fn put(key: &mut impl KeyOut, part: &[u8]) {
+    key.bytes(&(part.len() as u32).to_be_bytes());
+    key.bytes(part);
 }
 
 /// The part of every key that says who asks: database, user and the settings that change
@@ -58,8 +56,30 @@ pub fn build(key: &mut Vec<u8>, prefix: &[u8], batch: &[Message], statements: &S
 /// The SQL texts a batch [`build`] accepted runs, in order: what a miss classifies.
 pub fn texts<'a>(batch: &'a [Message], statements: &'a StatementMap) -> Result<Vec<&'a str>, Reason> {
     let mut sql = Vec::new();
-    walk(batch, statements, &mut Vec::new(), |text| sql.push(text))?;
+    walk(batch, statements, &mut Discard, |text| sql.push(text))?;
     Ok(sql)
+}
+
+/// Where [`walk`] writes key bytes: a buffer, or nowhere when only the texts are wanted.
+trait KeyOut {
+    fn byte(&mut self, b: u8);
+    fn bytes(&mut self, b: &[u8]);
+}
+
+impl KeyOut for Vec<u8> {
+    fn byte(&mut self, b: u8) {
+        self.push(b);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+struct Discard;
+
+impl KeyOut for Discard {
+    fn byte(&mut self, _: u8) {}
+    fn bytes(&mut self, _: &[u8]) {}
 }
 
 /// Statements parsed earlier in the batch being keyed: name, text and parameter types. A batch
@@ -69,7 +89,7 @@ type Local<'a> = Vec<(&'a str, &'a str, Vec<u32>)>;
 fn walk<'a>(
     batch: &'a [Message],
     statements: &'a StatementMap,
-    key: &mut Vec<u8>,
+    key: &mut impl KeyOut,
     mut on_sql: impl FnMut(&'a str),
 ) -> Result<(), Reason> {
     let mut local: Local<'a> = Vec::new();
@@ -77,7 +97,7 @@ fn walk<'a>(
     let last = batch.len().saturating_sub(1);
     for (i, msg) in batch.iter().enumerate() {
         let tag = msg.tag();
-        key.put_u8(tag);
+        key.byte(tag);
         match tag {
             fe::QUERY if batch.len() == 1 => {
                 let text = fe::query_text(msg.body()).map_err(|_| Reason::Protocol)?;
@@ -110,10 +130,10 @@ fn walk<'a>(
             fe::DESCRIBE => {
                 let d = Named::decode(fe::DESCRIBE, msg.body()).map_err(|_| Reason::Protocol)?;
                 match d.target {
-                    Target::Portal if d.name.is_empty() => key.put_u8(b'P'),
+                    Target::Portal if d.name.is_empty() => key.byte(b'P'),
                     Target::Statement => {
                         let (text, types) = content(&local, statements, d.name).ok_or(Reason::Protocol)?;
-                        key.put_u8(b'S');
+                        key.byte(b'S');
                         put_statement(key, text, types);
                     }
                     Target::Portal => return Err(Reason::Protocol),
@@ -124,7 +144,7 @@ fn walk<'a>(
                 if !e.portal.is_empty() {
                     return Err(Reason::Protocol);
                 }
-                key.extend_from_slice(&e.max_rows.to_be_bytes());
+                key.bytes(&e.max_rows.to_be_bytes());
             }
             fe::SYNC if i == last => {}
             // Close, Flush, FunctionCall, a Sync mid-batch: not a shape the cache answers.
@@ -148,10 +168,10 @@ where
     }
 }
 
-fn put_statement(key: &mut Vec<u8>, sql: &str, types: &[u32]) {
-    key.extend_from_slice(&(types.len() as u32).to_be_bytes());
+fn put_statement(key: &mut impl KeyOut, sql: &str, types: &[u32]) {
+    key.bytes(&(types.len() as u32).to_be_bytes());
     for t in types {
-        key.extend_from_slice(&t.to_be_bytes());
+        key.bytes(&t.to_be_bytes());
     }
     put(key, sql.as_bytes());
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::sql::lexer::tokenize;
 use classify::{Catalog, Reason, Verdict, WriteScope};
 
 /// Cache settings (the `[cache]` section).
@@ -320,12 +321,28 @@ pub struct DatabaseCache {
     loading: AtomicBool,
     generation: AtomicU64,
     tables: Mutex<HashMap<Box<str>, Arc<Table>>>,
-    verdicts: Mutex<HashMap<Box<str>, Arc<Classified>>>,
+    verdicts: Mutex<Verdicts>,
+}
+
+/// Classified SQL, remembered per text and per shape ([`classify::shape`]). A text with
+/// literals is remembered only by its shape: its exact text rarely comes again, and remembering
+/// each would evict the texts that do.
+#[derive(Debug, Default)]
+struct Verdicts {
+    by_text: HashMap<Box<str>, Arc<Classified>>,
+    by_shape: HashMap<Box<[u8]>, Arc<Classified>>,
+}
+
+impl Verdicts {
+    fn clear(&mut self) {
+        self.by_text.clear();
+        self.by_shape.clear();
+    }
 }
 
 /// How long a catalog snapshot is used before it is reloaded in the background.
 const CATALOG_MAX_AGE: Duration = Duration::from_secs(60);
-/// Classified SQL texts remembered per database.
+/// Classified SQL texts (and as many shapes) remembered per database.
 const MAX_VERDICTS: usize = 10_000;
 /// How long a concurrent miss waits for the first one to store its result.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
@@ -355,22 +372,37 @@ impl DatabaseCache {
         self.loading.store(false, Ordering::Release);
     }
 
-    /// Classifies SQL against the catalog, remembering the answer per text.
+    /// Classifies SQL against the catalog, remembering the answer per text and per shape.
     pub fn classify(&self, catalog: &Catalog, sql: &str) -> Arc<Classified> {
-        if let Some(c) = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+        if let Some(c) = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).by_text.get(sql) {
             return c.clone();
         }
-        let verdict = classify::classify(sql, catalog);
-        let reads = match &verdict {
-            Verdict::Read { tables } => self.tables(tables),
-            _ => Vec::new(),
-        };
-        let classified = Arc::new(Classified { verdict, reads });
+        let tokens = tokenize(sql);
+        let opted_out = classify::opted_out(sql);
+        let mut shape = Vec::with_capacity(sql.len() + 64);
+        let literals = classify::shape(&tokens, opted_out, &mut shape);
+        let known = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).by_shape.get(&shape[..]).cloned();
+        if let (Some(c), true) = (&known, literals) {
+            return c.clone();
+        }
+        let classified = known.clone().unwrap_or_else(|| {
+            let verdict = classify::classify_tokens(&tokens, opted_out, catalog);
+            let reads = match &verdict {
+                Verdict::Read { tables } => self.tables(tables),
+                _ => Vec::new(),
+            };
+            Arc::new(Classified { verdict, reads })
+        });
         let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-        if verdicts.len() >= MAX_VERDICTS {
+        if verdicts.by_shape.len() >= MAX_VERDICTS || verdicts.by_text.len() >= MAX_VERDICTS {
             verdicts.clear();
         }
-        verdicts.insert(sql.into(), classified.clone());
+        if !literals {
+            verdicts.by_text.insert(sql.into(), classified.clone());
+        }
+        if known.is_none() {
+            verdicts.by_shape.insert(shape.into(), classified.clone());
+        }
         classified
     }
 
@@ -695,6 +727,25 @@ mod tests {
         let c = cache();
         assert_eq!(c.key(b"abc".to_vec()), c.key(b"abc".to_vec()));
         assert_ne!(c.key(b"abc".to_vec()), c.key(b"abd".to_vec()));
+    }
+
+    #[test]
+    fn texts_that_differ_only_in_literals_are_classified_once_and_not_remembered_by_text() {
+        let c = cache();
+        let db = c.database("db");
+        let mut catalog = Catalog::default();
+        catalog.relations.insert("t".into(), true);
+        let one = db.classify(&catalog, "select * from t where id = 1");
+        let two = db.classify(&catalog, "select * from t where id = 2");
+        assert!(Arc::ptr_eq(&one, &two));
+        assert_eq!(one.verdict, Verdict::Read { tables: vec!["t".into()] });
+        let write = db.classify(&catalog, "delete from t where id = 2");
+        assert!(matches!(write.verdict, Verdict::Write(_)));
+        let param = db.classify(&catalog, "select * from t where id = $1");
+        assert!(Arc::ptr_eq(&param, &db.classify(&catalog, "select * from t where id = $1")));
+        let verdicts = db.verdicts.lock().unwrap();
+        assert_eq!(verdicts.by_shape.len(), 3);
+        assert_eq!(verdicts.by_text.len(), 1, "only the text without literals");
     }
 
     #[test]

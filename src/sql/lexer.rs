@@ -41,13 +41,20 @@ impl Token<'_> {
 }
 
 pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
-    tokenize_with_spans(sql).into_iter().map(|(t, _)| t).collect()
+    let mut tokens = Vec::with_capacity(sql.len() / 4 + 4);
+    lex(sql, &mut Spanned { push: |t, _| tokens.push(t), start: 0 });
+    tokens
 }
 
 /// Tokens with the byte range each one covers in `sql`.
 pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)> {
+    let mut tokens = Vec::with_capacity(sql.len() / 4 + 4);
+    lex(sql, &mut Spanned { push: |t, span| tokens.push((t, span)), start: 0 });
+    tokens
+}
+
+fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut Spanned<F>) {
     let b = sql.as_bytes();
-    let mut out = Spanned { tokens: Vec::new(), start: 0 };
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -63,7 +70,7 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
                 Some(end) => i = end,
                 None => {
                     out.push_at(Token::Unterminated, b.len());
-                    return out.tokens;
+                    return;
                 }
             },
             b'\'' => match skip_string(b, i + 1, false) {
@@ -73,7 +80,7 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
                 }
                 None => {
                     out.push_at(Token::Unterminated, b.len());
-                    return out.tokens;
+                    return;
                 }
             },
             b'"' => match quoted_ident(sql, i + 1) {
@@ -83,7 +90,7 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
                 }
                 None => {
                     out.push_at(Token::Unterminated, b.len());
-                    return out.tokens;
+                    return;
                 }
             },
             b'$' => {
@@ -102,7 +109,7 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
                         }
                         None => {
                             out.push_at(Token::Unterminated, b.len());
-                            return out.tokens;
+                            return;
                         }
                     }
                 } else {
@@ -128,7 +135,7 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
                         }
                         None => {
                             out.push_at(Token::Unterminated, b.len());
-                            return out.tokens;
+                            return;
                         }
                     }
                     continue;
@@ -159,18 +166,20 @@ pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)
             }
         }
     }
-    out.tokens
 }
 
-/// Collects tokens with their spans; `start` is where the token being read began.
-struct Spanned<'a> {
-    tokens: Vec<(Token<'a>, std::ops::Range<usize>)>,
+/// Hands on tokens with their spans; `start` is where the token being read began.
+struct Spanned<F> {
+    push: F,
     start: usize,
 }
 
-impl<'a> Spanned<'a> {
-    fn push_at(&mut self, token: Token<'a>, end: usize) {
-        self.tokens.push((token, self.start..end));
+impl<F> Spanned<F> {
+    fn push_at<'a>(&mut self, token: Token<'a>, end: usize)
+    where
+        F: FnMut(Token<'a>, std::ops::Range<usize>),
+    {
+        (self.push)(token, self.start..end);
     }
 }
 
