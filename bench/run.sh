@@ -94,8 +94,9 @@ bench_prepared() {
     fi
 }
 
-# The query cache: point selects over 1,000 hot keys (read-only), and the same with one update
-# in ten (read-mostly), directly, through pgwarp without the cache, and with it. Targets: with
+# The query cache: point selects over 1,000 hot keys (read-only), the same with one update in
+# ten (read-mostly), and pgbench -S over every row (no-reuse, the cache's worst case), directly,
+# through pgwarp without the cache, and with it. Targets: with
 # the cache, read-only TPS >= 2x direct, and cache-hit latency at 1 client <= 50% of direct.
 bench_cache() {
     ((SKIP_PGWARP)) && return 0
@@ -110,12 +111,19 @@ bench_cache() {
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
     local -A port=([direct]=$PG_PORT [nocache]=$plain_port [cache]=$PGWARP_PORT)
     local -A tps=() lat=()
-    local targets=(direct nocache cache) workload clients run target key result args
+    local targets=(direct nocache cache) workloads=(read-only read-mostly no-reuse)
+    local workload clients run target key result args
     # Warm the cache (and the catalog it needs) untimed.
     pgbench_once "${port[cache]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 3 -M prepared -c 8 -j 2 \
         -f "$read" >/dev/null || true
-    for workload in read-only read-mostly; do
-        if [[ $workload == read-only ]]; then args=(-f "$read"); else args=(-f "$read@9" -f "$write@1"); fi
+    for workload in "${workloads[@]}"; do
+        case $workload in
+            read-only) args=(-f "$read") ;;
+            read-mostly) args=(-f "$read@9" -f "$write@1") ;;
+            # pgbench -S over all 1,000,000 rows: nearly every read a miss that is recorded and
+            # stored, what the cache costs where answers are not reused.
+            no-reuse) args=(-b select-only) ;;
+        esac
         for clients in 1 32; do
             for ((run = 1; run <= RUNS; run++)); do
                 for target in "${targets[@]}"; do
@@ -142,10 +150,10 @@ bench_cache() {
         done
     done
     report ""
-    report "== cache: point selects over 1000 hot keys, pgbench -M prepared (median of $RUNS runs x ${SECS}s) =="
+    report "== cache: point selects over 1000 hot keys (no-reuse: pgbench -S over all rows), pgbench -M prepared (median of $RUNS runs x ${SECS}s) =="
     reportf '%-12s %7s %-8s %12s %10s\n' workload clients target tps lat_ms
     local -A mt=() ml=()
-    for workload in read-only read-mostly; do
+    for workload in "${workloads[@]}"; do
         for clients in 1 32; do
             for target in "${targets[@]}"; do
                 key="$workload|$clients|$target"
@@ -159,7 +167,7 @@ bench_cache() {
     done
     report ""
     reportf '%-12s %7s %14s %15s %20s\n' workload clients cache/direct cache/nocache latency_cache/direct
-    for workload in read-only read-mostly; do
+    for workload in "${workloads[@]}"; do
         for clients in 1 32; do
             reportf '%-12s %7s %14s %15s %20s\n' "$workload" "$clients" \
                 "$(ratio "${mt[$workload|$clients|cache]}" "${mt[$workload|$clients|direct]}")" \
@@ -260,7 +268,7 @@ report_header() {
     if ((SKIP_PGWARP)); then
         report "pgwarp:    skipped (--skip-pgwarp)"
     else
-        report "pgwarp:    --pool-size $POOL_SIZE --max-client-conn 10000 --log-level warn"
+        report "pgwarp:    --pool-size $POOL_SIZE --max-client-conn 10000 --log-level warn (--no-cache, a pure pooler, except in the cache bench)"
     fi
     report "runs:      $RUNS x ${SECS}s per configuration, targets interleaved; pgbench on the same machine"
 }

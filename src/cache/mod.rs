@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
 
 use crate::sql::lexer::tokenize;
 use classify::{Catalog, Reason, Verdict, WriteScope};
@@ -460,7 +460,8 @@ pub struct QueryCache {
     hasher: foldhash::quality::RandomState,
     entries: moka::sync::Cache<CacheKey, Arc<Entry>, KeyHash>,
     databases: Mutex<HashMap<Box<str>, Arc<DatabaseCache>>>,
-    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<()>, KeyHash>>,
+    /// Fetches under way: each a semaphore with no permits, closed when the fetch ends.
+    in_flight: Mutex<HashMap<CacheKey, Arc<Semaphore>, KeyHash>>,
 }
 
 impl std::fmt::Debug for QueryCache {
@@ -562,21 +563,22 @@ impl QueryCache {
 
     /// Claims the right to fetch `key` from the origin. When another client is already
     /// fetching it, returns something to wait on instead.
-    pub fn claim(self: &Arc<Self>, key: &dyn KeyView) -> Result<MissGuard, watch::Receiver<()>> {
+    pub fn claim(self: &Arc<Self>, key: &dyn KeyView) -> Result<MissGuard, Arc<Semaphore>> {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = in_flight.get(key) {
-            return Err(rx.clone());
+        if let Some(fetch) = in_flight.get(key) {
+            return Err(fetch.clone());
         }
-        let (done, rx) = watch::channel(());
+        let done = Arc::new(Semaphore::new(0));
         let key = key.to_key();
-        in_flight.insert(key.clone(), rx);
-        Ok(MissGuard { cache: self.clone(), key, _done: done })
+        in_flight.insert(key.clone(), done.clone());
+        Ok(MissGuard { cache: self.clone(), key, done })
     }
 
     /// Waits (bounded) for another client's fetch of the same key: its guard dropping closes
-    /// the channel, which wakes every waiter, however late it started waiting.
-    pub async fn wait_for(mut fetch: watch::Receiver<()>) {
-        let _ = tokio::time::timeout(COALESCE_WAIT, fetch.changed()).await;
+    /// the semaphore, which wakes every waiter, however late it started waiting (it has no
+    /// permits, so nothing else ends the wait).
+    pub async fn wait_for(fetch: Arc<Semaphore>) {
+        let _ = tokio::time::timeout(COALESCE_WAIT, fetch.acquire()).await;
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -589,7 +591,7 @@ impl QueryCache {
 pub struct MissGuard {
     cache: Arc<QueryCache>,
     pub key: CacheKey,
-    _done: watch::Sender<()>,
+    done: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for MissGuard {
@@ -601,6 +603,7 @@ impl std::fmt::Debug for MissGuard {
 impl Drop for MissGuard {
     fn drop(&mut self) {
         self.cache.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.done.close();
     }
 }
 
@@ -793,10 +796,13 @@ mod tests {
         let key = c.key(b"k".to_vec());
         let guard = c.claim(&key).unwrap();
         let wait = c.claim(&key).unwrap_err();
+        let late = c.claim(&key).unwrap_err();
         let waiter = tokio::spawn(QueryCache::wait_for(wait));
         c.store(key.clone(), &db, reads(&db, &[]), Bytes::from_static(b"r"));
         drop(guard);
         tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        // One that starts waiting only after the fetch ended does not wait at all.
+        tokio::time::timeout(Duration::from_secs(1), QueryCache::wait_for(late)).await.unwrap();
         assert!(matches!(c.lookup(&key), Lookup::Fresh(_)));
         assert!(c.claim(&key).is_ok());
     }
