@@ -82,17 +82,25 @@ static FIRST_BYTE: [u8; 256] = {
 fn mentions(sql: &str) -> u8 {
     let h = sql.as_bytes();
     let mut found = 0u8;
-    let mut after_letter = false;
-    for (i, &b) in h.iter().enumerate() {
-        let mut candidates = if after_letter { 0 } else { FIRST_BYTE[usize::from(b)] & !found };
-        after_letter = b.is_ascii_alphabetic();
+    let mut i = 0;
+    while i < h.len() {
+        let b = h[i];
+        i += 1;
+        if !b.is_ascii_alphabetic() {
+            continue;
+        }
+        // A run of letters starts here: only its start can begin a word of interest.
+        let mut candidates = FIRST_BYTE[usize::from(b)] & !found;
         while candidates != 0 {
             let w = candidates.trailing_zeros() as usize;
             candidates &= candidates - 1;
             let word = WORDS[w];
-            if h.get(i..i + word.len()).is_some_and(|s| s.eq_ignore_ascii_case(word)) {
+            if h.get(i - 1..i - 1 + word.len()).is_some_and(|s| s.eq_ignore_ascii_case(word)) {
                 found |= 1 << w;
             }
+        }
+        while i < h.len() && h[i].is_ascii_alphabetic() {
+            i += 1;
         }
     }
     found
