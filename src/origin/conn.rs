@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -11,7 +12,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::AsyncWriteExt;
 
 use super::queue::ResponseQueue;
-use super::settings::Settings;
+use super::settings::{sync_sql, Settings};
 use super::statements::ServerStatements;
 use super::OriginError;
 use crate::protocol::backend::{self as be, AuthRequest};
@@ -61,7 +62,11 @@ pub struct OriginConn {
     pub params: BTreeMap<String, String>,
     /// Session settings pgwarp has applied on this connection (what `pg_settings` shows with
     /// source = 'session').
-    pub applied: Settings,
+    applied: Settings,
+    /// The shared settings `applied` was last copied from, if nothing changed it since: clients
+    /// with the same startup settings share one `Arc`, so checking a connection out for one of
+    /// them is a pointer comparison, not a map comparison.
+    applied_from: Option<Arc<Settings>>,
     /// The statements prepared here.
     pub statements: ServerStatements,
     pub created: Instant,
@@ -116,6 +121,7 @@ impl OriginConn {
             key: BackendKey { pid: 0, secret: 0 },
             params: BTreeMap::new(),
             applied: Settings::new(),
+            applied_from: None,
             statements: ServerStatements::new(statement_cache),
             created: Instant::now(),
             last_used: Instant::now(),
@@ -279,6 +285,36 @@ impl OriginConn {
                 self.broken = true;
             }
         }
+    }
+
+    /// Session settings pgwarp has applied here.
+    pub fn applied(&self) -> &Settings {
+        &self.applied
+    }
+
+    /// Records the settings now in force here.
+    pub fn set_applied(&mut self, applied: Settings) {
+        self.applied = applied;
+        self.applied_from = None;
+    }
+
+    /// Records that `wanted` is now in force here.
+    pub fn set_applied_from(&mut self, wanted: &Arc<Settings>) {
+        self.applied = (**wanted).clone();
+        self.applied_from = Some(wanted.clone());
+    }
+
+    /// The query that brings this connection's settings to `wanted`, or None if they match
+    /// (then remembering that they match `wanted`, for the next time).
+    pub fn settings_sql(&mut self, wanted: &Arc<Settings>) -> Option<String> {
+        if self.applied_from.as_ref().is_some_and(|from| Arc::ptr_eq(from, wanted)) {
+            return None;
+        }
+        let sql = sync_sql(&self.applied, wanted);
+        if sql.is_none() {
+            self.applied_from = Some(wanted.clone());
+        }
+        sql
     }
 
     /// Whether an idle connection still looks usable: nothing to read and not closed. An idle

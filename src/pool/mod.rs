@@ -269,11 +269,11 @@ impl Pool {
             (None, None) => self.acquire_slot().await?,
         };
         let mut pooled = self.checkout_with(slot).await?;
-        if let Some(sql) = sync_sql(&pooled.applied, wanted) {
+        if let Some(sql) = sync_sql(pooled.applied(), wanted) {
             let outcome = pooled.simple_query(&sql).await.map_err(PoolError::from)?;
             if let Some(err) = outcome.error {
                 // The connection is fine, but what was applied is now unknown: RESET it all.
-                pooled.applied = Settings::new();
+                pooled.set_applied(Settings::new());
                 let reset = pooled.simple_query("RESET ALL").await.map_err(PoolError::from)?;
                 if reset.error.is_some() {
                     pooled.broken = true;
@@ -281,7 +281,7 @@ impl Pool {
                 self.checkin(pooled);
                 return Err(StartupParamsError::Rejected(err));
             }
-            pooled.applied = wanted.clone();
+            pooled.set_applied(wanted.clone());
         }
         let params = self.remember_params(wanted, &pooled.params);
         self.checkin(pooled);

@@ -13,7 +13,7 @@ use crate::cache::classify::{Catalog, Reason, Verdict, WriteScope};
 use crate::cache::{
     catalog, key, CacheKey, DatabaseCache, Entry, Generations, KeyRef, KeyView, Lookup, MissGuard, QueryCache, Table,
 };
-use crate::origin::settings::{sync_sql, Settings};
+use crate::origin::settings::Settings;
 use crate::pool::Pool;
 use crate::protocol::backend as be;
 use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
@@ -344,10 +344,10 @@ impl Refresh {
     async fn run(self, batch: Vec<Message>, mut statements: StatementMap) {
         let generations = self.database.generations(&self.tables);
         let Ok(mut conn) = self.pool.checkout().await else { return };
-        if let Some(sql) = sync_sql(&conn.applied, &self.settings) {
+        if let Some(sql) = conn.settings_sql(&self.settings) {
             conn.statements.unnamed = None;
             match conn.simple_query(&sql).await {
-                Ok(out) if out.error.is_none() => conn.applied = (*self.settings).clone(),
+                Ok(out) if out.error.is_none() => conn.set_applied_from(&self.settings),
                 _ => return,
             }
         }

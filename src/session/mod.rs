@@ -22,7 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::cancel::{self, CancelHandle, Stop};
-use crate::origin::settings::{sync_sql, Settings, CAPTURE_SQL};
+use crate::origin::settings::{Settings, CAPTURE_SQL};
 use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
 use crate::protocol::backend as be;
@@ -366,11 +366,11 @@ impl Session {
     /// round trip as the client's first message.
     async fn attach(&mut self) -> Result<PooledConn, AttachError> {
         let mut att = self.pool.checkout().await?;
-        if let Some(sql) = sync_sql(&att.applied, &self.wanted) {
+        if let Some(sql) = att.settings_sql(&self.wanted) {
             // A simple query destroys the unnamed statement.
             att.statements.unnamed = None;
             if self.settings_validated {
-                att.applied = (*self.wanted).clone();
+                att.set_applied_from(&self.wanted);
                 att.out.extend_from_slice(&build::query(&sql));
                 att.queue.push(Expect::query(Owner::Internal));
             } else {
@@ -387,11 +387,11 @@ impl Session {
     async fn validate_settings(&mut self, att: &mut PooledConn, sql: &str) -> Result<(), AttachError> {
         let outcome = att.simple_query(sql).await.map_err(PoolError::from)?;
         if let Some(err) = outcome.error {
-            att.applied = Settings::new();
+            att.set_applied(Settings::new());
             att.broken = true;
             return Err(AttachError::Rejected(err));
         }
-        att.applied = (*self.wanted).clone();
+        att.set_applied_from(&self.wanted);
         self.settings_validated = true;
         self.pool.remember_params(&self.wanted, &att.params);
         for (name, value) in &att.params {
@@ -578,7 +578,7 @@ impl Session {
                 let mut wanted = (*self.startup_settings).clone();
                 wanted.extend(captured.clone());
                 self.wanted = Arc::new(wanted);
-                att.applied = captured;
+                att.set_applied(captured);
                 Ok(true)
             }
             Ok(_) | Err(_) => Ok(false),
@@ -653,7 +653,7 @@ async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8,
         }
         if pinned && status == b'I' {
             let out = conn.simple_query("DISCARD ALL").await?;
-            conn.applied.clear();
+            conn.set_applied(Settings::new());
             conn.statements.clear();
             status = if out.error.is_some() { b'E' } else { out.status };
         }
