@@ -136,6 +136,28 @@ async fn own_and_other_clients_see_a_write_through_pgwarp_at_once() {
 }
 
 #[tokio::test]
+async fn a_write_hidden_by_standard_conforming_strings_off_is_not_taken_for_a_read() {
+    let origin = Origin::start();
+    setup(&origin);
+    let pgwarp = cached(&origin, |_| {}).await;
+    let client = pgwarp.client().await;
+    let read = "SELECT name FROM items WHERE id = 5";
+    warm(&client, read).await;
+    assert_eq!(first(&client.simple_query(read).await.unwrap()), "item 5");
+    client.simple_query("SET standard_conforming_strings = off").await.unwrap();
+    client.simple_query("SET escape_string_warning = off").await.unwrap();
+    // Read with the setting on, this is one string; with it off, it is a string and a DELETE.
+    let hidden = r"SELECT '\''; DELETE FROM items WHERE id = 5; --'";
+    for _ in 0..3 {
+        client.simple_query(hidden).await.unwrap();
+    }
+    assert_eq!(origin.sql("SELECT count(*) FROM items WHERE id = 5").trim(), "0", "the DELETE ran at the origin");
+    assert_eq!(first(&client.simple_query(read).await.unwrap()), "", "and the cached read saw it");
+    let other = pgwarp.client().await;
+    assert_eq!(first(&other.simple_query(read).await.unwrap()), "");
+}
+
+#[tokio::test]
 async fn a_write_pipelined_behind_a_recorded_read_still_invalidates() {
     let origin = Origin::start();
     setup(&origin);

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::sql::lexer::{statements, tokenize, Token};
+use crate::sql::lexer::{statements, tokenize, tokenize_backslash_escapes, Token};
 
 /// What the origin's catalogs say about names, loaded by `catalog`.
 #[derive(Debug, Default, Clone)]
@@ -128,7 +128,40 @@ pub enum Verdict {
 pub const OPT_OUT: &str = "/* pgwarp:nocache */";
 
 pub fn classify(sql: &str, catalog: &Catalog) -> Verdict {
-    classify_tokens(&tokenize(sql), opted_out(sql), catalog)
+    let verdict = classify_tokens(&tokenize(sql), opted_out(sql), catalog);
+    if !may_read_two_ways(sql) {
+        return verdict;
+    }
+    // With standard_conforming_strings off, a backslash escapes in plain strings too, and
+    // `select '\''; delete from t; --'` hides a DELETE. The client may have turned it off, so
+    // the SQL is taken to do whatever either reading does.
+    let other = classify_tokens(&tokenize_backslash_escapes(sql), opted_out(sql), catalog);
+    either(verdict, other)
+}
+
+/// Whether the SQL may tokenize differently under standard_conforming_strings off: it has a
+/// backslash. [`shape`] does not capture that difference, so such SQL is classified by its text.
+pub fn may_read_two_ways(sql: &str) -> bool {
+    sql.as_bytes().contains(&b'\\')
+}
+
+/// What SQL does when it may be either of two things: a write if either writes, else not
+/// cacheable if either is not, else a read of both sets of tables.
+fn either(a: Verdict, b: Verdict) -> Verdict {
+    if a == b {
+        return a;
+    }
+    match (a, b) {
+        (Verdict::Write(x), Verdict::Write(y)) => Verdict::Write(WriteScope::merge(Some(x), y)),
+        (Verdict::Write(x), _) | (_, Verdict::Write(x)) => Verdict::Write(x),
+        (Verdict::Uncacheable(r), _) | (_, Verdict::Uncacheable(r)) => Verdict::Uncacheable(r),
+        (Verdict::Read { tables: mut a }, Verdict::Read { tables: b }) => {
+            a.extend(b);
+            a.sort();
+            a.dedup();
+            Verdict::Read { tables: a }
+        }
+    }
 }
 
 /// Whether the SQL opts out of the cache with a leading `/* pgwarp:nocache */`.
@@ -678,6 +711,22 @@ mod tests {
         for sql in ["BEGIN", "COMMIT", "SET search_path = x", "SHOW TimeZone", "LISTEN c", "EXPLAIN SELECT 1"] {
             assert_eq!(v(sql), Verdict::Uncacheable(Reason::NotARead), "{sql}");
         }
+    }
+
+    #[test]
+    fn sql_that_reads_two_ways_does_what_either_reading_does() {
+        // With standard_conforming_strings off this deletes; with it on it reads two strings.
+        assert!(matches!(v(r"select '\''; delete from users; --'"), Verdict::Write(_)));
+        // Reads either way: it depends on the tables of both.
+        assert_eq!(v(r"select '\''; select * from orders; --' from users"), read(&["orders", "users"]));
+        assert_eq!(v(r"select 'a\b' from users"), read(&["users"]));
+        assert_eq!(v(r"select E'a\'b' from users"), read(&["users"]));
+    }
+
+    #[test]
+    fn a_number_does_not_hide_the_word_after_it() {
+        // PostgreSQL 14 and older run `select 1from users` as `select 1 from users`.
+        assert_eq!(v("select 1from users"), read(&["users"]));
     }
 
     #[test]

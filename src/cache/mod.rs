@@ -366,20 +366,32 @@ impl DatabaseCache {
     /// Installs a freshly loaded catalog (or gives up the load on failure).
     pub fn set_catalog(&self, catalog: Option<Catalog>) {
         if let Some(c) = catalog {
+            // Under the verdicts lock, so no verdict made with the old catalog is remembered.
+            let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
             *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(c), Instant::now()));
-            self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            verdicts.clear();
         }
         self.loading.store(false, Ordering::Release);
     }
 
-    /// Classifies SQL against the catalog, remembering the answer per text and per shape.
-    pub fn classify(&self, catalog: &Catalog, sql: &str) -> Arc<Classified> {
+    /// Classifies SQL against the catalog, remembering the answer per text and per shape when
+    /// `catalog` is the snapshot in use (not one a reload or DDL has replaced, nor a stand-in).
+    pub fn classify(&self, catalog: &Arc<Catalog>, sql: &str) -> Arc<Classified> {
         if let Some(c) = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).by_text.get(sql) {
             return c.clone();
         }
+        if classify::may_read_two_ways(sql) {
+            // Rare, and its shape does not say everything: classified each time, not remembered.
+            let verdict = classify::classify(sql, catalog);
+            let reads = match &verdict {
+                Verdict::Read { tables } => self.tables(tables),
+                _ => Vec::new(),
+            };
+            return Arc::new(Classified { verdict, reads });
+        }
         let tokens = tokenize(sql);
         let opted_out = classify::opted_out(sql);
-        let mut shape = Vec::with_capacity(sql.len() + 64);
+        let mut shape = Vec::with_capacity(sql.len().min(4096) + 64);
         let literals = classify::shape(&tokens, opted_out, &mut shape);
         let known = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).by_shape.get(&shape[..]).cloned();
         if let (Some(c), true) = (&known, literals) {
@@ -394,6 +406,11 @@ impl DatabaseCache {
             Arc::new(Classified { verdict, reads })
         });
         let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+        if !current.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, catalog)) {
+            return classified;
+        }
+        drop(current);
         if verdicts.by_shape.len() >= MAX_VERDICTS || verdicts.by_text.len() >= MAX_VERDICTS {
             verdicts.clear();
         }
@@ -434,8 +451,9 @@ impl DatabaseCache {
             WriteScope::Database => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 // DDL may have changed what names mean.
+                let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
                 *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = None;
-                self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                verdicts.clear();
             }
             WriteScope::Tables(names) => {
                 // A table with no counter yet has never been read through the cache: nothing
@@ -736,8 +754,10 @@ mod tests {
     fn texts_that_differ_only_in_literals_are_classified_once_and_not_remembered_by_text() {
         let c = cache();
         let db = c.database("db");
-        let mut catalog = Catalog::default();
-        catalog.relations.insert("t".into(), true);
+        let mut installed = Catalog::default();
+        installed.relations.insert("t".into(), true);
+        db.set_catalog(Some(installed.clone()));
+        let catalog = db.catalog(|| {}).unwrap();
         let one = db.classify(&catalog, "select * from t where id = 1");
         let two = db.classify(&catalog, "select * from t where id = 2");
         assert!(Arc::ptr_eq(&one, &two));
@@ -746,9 +766,20 @@ mod tests {
         assert!(matches!(write.verdict, Verdict::Write(_)));
         let param = db.classify(&catalog, "select * from t where id = $1");
         assert!(Arc::ptr_eq(&param, &db.classify(&catalog, "select * from t where id = $1")));
-        let verdicts = db.verdicts.lock().unwrap();
-        assert_eq!(verdicts.by_shape.len(), 3);
-        assert_eq!(verdicts.by_text.len(), 1, "only the text without literals");
+        {
+            let verdicts = db.verdicts.lock().unwrap();
+            assert_eq!(verdicts.by_shape.len(), 3);
+            assert_eq!(verdicts.by_text.len(), 1, "only the text without literals");
+        }
+        // A verdict made with a catalog that is no longer (or never was) the one in use is
+        // not remembered: a reload that raced with it must not be undone.
+        db.set_catalog(Some(installed));
+        assert!(db.verdicts.lock().unwrap().by_shape.is_empty());
+        db.classify(&catalog, "select * from t where id = 3");
+        db.classify(&Arc::new(Catalog::default()), "select * from u where id = 3");
+        assert!(db.verdicts.lock().unwrap().by_shape.is_empty());
+        db.classify(&db.catalog(|| {}).unwrap(), "select * from t where id = 3");
+        assert_eq!(db.verdicts.lock().unwrap().by_shape.len(), 1);
     }
 
     #[test]

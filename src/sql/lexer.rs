@@ -40,16 +40,31 @@ impl Token<'_> {
     }
 }
 
+/// Tokens reserved up front: enough for common statements, without reserving for a huge text
+/// (a long literal is one token).
+const MAX_RESERVED_TOKENS: usize = 256;
+
 pub fn tokenize(sql: &str) -> Vec<Token<'_>> {
-    let mut tokens = Vec::with_capacity(sql.len() / 4 + 4);
-    lex(sql, &mut Spanned { push: |t, _| tokens.push(t), start: 0 });
+    tokenize_as(sql, false)
+}
+
+/// Tokens as a server with `standard_conforming_strings = off` reads them, where a backslash
+/// escapes the next character in a plain '...' string too. A client may turn that setting off,
+/// so SQL with a backslash in it can mean two things.
+pub fn tokenize_backslash_escapes(sql: &str) -> Vec<Token<'_>> {
+    tokenize_as(sql, true)
+}
+
+fn tokenize_as(sql: &str, plain_escapes: bool) -> Vec<Token<'_>> {
+    let mut tokens = Vec::with_capacity((sql.len() / 4 + 4).min(MAX_RESERVED_TOKENS));
+    lex(sql, &mut Spanned { push: |t, _| tokens.push(t), start: 0, plain_escapes });
     tokens
 }
 
 /// Tokens with the byte range each one covers in `sql`.
 pub fn tokenize_with_spans(sql: &str) -> Vec<(Token<'_>, std::ops::Range<usize>)> {
-    let mut tokens = Vec::with_capacity(sql.len() / 4 + 4);
-    lex(sql, &mut Spanned { push: |t, span| tokens.push((t, span)), start: 0 });
+    let mut tokens = Vec::with_capacity((sql.len() / 4 + 4).min(MAX_RESERVED_TOKENS));
+    lex(sql, &mut Spanned { push: |t, span| tokens.push((t, span)), start: 0, plain_escapes: false });
     tokens
 }
 
@@ -73,7 +88,7 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
                     return;
                 }
             },
-            b'\'' => match skip_string(b, i + 1, false) {
+            b'\'' => match skip_string(b, i + 1, out.plain_escapes) {
                 Some(end) => {
                     i = end;
                     out.push_at(Token::Str, i);
@@ -147,9 +162,7 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
                 out.push_at(Token::Word(&sql[start..i]), i);
             }
             c if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
-                    i += 1;
-                }
+                i = number_end(b, i);
                 out.push_at(Token::Number, i);
             }
             _ => {
@@ -172,6 +185,8 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
 struct Spanned<F> {
     push: F,
     start: usize,
+    /// Whether a backslash escapes in plain strings (standard_conforming_strings off).
+    plain_escapes: bool,
 }
 
 impl<F> Spanned<F> {
@@ -222,6 +237,34 @@ fn skip_block_comment(b: &[u8], start: usize) -> Option<usize> {
 
 /// Skips a single-quoted string body starting after the opening quote; returns the index after
 /// the closing quote. Adjacent '' is an escaped quote; with `escapes`, so is \'.
+/// Where a numeric literal starting at `i` ends: digits with `_` separators, a fraction, an
+/// exponent, or PostgreSQL 16's 0x/0o/0b forms. Letters right after a number are not part of
+/// it: PostgreSQL 15 and later reject `1from`, and older versions read it as `1 from`, so it
+/// must not hide a word.
+fn number_end(b: &[u8], mut i: usize) -> usize {
+    let digit_or_sep = |c: u8| c.is_ascii_digit() || c == b'_';
+    if b[i] == b'0' && b.get(i + 1).is_some_and(|c| matches!(c, b'x' | b'X' | b'o' | b'O' | b'b' | b'B')) {
+        i += 2;
+        while i < b.len() && (b[i].is_ascii_hexdigit() || b[i] == b'_') {
+            i += 1;
+        }
+        return i;
+    }
+    while i < b.len() && (digit_or_sep(b[i]) || b[i] == b'.') {
+        i += 1;
+    }
+    if i < b.len() && matches!(b[i], b'e' | b'E') {
+        let digits_at = if matches!(b.get(i + 1), Some(b'+' | b'-')) { i + 2 } else { i + 1 };
+        if b.get(digits_at).is_some_and(u8::is_ascii_digit) {
+            i = digits_at;
+            while i < b.len() && digit_or_sep(b[i]) {
+                i += 1;
+            }
+        }
+    }
+    i
+}
+
 fn skip_string(b: &[u8], mut i: usize, escapes: bool) -> Option<usize> {
     while i < b.len() {
         match b[i] {
@@ -317,6 +360,27 @@ mod tests {
         assert_eq!(&sql[t[0].1.clone()], "EXECUTE");
         assert_eq!(&sql[t[1].1.clone()], "\"My Stmt\"");
         assert_eq!(&sql[t[5].1.clone()], "'a'");
+    }
+
+    #[test]
+    fn numbers_end_where_a_number_ends() {
+        assert_eq!(
+            tokenize("select 1from t"),
+            [Token::Word("select"), Token::Number, Token::Word("from"), Token::Word("t")]
+        );
+        for n in ["1", "1.5", ".5", "1e10", "1.5E-3", "2e+7", "1_000", "0x1F", "0o17", "0b101"] {
+            assert_eq!(tokenize(n), [Token::Number], "{n}");
+        }
+        assert_eq!(tokenize("1ex"), [Token::Number, Token::Word("ex")]);
+    }
+
+    #[test]
+    fn backslashes_escape_in_plain_strings_only_when_asked() {
+        let sql = r"select '\''; delete from t; --'";
+        assert_eq!(tokenize(sql)[1..], [Token::Str], "one string, with a doubled quote in it");
+        let off = tokenize_backslash_escapes(sql);
+        assert!(off.iter().any(|t| t.is_word("delete")), "{off:?}");
+        assert_eq!(tokenize_backslash_escapes(r"select 'a\b'"), [Token::Word("select"), Token::Str]);
     }
 
     #[test]
