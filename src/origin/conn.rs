@@ -323,6 +323,10 @@ impl OriginConn {
         if self.broken || self.reader.has_bytes() {
             return false;
         }
+        if !self.stream.maybe_readable() {
+            // Nothing arrived: the common case, answered without touching buffers.
+            return true;
+        }
         match self.reader.read(&mut self.stream).now_or_never() {
             None => true,
             Some(_) => {

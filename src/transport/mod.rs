@@ -34,6 +34,19 @@ pub enum OriginStream {
 }
 
 impl OriginStream {
+    /// Whether anything may have arrived since the last read drained the stream, asked without
+    /// a system call: a TCP socket's readiness as the reactor last saw it. Layered streams (TLS,
+    /// WebSocket) may hold bytes of their own, so for them the answer is always maybe.
+    pub fn maybe_readable(&self) -> bool {
+        match self {
+            OriginStream::Tcp(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                s.poll_read_ready(&mut cx).is_ready()
+            }
+            OriginStream::Layered(_) | OriginStream::Moving => true,
+        }
+    }
+
     /// Re-registers the socket with the calling thread's runtime, so its readiness events wake
     /// tasks here without a cross-thread hop (see `workers`). Layered streams stay registered
     /// where they were opened; they work from any thread all the same.
