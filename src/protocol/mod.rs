@@ -53,9 +53,12 @@ impl<'a> Fields<'a> {
 
     pub(crate) fn cstr(&mut self) -> Result<&'a str, DecodeError> {
         let rest = &self.buf[self.pos..];
-        let end = rest.iter().position(|&b| b == 0).ok_or(DecodeError::Unterminated { tag: self.tag })?;
-        let s = std::str::from_utf8(&rest[..end]).map_err(|_| DecodeError::NotUtf8 { tag: self.tag })?;
-        self.pos += end + 1;
+        // CStr's search for the NUL is core's word-at-a-time memchr, not a byte loop.
+        let text = std::ffi::CStr::from_bytes_until_nul(rest)
+            .map_err(|_| DecodeError::Unterminated { tag: self.tag })?
+            .to_bytes();
+        let s = std::str::from_utf8(text).map_err(|_| DecodeError::NotUtf8 { tag: self.tag })?;
+        self.pos += text.len() + 1;
         Ok(s)
     }
 
