@@ -98,6 +98,21 @@ async fn disconnect_mid_transaction_rolls_back_and_frees_row_locks() {
 }
 
 #[tokio::test]
+async fn settings_of_a_client_that_vanishes_mid_transaction_do_not_reach_the_next() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    {
+        let a = pgwarp.client().await;
+        // The SET commits (a multi-statement query is one implicit transaction, hence the
+        // COMMIT); the BEGIN then holds the connection until a vanishes.
+        a.batch_execute("SET statement_timeout = '1234ms'; COMMIT; BEGIN").await.unwrap();
+    }
+    let b = pgwarp.client().await;
+    let timeout: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(timeout, "0");
+}
+
+#[tokio::test]
 async fn session_settings_follow_the_client_not_the_connection() {
     let origin = Origin::start();
     origin.sql("CREATE SCHEMA other AUTHORIZATION app");

@@ -625,10 +625,13 @@ impl Session {
         }
         self.cancel.slot.set(None);
         if let Some(att) = self.origin.take() {
-            let (pool, status, pinned) = (self.pool.clone(), self.status, self.session_pin.is_some());
+            let (pool, status) = (self.pool.clone(), self.status);
+            // Session state pgwarp has not read back (a SET in the transaction left open, or
+            // anything a pinned client did) is discarded before anyone else gets the connection.
+            let reset = self.session_pin.is_some() || self.settings_dirty;
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
-                tokio::spawn(release_after_client(pool, att, status, pinned));
+                tokio::spawn(release_after_client(pool, att, status, reset));
             }
         }
     }
@@ -636,7 +639,7 @@ impl Session {
 
 /// After a client leaves while holding a connection: cancel what is running, or roll back and
 /// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
-async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, pinned: bool) {
+async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, reset: bool) {
     if !conn.queue.is_empty() || !conn.out.is_empty() || conn.broken {
         cancel::send_cancel(pool.target().clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
@@ -651,7 +654,7 @@ async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8,
             let out = conn.simple_query("ROLLBACK").await?;
             status = out.status;
         }
-        if pinned && status == b'I' {
+        if reset && status == b'I' {
             let out = conn.simple_query("DISCARD ALL").await?;
             conn.set_applied(Settings::new());
             conn.statements.clear();
