@@ -1,6 +1,6 @@
 //! Questions the session asks of SQL text before sending it.
 
-use super::lexer::{statements, tokenize, Token};
+use super::lexer::{statements, tokenize, tokenize_backslash_escapes, Token};
 
 /// What the session must know about SQL it forwards: the session-scoped feature it uses (for
 /// the log) and whether it may change settings without a SET command tag.
@@ -16,7 +16,7 @@ pub fn session_hints(sql: &str) -> SessionHints {
     let found = mentions(sql);
     SessionHints {
         feature: if found & SESSION_WORDS != 0 { session_feature_tokens(sql) } else { None },
-        may_change_settings: found & SET_CONFIG != 0 && calls_any(&tokenize(sql), &["set_config"]),
+        may_change_settings: found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"])),
     }
 }
 
@@ -26,9 +26,23 @@ pub fn session_feature(sql: &str) -> Option<&'static str> {
     session_hints(sql).feature
 }
 
+/// The SQL's tokens, and if it has a backslash also as a server with
+/// standard_conforming_strings off reads them (a client may turn it off, and then
+/// `select '\''; select set_config(...); --'` calls set_config).
+fn readings(sql: &str) -> Vec<Vec<Token<'_>>> {
+    let mut readings = vec![tokenize(sql)];
+    if sql.as_bytes().contains(&b'\\') {
+        readings.push(tokenize_backslash_escapes(sql));
+    }
+    readings
+}
+
 fn session_feature_tokens(sql: &str) -> Option<&'static str> {
-    let tokens = tokenize(sql);
-    for stmt in statements(&tokens) {
+    readings(sql).iter().find_map(|tokens| session_feature_in(tokens))
+}
+
+fn session_feature_in(tokens: &[Token<'_>]) -> Option<&'static str> {
+    for stmt in statements(tokens) {
         if stmt[0].is_word("listen") {
             return Some("LISTEN");
         }
@@ -167,6 +181,16 @@ mod tests {
         assert!(may_change_settings("select 1,set_config('a.b', 'x', false)"));
         // Inside a longer name the words are not looked for at all.
         assert_eq!(mentions("select mylisten, attempt, threshold, unset_configured"), 0);
+    }
+
+    #[test]
+    fn reads_sql_with_a_backslash_both_ways() {
+        // With standard_conforming_strings off, the string ends early and set_config runs.
+        let hidden = r"select '\''; select pg_catalog.set_config('statement_timeout', '1s', false); --'";
+        assert!(may_change_settings(hidden));
+        assert_eq!(session_feature(r"select '\''; listen foo; --'"), Some("LISTEN"));
+        // Either way a plain string: nothing.
+        assert!(!may_change_settings(r"select 'set_config(\x)'"));
     }
 
     #[test]
