@@ -21,12 +21,13 @@ const RELATIONS_SQL: &str = "SELECT c.relname, bool_and(c.relkind IN ('r', 'p'))
 
 /// Loads the catalog in the background and installs it in the cache.
 pub fn spawn_load(database: Arc<DatabaseCache>, pool: Arc<Pool>) {
+    let epoch = database.catalog_epoch();
     tokio::spawn(async move {
         let loaded = load(&pool).await;
         if let Err(e) = &loaded {
             tracing::warn!(error = %e, database = database.name(), "could not load the catalog for the cache");
         }
-        database.set_catalog(loaded.ok());
+        database.set_catalog(loaded.ok(), epoch);
     });
 }
 

@@ -319,6 +319,8 @@ pub struct DatabaseCache {
     name: Box<str>,
     catalog: RwLock<Option<(Arc<Catalog>, Instant)>>,
     loading: AtomicBool,
+    /// Bumped whenever DDL voids the catalog: a load that began before is out of date.
+    catalog_epoch: AtomicU64,
     generation: AtomicU64,
     tables: Mutex<HashMap<Box<str>, Arc<Table>>>,
     verdicts: Mutex<Verdicts>,
@@ -363,13 +365,23 @@ impl DatabaseCache {
         current.map(|(c, _)| c)
     }
 
-    /// Installs a freshly loaded catalog (or gives up the load on failure).
-    pub fn set_catalog(&self, catalog: Option<Catalog>) {
+    /// Where catalog loads stand: taken when a load begins, handed back to `set_catalog`.
+    pub fn catalog_epoch(&self) -> u64 {
+        self.catalog_epoch.load(Ordering::Acquire)
+    }
+
+    /// Installs a freshly loaded catalog (or gives up the load on failure). A load that began
+    /// before DDL voided the catalog (`epoch` is behind) may predate the DDL: it is dropped,
+    /// and the next use starts another.
+    pub fn set_catalog(&self, catalog: Option<Catalog>, epoch: u64) {
         if let Some(c) = catalog {
-            // Under the verdicts lock, so no verdict made with the old catalog is remembered.
+            // Under the verdicts lock, so no verdict made with the old catalog is remembered,
+            // and no DDL can void the catalog between the epoch check and the install.
             let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-            *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(c), Instant::now()));
-            verdicts.clear();
+            if self.catalog_epoch.load(Ordering::Acquire) == epoch {
+                *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(c), Instant::now()));
+                verdicts.clear();
+            }
         }
         self.loading.store(false, Ordering::Release);
     }
@@ -452,6 +464,7 @@ impl DatabaseCache {
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 // DDL may have changed what names mean.
                 let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+                self.catalog_epoch.fetch_add(1, Ordering::AcqRel);
                 *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = None;
                 verdicts.clear();
             }
@@ -756,7 +769,7 @@ mod tests {
         let db = c.database("db");
         let mut installed = Catalog::default();
         installed.relations.insert("t".into(), true);
-        db.set_catalog(Some(installed.clone()));
+        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
         let catalog = db.catalog(|| {}).unwrap();
         let one = db.classify(&catalog, "select * from t where id = 1");
         let two = db.classify(&catalog, "select * from t where id = 2");
@@ -773,13 +786,20 @@ mod tests {
         }
         // A verdict made with a catalog that is no longer (or never was) the one in use is
         // not remembered: a reload that raced with it must not be undone.
-        db.set_catalog(Some(installed));
+        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
         assert!(db.verdicts.lock().unwrap().by_shape.is_empty());
         db.classify(&catalog, "select * from t where id = 3");
         db.classify(&Arc::new(Catalog::default()), "select * from u where id = 3");
         assert!(db.verdicts.lock().unwrap().by_shape.is_empty());
         db.classify(&db.catalog(|| {}).unwrap(), "select * from t where id = 3");
         assert_eq!(db.verdicts.lock().unwrap().by_shape.len(), 1);
+        // A load that began before DDL voided the catalog is not installed.
+        let epoch = db.catalog_epoch();
+        c.invalidate(&db, &WriteScope::Database);
+        db.set_catalog(Some(installed), epoch);
+        assert!(db.catalog(|| {}).is_none());
+        db.set_catalog(Some(Catalog::default()), db.catalog_epoch());
+        assert!(db.catalog(|| {}).is_some());
     }
 
     #[test]

@@ -235,8 +235,6 @@ fn skip_block_comment(b: &[u8], start: usize) -> Option<usize> {
     None
 }
 
-/// Skips a single-quoted string body starting after the opening quote; returns the index after
-/// the closing quote. Adjacent '' is an escaped quote; with `escapes`, so is \'.
 /// Where a numeric literal starting at `i` ends: digits with `_` separators, a fraction, an
 /// exponent, or PostgreSQL 16's 0x/0o/0b forms. Letters right after a number are not part of
 /// it: PostgreSQL 15 and later reject `1from`, and older versions read it as `1 from`, so it
@@ -265,6 +263,8 @@ fn number_end(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Skips a single-quoted string body starting after the opening quote; returns the index after
+/// the closing quote. Adjacent '' is an escaped quote; with `escapes`, so is \'.
 fn skip_string(b: &[u8], mut i: usize, escapes: bool) -> Option<usize> {
     while i < b.len() {
         match b[i] {

@@ -50,7 +50,9 @@ impl OriginStream {
     /// Re-registers the socket with the calling thread's runtime, so its readiness events wake
     /// tasks here without a cross-thread hop (see `workers`). Layered streams stay registered
     /// where they were opened; they work from any thread all the same.
-    /// Only for a connection nobody is waiting on: pending readiness is re-read from the kernel.
+    /// Only for a connection nobody is waiting on. Readiness starts afresh: bytes already waiting
+    /// are reported when the new reactor next polls, so right after this `maybe_readable` (and a
+    /// read) may not see them yet.
     pub fn rehome(&mut self) -> io::Result<()> {
         if let OriginStream::Tcp(_) = self {
             if let OriginStream::Tcp(tcp) = std::mem::replace(self, OriginStream::Moving) {
