@@ -450,24 +450,30 @@ fn classify_read(stmt: &[Token<'_>], catalog: &Catalog, with: bool) -> Verdict {
     }
     let ctes = cte_names(stmt);
     let mut tables = Vec::new();
+    // Every name is looked at before answering: a function that may write decides the verdict
+    // wherever it stands, so a volatile or unknown one before it must not end the scan.
+    let mut uncacheable = None;
     for (i, t) in stmt.iter().enumerate() {
         let Some(name) = t.ident() else { continue };
         if matches!(t, Token::Word(_)) && VALUE_FUNCTIONS.contains(&name.as_str()) {
-            return Verdict::Uncacheable(Reason::VolatileFunction);
+            uncacheable = uncacheable.or(Some(Reason::VolatileFunction));
         }
         if name.starts_with("pg_") || name == "information_schema" {
-            return Verdict::Uncacheable(Reason::SystemCatalog);
+            uncacheable = uncacheable.or(Some(Reason::SystemCatalog));
         }
         let called = stmt.get(i + 1).is_some_and(|n| n.is_punct("("));
         let after_cast = i > 0 && (stmt[i - 1].is_punct("::") || stmt[i - 1].is_word("as"));
         if called && !after_cast && !(matches!(t, Token::Word(_)) && NOT_FUNCTIONS.contains(&name.as_str())) {
             match catalog.functions.get(&name) {
-                None => return Verdict::Uncacheable(Reason::UnknownFunction),
+                None => uncacheable = uncacheable.or(Some(Reason::UnknownFunction)),
                 Some(f) if f.may_write => return Verdict::Write(WriteScope::Database),
-                Some(f) if !f.immutable => return Verdict::Uncacheable(Reason::VolatileFunction),
+                Some(f) if !f.immutable => uncacheable = uncacheable.or(Some(Reason::VolatileFunction)),
                 Some(_) => {}
             }
         }
+    }
+    if let Some(reason) = uncacheable {
+        return Verdict::Uncacheable(reason);
     }
     // Relations: what follows FROM or JOIN (and commas in a FROM list), and TABLE t.
     let mut i = 0;
@@ -727,6 +733,22 @@ mod tests {
     fn a_number_does_not_hide_the_word_after_it() {
         // PostgreSQL 14 and older run `select 1from users` as `select 1 from users`.
         assert_eq!(v("select 1from users"), read(&["users"]));
+    }
+
+    #[test]
+    fn a_writing_function_counts_wherever_it_stands() {
+        for sql in [
+            "SELECT random(), my_volatile(1) FROM users",
+            "SELECT mystery(1), my_volatile(2)",
+            "SELECT now(), my_volatile(3)",
+            "SELECT pg_sleep(0), my_volatile(4)",
+            "SELECT my_volatile(5), random()",
+        ] {
+            assert_eq!(v(sql), Verdict::Write(WriteScope::Database), "{sql}");
+        }
+        // Without one, the first reason found is the reason.
+        assert_eq!(v("SELECT random(), mystery(1)"), Verdict::Uncacheable(Reason::VolatileFunction));
+        assert_eq!(v("SELECT mystery(1), random()"), Verdict::Uncacheable(Reason::UnknownFunction));
     }
 
     #[test]
