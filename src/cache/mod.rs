@@ -394,29 +394,19 @@ impl DatabaseCache {
         }
         if classify::may_read_two_ways(sql) {
             // Rare, and its shape does not say everything: classified each time, not remembered.
-            let verdict = classify::classify(sql, catalog);
-            let reads = match &verdict {
-                Verdict::Read { tables } => self.tables(tables),
-                _ => Vec::new(),
-            };
-            return Arc::new(Classified { verdict, reads });
+            return self.classified(classify::classify(sql, catalog));
         }
         let tokens = tokenize(sql);
         let opted_out = classify::opted_out(sql);
         let mut shape = Vec::with_capacity(sql.len().min(4096) + 64);
         let literals = classify::shape(&tokens, opted_out, &mut shape);
         let known = self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).by_shape.get(&shape[..]).cloned();
-        if let (Some(c), true) = (&known, literals) {
-            return c.clone();
-        }
-        let classified = known.clone().unwrap_or_else(|| {
-            let verdict = classify::classify_tokens(&tokens, opted_out, catalog);
-            let reads = match &verdict {
-                Verdict::Read { tables } => self.tables(tables),
-                _ => Vec::new(),
-            };
-            Arc::new(Classified { verdict, reads })
-        });
+        let (classified, new_shape) = match known {
+            // A text with literals is remembered by shape only, and this shape is.
+            Some(c) if literals => return c,
+            Some(c) => (c, false),
+            None => (self.classified(classify::classify_tokens(&tokens, opted_out, catalog)), true),
+        };
         let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.catalog.read().unwrap_or_else(|e| e.into_inner());
         if !current.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, catalog)) {
@@ -429,10 +419,19 @@ impl DatabaseCache {
         if !literals {
             verdicts.by_text.insert(sql.into(), classified.clone());
         }
-        if known.is_none() {
+        if new_shape {
             verdicts.by_shape.insert(shape.into(), classified.clone());
         }
         classified
+    }
+
+    /// A verdict with the counters of the tables it reads.
+    fn classified(&self, verdict: Verdict) -> Arc<Classified> {
+        let reads = match &verdict {
+            Verdict::Read { tables } => self.tables(tables),
+            _ => Vec::new(),
+        };
+        Arc::new(Classified { verdict, reads })
     }
 
     /// The counters of these tables (created at 0 when new).
