@@ -305,3 +305,71 @@ async fn no_cache_flag_turns_it_off() {
     }
     assert_eq!(ticks(&origin), 5);
 }
+
+#[tokio::test]
+async fn settings_that_change_rows_keep_clients_apart() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE docs (tenant text, body text); \
+         INSERT INTO docs VALUES ('a', 'secret of a'), ('b', 'secret of b'); \
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY tenant ON docs USING (tenant = current_setting('app.tenant', true)); \
+         GRANT SELECT ON docs TO app; \
+         CREATE TABLE n (v int); INSERT INTO n VALUES (NULL), (NULL); GRANT ALL ON n TO app;",
+    );
+    let pgwarp = cached(&origin, |_| {}).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    // Multi-tenant row-level security keyed by a custom setting, on one login user.
+    let read = "SELECT string_agg(body, ',') FROM docs";
+    a.simple_query("SET app.tenant = 'a'").await.unwrap();
+    b.simple_query("SET app.tenant = 'b'").await.unwrap();
+    warm(&a, read).await;
+    assert_eq!(first(&a.simple_query(read).await.unwrap()), "secret of a");
+    assert_eq!(first(&b.simple_query(read).await.unwrap()), "secret of b", "tenant b was served a's rows");
+    // A setting that changes which rows match.
+    let nulls = "SELECT count(*) FROM n WHERE v = NULL";
+    warm(&a, nulls).await;
+    assert_eq!(first(&a.simple_query(nulls).await.unwrap()), "0");
+    b.simple_query("SET transform_null_equals = on").await.unwrap();
+    assert_eq!(first(&b.simple_query(nulls).await.unwrap()), "2");
+}
+
+#[tokio::test]
+async fn set_role_is_part_of_the_key() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE notes (owner text, body text); \
+         INSERT INTO notes VALUES ('app', 'app secret'), ('alice', 'alice secret'), ('bob', 'bob secret'); \
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY own ON notes USING (owner = current_user); \
+         CREATE ROLE alice; CREATE ROLE bob; GRANT alice, bob TO app; \
+         GRANT SELECT ON notes TO alice, bob, app;",
+    );
+    let pgwarp = cached(&origin, |_| {}).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    let read = "SELECT string_agg(body, ',') FROM notes";
+    warm(&a, read).await;
+    assert_eq!(first(&a.simple_query(read).await.unwrap()), "app secret");
+    a.simple_query("SET ROLE alice").await.unwrap();
+    warm(&a, read).await;
+    assert_eq!(first(&a.simple_query(read).await.unwrap()), "alice secret", "served app's rows after SET ROLE");
+    b.simple_query("SET ROLE bob").await.unwrap();
+    assert_eq!(first(&b.simple_query(read).await.unwrap()), "bob secret", "bob was served alice's rows");
+}
+
+#[tokio::test]
+async fn a_clock_word_bound_as_a_parameter_is_not_cached() {
+    let origin = Origin::start();
+    setup(&origin);
+    let pgwarp = cached(&origin, |_| {}).await;
+    let client = pgwarp.client().await;
+    warm(&client, "SELECT name FROM items WHERE id = 1").await;
+    let read = "SELECT tick(1), $1::text::timestamptz";
+    let before = ticks(&origin);
+    for _ in 0..3 {
+        client.query_one(read, &[&"now"]).await.unwrap();
+    }
+    assert_eq!(ticks(&origin) - before, 3, "'now' bound to a timestamp was answered from the cache");
+}

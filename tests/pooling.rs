@@ -142,6 +142,66 @@ async fn session_settings_follow_the_client_not_the_connection() {
 }
 
 #[tokio::test]
+async fn set_role_follows_the_client_not_the_connection() {
+    let origin = Origin::start();
+    origin.sql("CREATE ROLE alice; GRANT alice TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    a.batch_execute("SET ROLE alice").await.unwrap();
+    // b gets the same (only) connection and must run as itself, not with a's privileges.
+    let b_user: String = b.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(b_user, APP_USER);
+    let a_user: String = a.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(a_user, "alice", "the client lost its own SET ROLE");
+    a.batch_execute("RESET ROLE").await.unwrap();
+    let a_user: String = a.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(a_user, APP_USER);
+}
+
+async fn get(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.query_one(sql, &[]).await.unwrap().get::<_, Option<String>>(0).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn custom_settings_and_settings_changed_in_code_stay_with_their_client() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    // The usual key of row-level security policies: a custom setting, invisible to pg_settings.
+    a.batch_execute("SET app.tenant = 'a'").await.unwrap();
+    assert_eq!(get(&b, "SELECT current_setting('app.tenant', true)").await, "");
+    assert_eq!(get(&a, "SELECT current_setting('app.tenant', true)").await, "a");
+    // Set inside code pgwarp cannot read: a DO block.
+    a.batch_execute("DO $$ BEGIN PERFORM set_config('statement_timeout', '1234', false); END $$").await.unwrap();
+    assert_eq!(get(&b, "SHOW statement_timeout").await, "0");
+    assert_eq!(get(&a, "SHOW statement_timeout").await, "1234ms");
+    // A custom setting whose name pgwarp never saw: the connection is reset before b gets it.
+    a.batch_execute("DO $$ BEGIN PERFORM set_config('hidden.' || 'name', 'x', false); END $$").await.unwrap();
+    assert_eq!(get(&b, "SELECT current_setting('hidden.name', true)").await, "");
+    assert_eq!(get(&a, "SELECT current_setting('app.tenant', true)").await, "a");
+}
+
+#[tokio::test]
+async fn a_temp_table_made_by_select_into_never_reaches_another_client() {
+    let origin = Origin::start();
+    origin
+        .sql("CREATE TABLE items (id int, name text); INSERT INTO items VALUES (1, 'one'); GRANT ALL ON items TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    // A temp table shadows the real one for the rest of the origin session.
+    a.batch_execute("SELECT 1 AS id, 'fake'::text AS name INTO TEMP items").await.unwrap();
+    let a_name: String = a.query_one("SELECT name FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(a_name, "fake");
+    drop(a);
+    // The connection was pinned to a and reset before anyone else got it.
+    let b = pgwarp.client().await;
+    let b_name: String = b.query_one("SELECT name FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(b_name, "one");
+}
+
+#[tokio::test]
 async fn startup_parameters_apply_to_every_query_of_that_client() {
     let origin = Origin::start();
     origin.sql("CREATE SCHEMA s2 AUTHORIZATION app");

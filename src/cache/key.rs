@@ -9,35 +9,54 @@ use crate::session::statements::StatementMap;
 
 use super::classify::Reason;
 
-/// Settings whose values change the bytes of a result.
-const RESULT_SETTINGS: &[&str] = &[
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "intervalstyle",
-    "extra_float_digits",
-    "bytea_output",
-    "search_path",
-    "role",
-    "lc_monetary",
-    "lc_numeric",
-    "lc_time",
-    "standard_conforming_strings",
+/// Settings that cannot change what a query returns: every other setting is part of the key.
+/// Keying on all the rest is the safe side: besides the obvious ones (DateStyle, TimeZone,
+/// search_path, role, extra_float_digits, bytea_output, ...), custom settings read by
+/// `current_setting()` in row-level security policies and views (`app.tenant`), and settings
+/// such as transform_null_equals or default_text_search_config, change rows, not just bytes.
+const NEVER_CHANGE_RESULTS: &[&str] = &[
+    "application_name",
+    "client_min_messages",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "lock_timeout",
+    "log_duration",
+    "log_min_duration_statement",
+    "log_min_error_statement",
+    "log_min_messages",
+    "log_parameter_max_length",
+    "log_parameter_max_length_on_error",
+    "log_statement",
+    "log_statement_sample_rate",
+    "log_transaction_sample_rate",
+    // Unique to each capture of a session's settings: see settings::CAPTURE_MARK.
+    "pgwarp.capture",
+    "statement_timeout",
+    "tcp_keepalives_count",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_user_timeout",
+    "transaction_timeout",
 ];
+
+/// Whether a setting is part of the key.
+fn changes_results(name: &str) -> bool {
+    !NEVER_CHANGE_RESULTS.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
 
 fn put(key: &mut impl KeyOut, part: &[u8]) {
     key.bytes(&(part.len() as u32).to_be_bytes());
     key.bytes(part);
 }
 
-/// The part of every key that says who asks: database, user and the settings that change
-/// result bytes. It changes only when the client's settings do, so sessions keep it.
+/// The part of every key that says who asks: database, user and the settings that may change
+/// results. It changes only when the client's settings do, so sessions keep it.
 pub fn prefix(database: &str, user: &str, settings: &Settings) -> Vec<u8> {
     let mut key = Vec::with_capacity(128);
     put(&mut key, database.as_bytes());
     put(&mut key, user.as_bytes());
     for (k, v) in settings {
-        if RESULT_SETTINGS.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+        if changes_results(k) {
             put(&mut key, k.to_ascii_lowercase().as_bytes());
             put(&mut key, v.as_bytes());
         }
@@ -82,6 +101,21 @@ impl KeyOut for Discard {
     fn bytes(&mut self, _: &[u8]) {}
 }
 
+/// Whether a text value means a different time each time it is read: the date/time input
+/// values 'now', 'today', 'tomorrow' and 'yesterday' (alone or with more after them, such as
+/// 'today 12:00'), which Postgres turns into a time when the value is read. Bound to a
+/// timestamp parameter, or as text cast to one, they make an answer that must not be reused.
+/// Binary values are checked too (text sent in binary is the same bytes); a binary number
+/// that happens to spell one of the words only costs a miss.
+pub fn reads_the_clock(value: &[u8]) -> bool {
+    let value = value.trim_ascii_start();
+    ["now", "today", "tomorrow", "yesterday"].iter().any(|word| {
+        value.len() >= word.len()
+            && value[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+            && !value.get(word.len()).is_some_and(u8::is_ascii_alphanumeric)
+    })
+}
+
 /// Statements parsed earlier in the batch being keyed: name, text and parameter types. A batch
 /// parses few statements, so a list beats a map.
 type Local<'a> = Vec<(&'a str, &'a str, Vec<u32>)>;
@@ -122,6 +156,9 @@ fn walk<'a>(
                     return Err(Reason::Protocol);
                 }
                 let (text, types) = content(&local, statements, b.statement).ok_or(Reason::Protocol)?;
+                if b.any_value(reads_the_clock) {
+                    return Err(Reason::VolatileFunction);
+                }
                 put_statement(key, text, types);
                 put(key, b.rest);
                 on_sql(text);
@@ -252,6 +289,27 @@ mod tests {
         let app: Settings = [("application_name".to_string(), "x".to_string())].into_iter().collect();
         assert_ne!(plain, key("u", &tz, &q, &stmts));
         assert_eq!(plain, key("u", &app, &q, &stmts));
+        // Custom settings (read by row-level security policies), role and the like: in the key.
+        for name in ["app.tenant", "role", "transform_null_equals", "default_text_search_config"] {
+            let set: Settings = [(name.to_string(), "x".to_string())].into_iter().collect();
+            assert_ne!(plain, key("u", &set, &q, &stmts), "{name}");
+        }
+        let timeout: Settings = [("Statement_Timeout".to_string(), "5s".to_string())].into_iter().collect();
+        assert_eq!(plain, key("u", &timeout, &q, &stmts));
+    }
+
+    #[test]
+    fn clock_words_in_text_parameters_are_not_cached() {
+        for v in ["now", " NOW", "today 12:00", "Tomorrow", "yesterday", "now()"] {
+            assert!(reads_the_clock(v.as_bytes()), "{v}");
+        }
+        for v in ["nowhere", "2024-01-01", "", "know", "todays"] {
+            assert!(!reads_the_clock(v.as_bytes()), "{v}");
+        }
+        let stmts = StatementMap::new(1 << 20);
+        let batch = |value: &str| [parse("", "select $1::timestamptz"), bind("", value), msg(build::sync())];
+        assert_eq!(shape(&batch("now"), &stmts), Err(Reason::VolatileFunction));
+        assert!(shape(&batch("2024-01-01"), &stmts).is_ok());
     }
 
     #[test]

@@ -7,25 +7,86 @@
 //! back what is in force (`pg_settings` rows with source 'session') before the connection is
 //! shared again, so the next client never sees them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 /// Setting name -> value, as `current_setting()` prints it.
 pub type Settings = BTreeMap<String, String>;
 
 /// Reads back every setting changed in this session (by SET, set_config, or pgwarp itself).
-pub const CAPTURE_SQL: &str =
-    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings WHERE source = 'session'";
+/// `role` is hidden from pg_settings (like SHOW ALL, it skips GUC_NO_SHOW_ALL settings), so it
+/// is asked for by name: without it a `SET ROLE` would stay on the connection for the next
+/// client, and the client itself would lose it on its next transaction.
+const CAPTURE_BASE: &str = "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+     WHERE source = 'session' \
+     UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
+     WHERE pg_catalog.current_setting('role') <> 'none' \
+     UNION ALL SELECT 'pgwarp.capture', pg_catalog.pg_backend_pid()::text || ' ' || pg_catalog.clock_timestamp()::text";
+
+/// A pseudo-setting every capture records, with a value no other capture has. Custom settings
+/// (`SET app.tenant = ...`, the usual key of row-level security policies) are invisible to
+/// pg_settings, so a capture reads back only those whose names pgwarp has seen (see
+/// [`remember_custom`]); one set where pgwarp cannot see its name (inside a function or a DO
+/// block, or by a set_config whose name is a parameter) would otherwise stay on the connection
+/// for the next client. A connection whose settings came from a capture is therefore reset
+/// completely (`RESET ALL`) before it serves any client but the one captured. Never sent to the
+/// origin and never part of a cache key.
+pub const CAPTURE_MARK: &str = "pgwarp.capture";
+
+/// Custom setting names seen in clients' SQL, lowercase; read back by every capture.
+static CUSTOM_NAMES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// Enough for any application's own settings; past it, names are no longer remembered and
+/// settings under them are lost when a client moves to another connection (never leaked).
+const MAX_CUSTOM_NAMES: usize = 256;
+const MAX_CUSTOM_NAME_LEN: usize = 128;
+
+/// Remembers a custom (dotted) setting name a client set, so captures read it back.
+pub fn remember_custom(name: &str) {
+    let valid = name.len() <= MAX_CUSTOM_NAME_LEN
+        && name.contains('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$'));
+    if !valid {
+        return;
+    }
+    let name = name.to_ascii_lowercase();
+    let Ok(mut names) = CUSTOM_NAMES.lock() else { return };
+    if names.len() < MAX_CUSTOM_NAMES {
+        names.insert(name);
+    }
+}
+
+/// The query that reads back every setting changed in this session: see [`CAPTURE_MARK`].
+pub fn capture_sql() -> String {
+    let names = CUSTOM_NAMES.lock().map(|n| n.iter().map(|n| format!("({})", quote_literal(n))).collect::<Vec<_>>());
+    match names {
+        Ok(names) if !names.is_empty() => format!(
+            "{CAPTURE_BASE} UNION ALL SELECT n, pg_catalog.current_setting(n, true) FROM (VALUES {}) AS v(n) \
+             WHERE pg_catalog.current_setting(n, true) <> ''",
+            names.join(", ")
+        ),
+        _ => CAPTURE_BASE.to_string(),
+    }
+}
 
 /// The query that turns a connection's `applied` settings into `wanted`, or None if they match.
 pub fn sync_sql(applied: &Settings, wanted: &Settings) -> Option<String> {
     if applied == wanted {
         return None;
     }
-    let mut statements: Vec<String> =
-        applied.keys().filter(|k| !wanted.contains_key(*k)).map(|k| format!("RESET {}", quote_ident(k))).collect();
+    let real = |k: &String| k.as_str() != CAPTURE_MARK;
+    // Captured from another client's session, which may hold settings no capture can see.
+    let reset_all = applied.get(CAPTURE_MARK).is_some_and(|mark| wanted.get(CAPTURE_MARK) != Some(mark));
+    let mut statements: Vec<String> = Vec::new();
+    if reset_all {
+        statements.push("RESET ALL".to_string());
+    }
+    // After RESET ALL, still: role is not reset by it.
+    statements.extend(
+        applied.keys().filter(|k| real(k) && !wanted.contains_key(*k)).map(|k| format!("RESET {}", quote_ident(k))),
+    );
     let sets: Vec<String> = wanted
         .iter()
-        .filter(|(k, v)| applied.get(*k) != Some(*v))
+        .filter(|(k, v)| real(k) && (reset_all || applied.get(*k) != Some(*v)))
         .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(k), quote_literal(v)))
         .collect();
     if !sets.is_empty() {
@@ -87,6 +148,34 @@ mod tests {
             "RESET \"search_path\"; RESET \"statement_timeout\"; \
              SELECT pg_catalog.set_config(E'application_name', E'it''s', false)"
         );
+    }
+
+    #[test]
+    fn a_connection_captured_for_another_client_is_reset_completely() {
+        let applied = s(&[("app.tenant", "a"), (CAPTURE_MARK, "7 t1"), ("TimeZone", "UTC")]);
+        let wanted = s(&[("TimeZone", "UTC")]);
+        assert_eq!(
+            sync_sql(&applied, &wanted).unwrap(),
+            "RESET ALL; RESET \"app.tenant\"; SELECT pg_catalog.set_config(E'TimeZone', E'UTC', false)"
+        );
+        // The client it was captured for gets it back as it left it.
+        let mut own = applied.clone();
+        assert_eq!(sync_sql(&applied, &own), None);
+        own.insert("search_path".into(), "x".into());
+        assert_eq!(sync_sql(&applied, &own).unwrap(), "SELECT pg_catalog.set_config(E'search_path', E'x', false)");
+        // Another capture's mark is another session.
+        let other = s(&[(CAPTURE_MARK, "8 t2")]);
+        assert!(sync_sql(&applied, &other).unwrap().starts_with("RESET ALL; RESET \"TimeZone\"; RESET \"app.tenant\""));
+    }
+
+    #[test]
+    fn captures_read_back_custom_settings_by_name() {
+        remember_custom("myapp.tenant_id");
+        remember_custom("not_custom");
+        remember_custom("bad.name'; drop table x");
+        let sql = capture_sql();
+        assert!(sql.contains("(E'myapp.tenant_id')"), "{sql}");
+        assert!(!sql.contains("not_custom") && !sql.contains("drop table"), "{sql}");
     }
 
     #[test]

@@ -66,6 +66,26 @@ impl<'a> Bind<'a> {
         Ok(Bind { portal, statement, rest: f.rest() })
     }
 
+    /// Whether `test` holds for any parameter value (NULLs skipped). A malformed message
+    /// answers false: the origin will refuse it.
+    pub fn any_value(&self, mut test: impl FnMut(&[u8]) -> bool) -> bool {
+        let mut r = self.rest;
+        let Some(nformats) = take_i16(&mut r) else { return false };
+        let Some((_, mut r)) = r.split_at_checked(usize::try_from(nformats).unwrap_or(0) * 2) else { return false };
+        let Some(nparams) = take_i16(&mut r) else { return false };
+        for _ in 0..nparams.max(0) {
+            let Some((len, rest)) = r.split_first_chunk::<4>() else { return false };
+            r = rest;
+            let Ok(len) = usize::try_from(i32::from_be_bytes(*len)) else { continue }; // NULL
+            let Some((value, rest)) = r.split_at_checked(len) else { return false };
+            r = rest;
+            if test(value) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Writes this Bind naming `statement` instead.
     pub fn encode_renamed(&self, out: &mut BytesMut, statement: &str) {
         frame_into(out, BIND, |b| {
@@ -74,6 +94,12 @@ impl<'a> Bind<'a> {
             b.put_slice(self.rest);
         });
     }
+}
+
+fn take_i16(r: &mut &[u8]) -> Option<i16> {
+    let (n, rest) = r.split_first_chunk::<2>()?;
+    *r = rest;
+    Some(i16::from_be_bytes(*n))
 }
 
 /// The target of a Describe or Close: a prepared statement or a portal.

@@ -261,6 +261,12 @@ impl Session {
                 fe::BIND => {
                     Bind::decode(msg.body()).ok().and_then(|b| self.statements.get(b.statement)).map(|s| &*s.sql)
                 }
+                // The fast-path call of a function by OID (libpq's large-object calls use it):
+                // nothing says what it writes.
+                fe::FUNCTION_CALL => {
+                    self.pending_write = Some(WriteScope::Database);
+                    continue;
+                }
                 _ => None,
             };
             let Some(sql) = sql else { continue };

@@ -22,7 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::cancel::{self, CancelHandle, Stop};
-use crate::origin::settings::{Settings, CAPTURE_SQL};
+use crate::origin::settings::{capture_sql, Settings};
 use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
 use crate::protocol::backend as be;
@@ -565,7 +565,7 @@ impl Session {
     /// can get it (the client has its answer already). False: the connection is not reusable.
     async fn capture_settings(&mut self, att: &mut PooledConn) -> Result<bool, End> {
         self.flush_client().await?;
-        match att.simple_query(CAPTURE_SQL).await {
+        match att.simple_query(&capture_sql()).await {
             Ok(out) if out.error.is_none() && out.status == b'I' => {
                 let captured: Settings = out
                     .rows

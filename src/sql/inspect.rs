@@ -1,6 +1,7 @@
 //! Questions the session asks of SQL text before sending it.
 
 use super::lexer::{statements, tokenize, tokenize_backslash_escapes, Token};
+use crate::origin::settings;
 
 /// What the session must know about SQL it forwards: the session-scoped feature it uses (for
 /// the log) and whether it may change settings without a SET command tag.
@@ -14,10 +15,18 @@ pub struct SessionHints {
 /// for the rare statement that mentions a word of interest.
 pub fn session_hints(sql: &str) -> SessionHints {
     let found = mentions(sql);
-    SessionHints {
-        feature: if found & SESSION_WORDS != 0 { session_feature_tokens(sql) } else { None },
-        may_change_settings: found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"])),
+    let calls_set_config = found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"]));
+    if calls_set_config {
+        remember_set_config_names(sql);
     }
+    let may_change_settings = calls_set_config || runs_code_or_sets(sql);
+    let mut feature = if found & SESSION_WORDS != 0 { session_feature_tokens(sql) } else { None };
+    // set_config('session_authorization', ...) changes who the session is, as SET SESSION
+    // AUTHORIZATION does; the name is a string, so the text is all there is to look at.
+    if feature.is_none() && may_change_settings && found & AUTHORIZATION != 0 && mentions_session_authorization(sql) {
+        feature = Some("SET SESSION AUTHORIZATION");
+    }
+    SessionHints { feature, may_change_settings }
 }
 
 /// Session-scoped state that outlives a transaction, which transaction pooling cannot share.
@@ -46,11 +55,11 @@ fn session_feature_in(tokens: &[Token<'_>]) -> Option<&'static str> {
         if stmt[0].is_word("listen") {
             return Some("LISTEN");
         }
-        let object_kind = |t: &Token<'_>| ["table", "sequence", "view", "recursive"].iter().any(|k| t.is_word(k));
-        if stmt[0].is_word("create")
-            && stmt.iter().skip(1).take_while(|t| !object_kind(t)).any(|t| t.is_word("temp") || t.is_word("temporary"))
-        {
+        if creates_temporary_objects(stmt) {
             return Some("temporary objects");
+        }
+        if stmt[0].is_word("set") && stmt.windows(2).any(|w| w[0].is_word("session") && w[1].is_word("authorization")) {
+            return Some("SET SESSION AUTHORIZATION");
         }
         if stmt[0].is_word("declare") && stmt.windows(2).any(|w| w[0].is_word("with") && w[1].is_word("hold")) {
             return Some("WITH HOLD cursors");
@@ -65,15 +74,105 @@ fn session_feature_in(tokens: &[Token<'_>]) -> Option<&'static str> {
     None
 }
 
+/// Whether the SQL starts with a command that runs code pgwarp cannot see into (DO, CALL),
+/// which may change settings with set_config, or with SET/RESET, whose custom setting name
+/// (`SET app.tenant = ...`) is remembered for the capture that follows (see
+/// `settings::remember_custom`). A SET is known to change settings from its command tag; this
+/// only looks at the first word, so it costs nothing on ordinary queries.
+fn runs_code_or_sets(sql: &str) -> bool {
+    let start = sql.trim_start().as_bytes();
+    let word_len = start.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &start[..word_len];
+    if word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"reset") {
+        remember_set_names(sql);
+        return false;
+    }
+    word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"call")
+}
+
+/// The dotted names after `SET [SESSION | LOCAL]` and `RESET` in each statement.
+fn remember_set_names(sql: &str) {
+    for tokens in readings(sql) {
+        for stmt in statements(&tokens) {
+            if !(stmt[0].is_word("set") || stmt[0].is_word("reset")) {
+                continue;
+            }
+            let rest = &stmt[1..];
+            let rest = match rest.first() {
+                Some(t) if t.is_word("session") || t.is_word("local") => &rest[1..],
+                _ => rest,
+            };
+            let mut name = String::new();
+            for (i, t) in rest.iter().enumerate() {
+                match (i % 2, t) {
+                    (0, t) => match t.ident() {
+                        Some(part) => name.push_str(&part),
+                        None => break,
+                    },
+                    (_, t) if t.is_punct(".") => name.push('.'),
+                    _ => break,
+                }
+            }
+            settings::remember_custom(&name);
+        }
+    }
+}
+
+/// The names in `set_config('name', ...)` calls, read from the text (string contents are not
+/// kept by the lexer); a name that is a parameter is not seen, which `CAPTURE_MARK` covers.
+fn remember_set_config_names(sql: &str) {
+    let lower = sql.to_ascii_lowercase();
+    for (at, _) in lower.match_indices("set_config") {
+        let rest = lower[at + "set_config".len()..].trim_start();
+        let Some(rest) = rest.strip_prefix('(') else { continue };
+        let Some(rest) = rest.trim_start().strip_prefix('\'') else { continue };
+        if let Some(end) = rest.find('\'') {
+            settings::remember_custom(&rest[..end]);
+        }
+    }
+}
+
+/// CREATE TEMP ..., SELECT ... INTO TEMP ..., or a CREATE naming the pg_temp schema: objects
+/// that live as long as the origin connection's session, and would shadow tables of the same
+/// name for whichever client the connection serves next.
+fn creates_temporary_objects(stmt: &[Token<'_>]) -> bool {
+    let temp = |t: &Token<'_>| t.is_word("temp") || t.is_word("temporary");
+    let object_kind = |t: &Token<'_>| ["table", "sequence", "view", "recursive"].iter().any(|k| t.is_word(k));
+    let pg_temp = |t: &Token<'_>| t.is_word("pg_temp") || *t == Token::QuotedIdent("pg_temp".into());
+    if stmt[0].is_word("create")
+        && (stmt.iter().skip(1).take_while(|t| !object_kind(t)).any(temp) || stmt.iter().any(pg_temp))
+    {
+        return true;
+    }
+    // SELECT ... INTO [TEMP | TEMPORARY] [TABLE] name, also after WITH or inside EXPLAIN ANALYZE;
+    // not INSERT or MERGE INTO a table called temp, where a clause, `(` or `.` follows.
+    let not_a_name = ["values", "select", "default", "overriding", "as", "using", "with"];
+    stmt.windows(3).any(|w| {
+        w[0].is_word("into")
+            && temp(&w[1])
+            && match &w[2] {
+                Token::Word(word) => !not_a_name.iter().any(|k| word.eq_ignore_ascii_case(k)),
+                Token::QuotedIdent(_) => true,
+                _ => false,
+            }
+    })
+}
+
 /// Whether the SQL may change session settings without a SET command tag (set_config()).
 pub fn may_change_settings(sql: &str) -> bool {
     session_hints(sql).may_change_settings
 }
 
 /// The words worth tokenizing for, lowercase; bit i of `mentions` stands for `WORDS[i]`.
-const WORDS: [&[u8]; 5] = [b"listen", b"temp", b"hold", b"advisory", b"set_config"];
-const SESSION_WORDS: u8 = 0b01111;
-const SET_CONFIG: u8 = 0b10000;
+const WORDS: [&[u8]; 6] = [b"listen", b"temp", b"hold", b"advisory", b"set_config", b"authorization"];
+const SESSION_WORDS: u8 = 0b10_1111;
+const SET_CONFIG: u8 = 0b01_0000;
+const AUTHORIZATION: u8 = 0b10_0000;
+
+fn mentions_session_authorization(sql: &str) -> bool {
+    const NAME: &[u8] = b"session_authorization";
+    sql.as_bytes().windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME))
+}
 
 /// For each byte: bit 7 if it is an ASCII letter, and bit i if `WORDS[i]` starts with it
 /// (either case). One lookup answers both questions `mentions` asks of a byte.
@@ -160,6 +259,15 @@ mod tests {
         assert_eq!(session_feature("declare c cursor with hold for select 1"), Some("WITH HOLD cursors"));
         assert_eq!(session_feature("select pg_advisory_lock(1)"), Some("session advisory locks"));
         assert_eq!(session_feature("select 1; select pg_try_advisory_lock(1)"), Some("session advisory locks"));
+        assert_eq!(session_feature("SELECT 1 AS id INTO TEMP items"), Some("temporary objects"));
+        assert_eq!(session_feature("select * into temporary table t from x"), Some("temporary objects"));
+        assert_eq!(session_feature("create table pg_temp.t (a int)"), Some("temporary objects"));
+        assert_eq!(session_feature("CREATE VIEW \"pg_temp\".v AS SELECT 1"), Some("temporary objects"));
+        assert_eq!(session_feature("SET SESSION AUTHORIZATION bob"), Some("SET SESSION AUTHORIZATION"));
+        assert_eq!(
+            session_feature("select set_config('SESSION_AUTHORIZATION', 'bob', false)"),
+            Some("SET SESSION AUTHORIZATION")
+        );
     }
 
     #[test]
@@ -169,6 +277,13 @@ mod tests {
         assert_eq!(session_feature("select 1 /* pg_advisory_lock(1) */"), None);
         assert_eq!(session_feature("create table temp (a int)"), None);
         assert_eq!(session_feature("declare c cursor without hold for select 1"), None);
+        assert_eq!(session_feature("select * into items_copy from items"), None);
+        assert_eq!(session_feature("insert into temps values (1)"), None);
+        assert_eq!(session_feature("insert into temp values (1)"), None);
+        assert_eq!(session_feature("INSERT INTO temp (a) SELECT 1"), None);
+        assert_eq!(session_feature("merge into temp using src on true when matched then delete"), None);
+        assert_eq!(session_feature("select 'session authorization'"), None);
+        assert_eq!(session_feature("SET LOCAL ROLE alice"), None);
     }
 
     #[test]
@@ -191,6 +306,26 @@ mod tests {
         assert_eq!(session_feature(r"select '\''; listen foo; --'"), Some("LISTEN"));
         // Either way a plain string: nothing.
         assert!(!may_change_settings(r"select 'set_config(\x)'"));
+    }
+
+    #[test]
+    fn code_pgwarp_cannot_see_into_may_change_settings() {
+        assert!(may_change_settings("DO $$ BEGIN PERFORM set_config('x.y', '1', false); END $$"));
+        assert!(may_change_settings("  call my_proc()"));
+        assert!(!may_change_settings("select docall, dox from t"));
+        assert!(!may_change_settings("SET app.x = 1"), "SET is seen from its command tag");
+    }
+
+    #[test]
+    fn custom_setting_names_are_remembered_for_the_capture() {
+        session_hints("SET SESSION Inspect_Test.Tenant = 'a'");
+        session_hints("reset inspect_test.other");
+        session_hints("select set_config( 'inspect_test.viaconfig', $1, false)");
+        session_hints("SET search_path = x");
+        let sql = settings::capture_sql();
+        for name in ["inspect_test.tenant", "inspect_test.other", "inspect_test.viaconfig"] {
+            assert!(sql.contains(&format!("E'{name}'")), "{name}: {sql}");
+        }
     }
 
     #[test]
