@@ -2,32 +2,16 @@
 //! touches. Pure: it reads tokens from the lexer and a catalog snapshot from the origin.
 //!
 //! The rules are conservative. A read is cacheable only when it is a plain SELECT, VALUES or
-//! TABLE; has no locking clause and no INTO; calls only functions that are IMMUTABLE in every
-//! overload (per the origin's pg_proc); reads only ordinary tables the catalog knows; and uses
-//! no system catalog and no now()-style SQL value function. Anything that might write and cannot
-//! be pinned to tables counts as a write to the whole database.
+//! TABLE; has no locking clause and no INTO; runs only code that is IMMUTABLE (functions in
+//! every overload per the origin's pg_proc, user-defined operators and casts, aggregates'
+//! support functions); reads only ordinary tables the catalog knows; and uses no system
+//! catalog, no now()-style SQL value function and no 'now'-style literal. Anything that might
+//! write and cannot be pinned to tables counts as a write to every table of the database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
+pub use super::catalog::{Catalog, FunctionFacts, Relation};
 use crate::sql::lexer::{statements, tokenize, tokenize_backslash_escapes, Token};
-
-/// What the origin's catalogs say about names, loaded by `catalog`.
-#[derive(Debug, Default, Clone)]
-pub struct Catalog {
-    /// Function name -> facts over all its overloads.
-    pub functions: HashMap<String, FunctionFacts>,
-    /// Relation name (any schema) -> whether every relation of that name is an ordinary or
-    /// partitioned table.
-    pub relations: HashMap<String, bool>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FunctionFacts {
-    /// Every overload is IMMUTABLE.
-    pub immutable: bool,
-    /// Some overload is VOLATILE and user-defined (outside pg_catalog): it may write.
-    pub may_write: bool,
-}
 
 /// Why a batch was not cached; doubles as a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,8 +78,13 @@ impl Reason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteScope {
     Tables(Vec<String>),
-    /// Could not be pinned to tables (DDL, procedures, user functions): everything in the
-    /// database.
+    /// Could not be pinned to tables, but changes no catalog (a write through a view, to a
+    /// table with triggers or rules, to a table the catalog does not know): every table of
+    /// the database. The catalog snapshot stays, so writes to temporary tables do not keep it
+    /// from ever loading.
+    AllTables,
+    /// May change what names mean as well (DDL, procedures, user functions, two-phase commit):
+    /// every table, and the catalog snapshot is reloaded.
     Database,
 }
 
@@ -104,6 +93,7 @@ impl WriteScope {
     pub fn merge(a: Option<WriteScope>, b: WriteScope) -> WriteScope {
         match (a, b) {
             (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
+            (Some(WriteScope::AllTables), _) | (_, WriteScope::AllTables) => WriteScope::AllTables,
             (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
                 a.extend(b);
                 WriteScope::Tables(a)
@@ -216,10 +206,12 @@ pub fn shape(tokens: &[Token<'_>], opted_out: bool, out: &mut Vec<u8>) -> bool {
         match t {
             Token::Word(w) => put(out, b'w', w),
             Token::QuotedIdent(q) => put(out, b'q', q),
+            Token::UnicodeIdent(u) => put(out, b'U', u),
             Token::Punct(p) => put(out, b'o', p),
-            Token::Str => {
+            // Whether a literal may spell a moving time is all classification reads of it.
+            Token::Str(s) => {
                 literals = true;
-                out.push(b's');
+                out.push(if moving_time(s) { b't' } else { b's' });
             }
             Token::Number => {
                 literals = true;
@@ -347,9 +339,13 @@ const NEITHER: &[&str] = &[
     "checkpoint",
     "lock",
     "analyze",
-    "explain",
+    "analyse",
     "load",
 ];
+
+/// Words a string literal may start with that date and time types read as a moment that
+/// moves: `'now'::timestamptz` or `date 'today'` change by themselves, like now().
+const MOVING_TIMES: &[&str] = &["now", "today", "tomorrow", "yesterday"];
 
 fn word(t: &Token<'_>) -> Option<String> {
     match t {
@@ -365,37 +361,87 @@ fn classify_statement(stmt: &[Token<'_>], catalog: &Catalog) -> Verdict {
     };
     match first.as_str() {
         "select" | "with" | "values" | "table" => classify_read(&stmt[start..], catalog, first == "with"),
-        "insert" | "merge" => write_target(stmt, &["into"]),
-        "update" => write_target(stmt, &["update"]),
-        "delete" => write_target(stmt, &["from"]),
-        "truncate" => truncate_targets(stmt),
+        "insert" | "merge" => write_target(stmt, &["into"], catalog),
+        "update" => write_target(stmt, &["update"], catalog),
+        "delete" => write_target(stmt, &["from"], catalog),
+        "truncate" => truncate_targets(stmt, catalog),
         "copy" => {
             // COPY t FROM ... writes t; COPY ... TO reads and is not cached.
             if stmt.iter().any(|t| t.is_word("from")) && !stmt.get(1).is_some_and(|t| t.is_punct("(")) {
-                write_target(stmt, &["copy"])
+                write_target(stmt, &["copy"], catalog)
             } else {
                 Verdict::Uncacheable(Reason::NotARead)
             }
         }
-        "explain" if stmt.iter().any(|t| t.is_word("analyze")) => Verdict::Write(WriteScope::Database),
+        "explain" => explain(stmt, catalog),
+        "declare" => declare(stmt, catalog),
+        // Two-phase commit: COMMIT PREPARED makes visible what a transaction did, DDL
+        // included, long after its statements went by.
+        "commit" | "rollback" if stmt.get(1).is_some_and(|t| t.is_word("prepared")) => {
+            Verdict::Write(WriteScope::Database)
+        }
+        "prepare" if stmt.get(1).is_some_and(|t| t.is_word("transaction")) => Verdict::Write(WriteScope::Database),
         w if NEITHER.contains(&w) => Verdict::Uncacheable(Reason::NotARead),
         // DDL, CALL, DO, GRANT, VACUUM, REFRESH, anything unknown: assume it changes anything.
         _ => Verdict::Write(WriteScope::Database),
     }
 }
 
-/// The relation named right after the first of `after` (skipping ONLY and a schema).
-fn write_target(stmt: &[Token<'_>], after: &[&str]) -> Verdict {
-    let Some(pos) = stmt.iter().position(|t| after.iter().any(|a| t.is_word(a))) else {
-        return Verdict::Write(WriteScope::Database);
-    };
-    match relation_at(stmt, pos + 1) {
-        Some((name, _)) => Verdict::Write(WriteScope::Tables(vec![name])),
+/// EXPLAIN runs its statement only with ANALYZE (or ANALYSE, in any option form): then it
+/// does what the statement does, and is never cached itself.
+fn explain(stmt: &[Token<'_>], catalog: &Catalog) -> Verdict {
+    if !stmt.iter().any(|t| t.is_word("analyze") || t.is_word("analyse")) {
+        return Verdict::Uncacheable(Reason::NotARead);
+    }
+    let starts = ["select", "with", "values", "table", "insert", "update", "delete", "merge", "execute", "create"];
+    match stmt.iter().position(|t| starts.iter().any(|w| t.is_word(w))) {
+        Some(i) => not_cached(classify_statement(&stmt[i..], catalog)),
         None => Verdict::Write(WriteScope::Database),
     }
 }
 
-fn truncate_targets(stmt: &[Token<'_>]) -> Verdict {
+/// DECLARE ... CURSOR ... FOR query runs the query as it is fetched: it does what the query
+/// does, and is never cached itself.
+fn declare(stmt: &[Token<'_>], catalog: &Catalog) -> Verdict {
+    let cursor = stmt.iter().position(|t| t.is_word("cursor")).unwrap_or(0);
+    match stmt.iter().skip(cursor).position(|t| t.is_word("for")) {
+        Some(i) if cursor + i + 1 < stmt.len() => not_cached(classify_statement(&stmt[cursor + i + 1..], catalog)),
+        _ => Verdict::Write(WriteScope::Database),
+    }
+}
+
+/// A verdict for a statement that runs another: its writes, but never a cacheable read.
+fn not_cached(inner: Verdict) -> Verdict {
+    match inner {
+        Verdict::Write(scope) => Verdict::Write(scope),
+        _ => Verdict::Uncacheable(Reason::NotARead),
+    }
+}
+
+/// The relation named right after the first of `after` (skipping ONLY and a schema), with
+/// every table a write to it may change, and whatever the code it runs may write.
+fn write_target(stmt: &[Token<'_>], after: &[&str], catalog: &Catalog) -> Verdict {
+    let target = stmt
+        .iter()
+        .position(|t| after.iter().any(|a| t.is_word(a)))
+        .and_then(|pos| relation_at(stmt, pos + 1))
+        .map(|(name, _)| vec![name]);
+    written(stmt, target, false, catalog)
+}
+
+/// What a write statement touches: `targets` and every table a write to them reaches, or
+/// every table when that cannot be told (no target found, an unresolved U&"..." name, a
+/// target that is a view or has triggers or rules); the whole database when it calls code
+/// that may write.
+fn written(stmt: &[Token<'_>], targets: Option<Vec<String>>, truncate_cascade: bool, catalog: &Catalog) -> Verdict {
+    if code_effects(stmt, catalog).writes {
+        return Verdict::Write(WriteScope::Database);
+    }
+    let reach = targets.and_then(|t| catalog.write_reach(&t, truncate_cascade));
+    Verdict::Write(reach.map_or(WriteScope::AllTables, WriteScope::Tables))
+}
+
+fn truncate_targets(stmt: &[Token<'_>], catalog: &Catalog) -> Verdict {
     let mut i = 1;
     if stmt.get(i).is_some_and(|t| t.is_word("table")) {
         i += 1;
@@ -412,11 +458,8 @@ fn truncate_targets(stmt: &[Token<'_>]) -> Verdict {
         }
         i += 1;
     }
-    if tables.is_empty() {
-        Verdict::Write(WriteScope::Database)
-    } else {
-        Verdict::Write(WriteScope::Tables(tables))
-    }
+    let cascade = stmt.iter().skip(i).any(|t| t.is_word("cascade"));
+    written(stmt, (!tables.is_empty()).then_some(tables), cascade, catalog)
 }
 
 /// A possibly schema-qualified relation name starting at `i` (after an optional ONLY):
@@ -448,100 +491,274 @@ fn classify_read(stmt: &[Token<'_>], catalog: &Catalog, with: bool) -> Verdict {
     if dml || stmt.windows(2).any(|w| w[0].is_word("for") && ["share", "no", "key"].iter().any(|k| w[1].is_word(k))) {
         return Verdict::Uncacheable(Reason::LockingClause);
     }
-    let ctes = cte_names(stmt);
-    let mut tables = Vec::new();
-    // Every name is looked at before answering: a function that may write decides the verdict
-    // wherever it stands, so a volatile or unknown one before it must not end the scan.
-    let mut uncacheable = None;
+    let code = code_effects(stmt, catalog);
+    if code.writes {
+        return Verdict::Write(WriteScope::Database);
+    }
+    if let Some(reason) = code.uncacheable {
+        return Verdict::Uncacheable(reason);
+    }
+    match read_tables(stmt, catalog) {
+        Ok(tables) => Verdict::Read { tables },
+        Err(reason) => Verdict::Uncacheable(reason),
+    }
+}
+
+/// What the code a statement runs may do, as far as its text shows.
+#[derive(Debug, Default)]
+struct CodeEffects {
+    /// It calls something that may write: a user function, aggregate, operator or cast.
+    writes: bool,
+    /// Why its answer must not be cached (the first reason found), if it writes nothing.
+    uncacheable: Option<Reason>,
+}
+
+impl CodeEffects {
+    fn note(&mut self, facts: FunctionFacts) {
+        self.writes |= facts.may_write;
+        if !facts.immutable {
+            self.uncacheable = self.uncacheable.or(Some(Reason::VolatileFunction));
+        }
+    }
+
+    fn because(&mut self, reason: Reason) {
+        self.uncacheable = self.uncacheable.or(Some(reason));
+    }
+}
+
+/// Looks at every name, operator and literal: something that may write decides the verdict
+/// wherever it stands, so a volatile or unknown one before it must not end the scan.
+fn code_effects(stmt: &[Token<'_>], catalog: &Catalog) -> CodeEffects {
+    let mut code = CodeEffects::default();
+    if let Some(facts) = catalog.implicit_casts {
+        code.note(facts);
+    }
     for (i, t) in stmt.iter().enumerate() {
+        let called = stmt.get(i + 1).is_some_and(|n| n.is_punct("("));
+        match t {
+            Token::Str(s) => {
+                // A U&'...' UESCAPE '!' string may spell anything.
+                let uescape = stmt.get(i + 1).is_some_and(|n| n.is_word("uescape"));
+                if moving_time(s) || uescape {
+                    code.because(Reason::VolatileFunction);
+                }
+            }
+            Token::Punct(p) => {
+                // The lexer keeps a run of operator characters whole (`=-`, `#+#-`), so any
+                // operator within it may be the one that runs.
+                for (_, facts) in catalog.operators.iter().filter(|(name, _)| p.contains(name.as_str())) {
+                    code.note(*facts);
+                }
+            }
+            // Unresolved: a call may reach any function, a name any relation.
+            Token::UnicodeIdent(_) if called => code.writes = true,
+            Token::UnicodeIdent(_) => code.because(Reason::UnknownRelation),
+            _ => {}
+        }
         let Some(name) = t.ident() else { continue };
-        if matches!(t, Token::Word(_)) && VALUE_FUNCTIONS.contains(&name.as_str()) {
-            uncacheable = uncacheable.or(Some(Reason::VolatileFunction));
+        let bare = matches!(t, Token::Word(_));
+        if bare && VALUE_FUNCTIONS.contains(&name.as_str()) {
+            code.because(Reason::VolatileFunction);
         }
         if name.starts_with("pg_") || name == "information_schema" {
-            uncacheable = uncacheable.or(Some(Reason::SystemCatalog));
+            code.because(Reason::SystemCatalog);
         }
-        let called = stmt.get(i + 1).is_some_and(|n| n.is_punct("("));
+        // Coarse: a name that is the target type of a non-immutable user cast counts as
+        // running the cast wherever it stands (`x::t`, CAST(x AS t), t 'literal', or a column
+        // that happens to share the name).
+        if !catalog.casts.is_empty() {
+            for facts in type_spellings(&name).filter_map(|t| catalog.casts.get(t)) {
+                code.note(*facts);
+            }
+        }
         let after_cast = i > 0 && (stmt[i - 1].is_punct("::") || stmt[i - 1].is_word("as"));
-        if called && !after_cast && !(matches!(t, Token::Word(_)) && NOT_FUNCTIONS.contains(&name.as_str())) {
+        if called && !after_cast && is_call(stmt, i, &name, catalog) {
             match catalog.functions.get(&name) {
-                None => uncacheable = uncacheable.or(Some(Reason::UnknownFunction)),
-                Some(f) if f.may_write => return Verdict::Write(WriteScope::Database),
-                Some(f) if !f.immutable => uncacheable = uncacheable.or(Some(Reason::VolatileFunction)),
-                Some(_) => {}
+                None => code.because(Reason::UnknownFunction),
+                Some(f) => code.note(*f),
             }
         }
     }
-    if let Some(reason) = uncacheable {
-        return Verdict::Uncacheable(reason);
+    code
+}
+
+/// Whether `name(` at `i` calls a function rather than being syntax such as `IN (` or
+/// `FILTER (`. A keyword is still taken as a call when a function of that name is not
+/// IMMUTABLE (a user's `filter(int)`), and a schema-qualified name always is.
+fn is_call(stmt: &[Token<'_>], i: usize, name: &str, catalog: &Catalog) -> bool {
+    let keyword = matches!(stmt[i], Token::Word(_)) && NOT_FUNCTIONS.contains(&name);
+    let qualified = i > 0 && stmt[i - 1].is_punct(".");
+    !keyword || qualified || catalog.functions.get(name).is_some_and(|f| !f.immutable)
+}
+
+/// The names a type may be written as, for the few built-in types with SQL spellings of
+/// their own (a user cast to a built-in type is rare, but must not hide behind `integer`).
+fn type_spellings(name: &str) -> impl Iterator<Item = &str> {
+    const ALIASES: &[(&str, &str)] = &[
+        ("int", "int4"),
+        ("integer", "int4"),
+        ("smallint", "int2"),
+        ("bigint", "int8"),
+        ("real", "float4"),
+        ("double", "float8"),
+        ("float", "float8"),
+        ("boolean", "bool"),
+        ("decimal", "numeric"),
+        ("char", "bpchar"),
+        ("character", "bpchar"),
+        ("character", "varchar"),
+        ("varying", "varchar"),
+        ("timestamp", "timestamptz"),
+        ("time", "timetz"),
+    ];
+    std::iter::once(name).chain(ALIASES.iter().filter(move |(alias, _)| *alias == name).map(|(_, t)| *t))
+}
+
+/// Whether a string literal (as written) may spell a moving time: its content, trimmed,
+/// starts with one of [`MOVING_TIMES`] ('today 12:00' too). A backslash may be an escape
+/// (E'...', U&'...', or any string read with standard_conforming_strings off) that spells a
+/// letter or a space (`\\156`, `\\x6e`, `\\t`, `\\o`), so one met before the content could no
+/// longer spell such a word counts too.
+fn moving_time(literal: &str) -> bool {
+    let body = literal_body(literal).trim_start().as_bytes();
+    let may_spell = |at: usize| {
+        body.get(at) == Some(&b'\\') && body.get(at + 1).is_none_or(|c| !c.is_ascii_punctuation() || *c == b'+')
+    };
+    may_spell(0)
+        || MOVING_TIMES.iter().any(|word| {
+            let word = word.as_bytes();
+            let same = body.iter().zip(word).take_while(|(b, w)| b.eq_ignore_ascii_case(w)).count();
+            same == word.len() || may_spell(same)
+        })
+}
+
+/// A string literal's content, without its prefix and quotes (escapes left as written).
+fn literal_body(literal: &str) -> &str {
+    if let Some(rest) = literal.strip_prefix('$') {
+        let tag_len = rest.find('$').map_or(0, |i| i + 2);
+        return literal.get(tag_len..literal.len().saturating_sub(tag_len)).unwrap_or("");
     }
-    // Relations: what follows FROM or JOIN (and commas in a FROM list), and TABLE t.
+    let open = literal.find('\'').map_or(0, |i| i + 1);
+    literal.get(open..literal.len().saturating_sub(1)).unwrap_or("")
+}
+
+/// The tables a read depends on. Every identifier that names a relation the catalog knows
+/// counts, wherever it stands (a column or alias that shares a table's name costs only an
+/// extra invalidation): no form of FROM list can hide a table. What the catalog does not know
+/// cannot be found that way, so the names where a relation must stand are checked as well,
+/// and a FROM list that reads in a way not understood is taken to name something unknown.
+fn read_tables(stmt: &[Token<'_>], catalog: &Catalog) -> Result<Vec<String>, Reason> {
+    let ctes = cte_names(stmt);
+    let mut tables = Vec::new();
+    for t in stmt {
+        let Some(name) = t.ident() else { continue };
+        match catalog.relations.get(&name) {
+            Some(r) if r.table => tables.push(name),
+            Some(_) => return Err(Reason::NotATable),
+            None => {}
+        }
+    }
+    for name in relation_positions(stmt).ok_or(Reason::UnknownRelation)? {
+        if !ctes.contains(&name) && !catalog.relations.contains_key(&name) {
+            return Err(Reason::UnknownRelation);
+        }
+    }
+    Ok(tables)
+}
+
+/// One level of parentheses (or brackets) while reading FROM lists.
+#[derive(Clone, Copy, Debug, Default)]
+struct Level {
+    /// It holds a query (its FROM starts a FROM list), not an argument list or expression.
+    query: bool,
+    /// Inside a FROM list: a comma or JOIN is followed by another item.
+    from_list: bool,
+    /// The next token starts a FROM item.
+    expect_item: bool,
+}
+
+/// The names standing where a relation must: FROM items (after FROM, JOIN, a FROM list's
+/// comma, `(` of a parenthesised join, ONLY, LATERAL), and TABLE's name. None when a FROM item
+/// does not read as a name, a function call, or a parenthesis.
+fn relation_positions(stmt: &[Token<'_>]) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut levels = vec![Level { query: true, ..Level::default() }];
     let mut i = 0;
     while i < stmt.len() {
         let t = &stmt[i];
-        if t.is_word("from") || t.is_word("join") || (i == 0 && t.is_word("table")) {
-            let mut j = i + 1;
-            loop {
-                while stmt.get(j).is_some_and(|t| t.is_word("lateral")) {
-                    j += 1;
+        let prev = i.checked_sub(1).map(|p| &stmt[p]);
+        let level = levels.last_mut()?;
+        if level.expect_item {
+            level.expect_item = false;
+            if t.is_word("only") || t.is_word("lateral") {
+                level.expect_item = true;
+            } else if t.is_word("rows") && stmt.get(i + 1).is_some_and(|n| n.is_word("from")) {
+                // ROWS FROM (f(), g()): a list of function calls.
+                i += 1;
+                level.expect_item = true;
+            } else if t.is_punct("(") {
+                let query = starts_query(stmt.get(i + 1));
+                levels.push(Level { query, from_list: !query, expect_item: !query });
+            } else {
+                let (name, next) = relation_at(stmt, i)?;
+                if !stmt.get(next).is_some_and(|n| n.is_punct("(")) {
+                    names.push(name);
                 }
-                if stmt.get(j).is_some_and(|t| t.is_punct("(")) {
-                    break; // a subquery: its own FROM is seen in turn
-                }
-                let Some((name, next)) = relation_at(stmt, j) else { break };
-                if stmt.get(next).is_some_and(|t| t.is_punct("(")) {
-                    break; // a function in FROM, checked above
-                }
-                if !ctes.contains(&name) {
-                    match catalog.relations.get(&name) {
-                        Some(true) => tables.push(name),
-                        Some(false) => return Verdict::Uncacheable(Reason::NotATable),
-                        None => return Verdict::Uncacheable(Reason::UnknownRelation),
-                    }
-                }
-                j = next;
-                // An optional alias, then a comma continues the FROM list.
-                if stmt.get(j).is_some_and(|t| t.is_word("as")) {
-                    j += 1;
-                }
-                if stmt.get(j).is_some_and(|t| t.ident().is_some() && !is_clause_word(t)) {
-                    j += 1;
-                }
-                if !t.is_word("from") || !stmt.get(j).is_some_and(|t| t.is_punct(",")) {
-                    break;
-                }
-                j += 1;
+                i = next;
+                continue;
             }
+            i += 1;
+            continue;
+        }
+        if t.is_punct("(") || t.is_punct("[") {
+            levels.push(Level { query: t.is_punct("(") && starts_query(stmt.get(i + 1)), ..Level::default() });
+        } else if t.is_punct(")") || t.is_punct("]") {
+            if levels.len() > 1 {
+                levels.pop();
+            }
+        } else if level.query && t.is_word("from") && !prev.is_some_and(|p| p.is_word("distinct")) {
+            // IS [NOT] DISTINCT FROM compares; FROM in extract(...) is in an argument list.
+            level.from_list = true;
+            level.expect_item = true;
+        } else if level.query && t.is_word("table") && prev.is_none_or(|p| starts_operand(p)) {
+            level.from_list = false;
+            level.expect_item = true;
+        } else if level.from_list && (t.is_word("join") || t.is_punct(",")) {
+            level.expect_item = true;
+        } else if is_clause_word(t) || t.is_word("select") || t.is_word("values") {
+            level.from_list = false;
         }
         i += 1;
     }
-    Verdict::Read { tables }
+    Some(names)
 }
 
+/// Whether a parenthesis that `next` follows holds a query.
+fn starts_query(next: Option<&Token<'_>>) -> bool {
+    next.is_some_and(|n| ["select", "with", "values", "table"].iter().any(|w| n.is_word(w)))
+}
+
+/// Whether `TABLE` after this token is the TABLE command (a query of its own).
+fn starts_operand(prev: &Token<'_>) -> bool {
+    prev.is_punct("(") || ["union", "intersect", "except", "all", "distinct"].iter().any(|w| prev.is_word(w))
+}
+
+/// Words that end a FROM list.
 fn is_clause_word(t: &Token<'_>) -> bool {
     [
         "where",
-        "join",
-        "left",
-        "right",
-        "inner",
-        "outer",
-        "full",
-        "cross",
-        "natural",
-        "on",
-        "using",
         "group",
+        "having",
+        "window",
         "order",
         "limit",
         "offset",
+        "fetch",
+        "for",
         "union",
         "intersect",
         "except",
-        "having",
-        "window",
-        "fetch",
-        "for",
+        "returning",
     ]
     .iter()
     .any(|k| t.is_word(k))
@@ -581,7 +798,7 @@ mod tests {
             c.functions.insert(name.into(), FunctionFacts { immutable, may_write });
         }
         for (name, table) in [("users", true), ("orders", true), ("Mixed", true), ("user_view", false)] {
-            c.relations.insert(name.into(), table);
+            c.relations.insert(name.into(), Relation { table, opaque_writes: !table });
         }
         c
     }
@@ -657,7 +874,7 @@ mod tests {
 
     #[test]
     fn comments_and_strings_neither_hide_nor_trigger_anything() {
-        assert_eq!(v("SELECT 'random()', 'now()' /* nextval( */ FROM users -- delete"), read(&["users"]));
+        assert_eq!(v("SELECT 'random()', 'nextval()' /* now( */ FROM users -- delete"), read(&["users"]));
         assert_eq!(v("SELECT $$ update users set x = 1 $$"), read(&[]));
         assert_eq!(v("SELECT /* harmless */ random()"), Verdict::Uncacheable(Reason::VolatileFunction));
         assert_eq!(v("SELECT \"random\"() "), Verdict::Uncacheable(Reason::VolatileFunction));
@@ -695,7 +912,7 @@ mod tests {
         assert_eq!(v("UPDATE ONLY users SET a = 1"), t(&["users"]));
         assert_eq!(v("DELETE FROM orders WHERE id = 1"), t(&["orders"]));
         assert_eq!(v("MERGE INTO users u USING orders o ON true WHEN MATCHED THEN DELETE"), t(&["users"]));
-        assert_eq!(v("TRUNCATE users, public.orders"), t(&["users", "orders"]));
+        assert_eq!(v("TRUNCATE users, public.orders"), t(&["orders", "users"]));
         assert_eq!(v("COPY users FROM STDIN"), t(&["users"]));
         assert_eq!(v("COPY users TO STDOUT"), Verdict::Uncacheable(Reason::NotARead));
         assert_eq!(v("SELECT 1; UPDATE users SET a = 1"), t(&["users"]));
@@ -709,7 +926,7 @@ mod tests {
         assert_eq!(v("CREATE TABLE t (a int)"), db);
         assert_eq!(v("CALL do_things()"), db);
         assert_eq!(v("SELECT my_volatile()"), db);
-        assert_eq!(v("EXPLAIN ANALYZE DELETE FROM users"), db);
+        assert_eq!(v("EXPLAIN ANALYZE DELETE FROM users"), Verdict::Write(WriteScope::Tables(vec!["users".into()])));
     }
 
     #[test]
@@ -749,6 +966,170 @@ mod tests {
         // Without one, the first reason found is the reason.
         assert_eq!(v("SELECT random(), mystery(1)"), Verdict::Uncacheable(Reason::VolatileFunction));
         assert_eq!(v("SELECT mystery(1), random()"), Verdict::Uncacheable(Reason::UnknownFunction));
+    }
+
+    fn holes_catalog() -> Catalog {
+        let mut c = catalog();
+        let writes = FunctionFacts { immutable: false, may_write: true };
+        let stable = FunctionFacts { immutable: false, may_write: false };
+        c.functions.insert("filter".into(), writes);
+        c.functions.insert("logged_sum".into(), writes);
+        c.functions.insert("like".into(), FunctionFacts { immutable: true, may_write: false });
+        c.functions.insert("substring".into(), FunctionFacts { immutable: true, may_write: false });
+        c.operators.insert("#+#".into(), writes);
+        c.operators.insert("@@@".into(), stable);
+        c.casts.insert("mytype".into(), stable);
+        c.casts.insert("int4".into(), writes);
+        for t in ["a", "b", "c", "m", "m_1", "parent", "child", "audited"] {
+            c.relations.insert(t.into(), Relation { table: true, opaque_writes: t == "audited" });
+        }
+        c.relations.insert("clock".into(), Relation { table: false, opaque_writes: true });
+        c.add_inheritance("m_1", "m");
+        c.add_foreign_key("child", "parent", true);
+        c
+    }
+
+    fn h(sql: &str) -> Verdict {
+        classify(sql, &holes_catalog())
+    }
+
+    fn tables(names: &[&str]) -> Verdict {
+        Verdict::Write(WriteScope::Tables(names.iter().map(|s| s.to_string()).collect()))
+    }
+
+    #[test]
+    fn operators_casts_and_aggregates_run_their_functions() {
+        let db = Verdict::Write(WriteScope::Database);
+        assert_eq!(h("SELECT 1 #+# 2"), db);
+        assert_eq!(h("SELECT 1 OPERATOR(public.#+#) 2"), db);
+        // The lexer reads `#+#-` as one run of operator characters.
+        assert_eq!(h("SELECT 1 #+#-2"), db);
+        assert_eq!(h("SELECT a @@@ b FROM a"), Verdict::Uncacheable(Reason::VolatileFunction));
+        assert_eq!(h("SELECT logged_sum(x) FROM a"), db);
+        assert_eq!(h("SELECT x::mytype FROM a"), Verdict::Uncacheable(Reason::VolatileFunction));
+        assert_eq!(h("SELECT CAST(x AS public.mytype) FROM a"), Verdict::Uncacheable(Reason::VolatileFunction));
+        assert_eq!(h("SELECT x::integer FROM a"), db, "a built-in type under its SQL name");
+        assert_eq!(h("SELECT x::text, 1 + 2 FROM a"), Verdict::Read { tables: vec!["a".into()] });
+        // In a write, code that may write widens it to the whole database.
+        assert_eq!(h("INSERT INTO a VALUES (1 #+# 2)"), db);
+        let mut implicit = holes_catalog();
+        implicit.implicit_casts = Some(FunctionFacts { immutable: false, may_write: false });
+        assert_eq!(classify("SELECT 1", &implicit), Verdict::Uncacheable(Reason::VolatileFunction));
+    }
+
+    #[test]
+    fn a_function_named_like_a_keyword_is_a_call_when_it_is_not_immutable() {
+        assert_eq!(h("SELECT filter(7)"), Verdict::Write(WriteScope::Database));
+        assert_eq!(h("SELECT public.filter(7)"), Verdict::Write(WriteScope::Database));
+        assert_eq!(v("SELECT count(*) FILTER (WHERE true) FROM users"), read(&["users"]), "no such function");
+        // An immutable function of a keyword's name changes nothing.
+        assert_eq!(h("SELECT 1 FROM a WHERE 'x' like ('y')"), Verdict::Read { tables: vec!["a".into()] });
+    }
+
+    #[test]
+    fn literals_that_spell_a_moving_time_are_not_cached() {
+        for sql in [
+            "SELECT 'now'::timestamptz",
+            "SELECT ' Today 12:00'::timestamp",
+            "SELECT date 'tomorrow'",
+            "SELECT * FROM users WHERE d > 'YESTERDAY'",
+            "SELECT $$now$$::date",
+            "SELECT E'\\156ow'::date",
+            "SELECT E'no\\w'::date",
+            "SELECT U&'now'::date",
+            "SELECT U&'!006eow' UESCAPE '!'",
+        ] {
+            assert_eq!(v(sql), Verdict::Uncacheable(Reason::VolatileFunction), "{sql}");
+        }
+        for sql in ["SELECT 'nowhere' FROM users", "SELECT 'snow', 'a\\b', E'\\'now' FROM users"] {
+            let expected =
+                if sql.contains("nowhere") { Verdict::Uncacheable(Reason::VolatileFunction) } else { read(&["users"]) };
+            assert_eq!(v(sql), expected, "{sql}");
+        }
+        assert_ne!(shape_of("SELECT 'now'::date").0, shape_of("SELECT 'abc'::date").0);
+    }
+
+    #[test]
+    fn writes_reach_relatives_and_cascades() {
+        assert_eq!(h("UPDATE m_1 SET v = 1"), tables(&["m", "m_1"]));
+        assert_eq!(h("UPDATE m SET v = 1"), tables(&["m", "m_1"]));
+        assert_eq!(h("DELETE FROM parent WHERE id = 1"), tables(&["child", "parent"]));
+        assert_eq!(h("TRUNCATE parent CASCADE"), tables(&["child", "parent"]));
+        assert_eq!(h("TRUNCATE child"), tables(&["child"]));
+        let all = Verdict::Write(WriteScope::AllTables);
+        assert_eq!(h("INSERT INTO audited VALUES (1)"), all, "a trigger may write anywhere");
+        assert_eq!(h("UPDATE clock SET t = 1"), all, "a view writes through its base tables");
+        assert_eq!(h("DELETE FROM temp_stuff"), all, "not a table the catalog knows");
+        assert_eq!(h(r#"UPDATE U&"\0063" SET v = 1"#), all, "a name that is not resolved");
+        assert_eq!(h(r#"UPDATE U&"c" SET v = 1"#), tables(&["c"]), "nothing escaped: plainly c");
+    }
+
+    #[test]
+    fn every_known_table_named_anywhere_is_read() {
+        for (sql, names) in [
+            ("SELECT c.v FROM a JOIN b ON a.id = b.id, c WHERE c.id = a.id", &["a", "b", "c"][..]),
+            ("SELECT c.v FROM (c JOIN b ON c.id = b.id)", &["b", "c"]),
+            ("SELECT c.v FROM a AS x(i), c", &["a", "c"]),
+            ("SELECT 0, 'x' UNION ALL TABLE c ORDER BY 1 DESC LIMIT 1", &["c"]),
+            ("SELECT v FROM ONLY (c)", &["c"]),
+            ("SELECT c.v FROM generate_series(1, ARRAY[1]) g, c", &["c"]),
+            ("SELECT c.v FROM (SELECT 1) s, c", &["c"]),
+            ("SELECT * FROM a WHERE a.id IN (SELECT id FROM b) AND a.x IS DISTINCT FROM 1", &["a", "b"]),
+            ("SELECT substring(a.t FROM 2) FROM a", &["a"]),
+            ("SELECT * FROM ROWS FROM (generate_series(1, 2), generate_series(3, 4)) r, a", &["a"]),
+        ] {
+            let want = Verdict::Read { tables: names.iter().map(|s| s.to_string()).collect() };
+            assert_eq!(h(sql), want, "{sql}");
+        }
+        assert_eq!(h("SELECT clock.t FROM a JOIN b ON a.id = b.id, clock"), Verdict::Uncacheable(Reason::NotATable));
+    }
+
+    #[test]
+    fn an_unknown_relation_where_one_must_stand_is_not_cached() {
+        for sql in [
+            "SELECT * FROM a JOIN b ON a.id = b.id, tmp",
+            "SELECT * FROM (SELECT 1) s, tmp",
+            "SELECT * FROM generate_series(1, ARRAY[1]) g, tmp",
+            "SELECT * FROM a AS x(i), tmp",
+            "SELECT * FROM (tmp JOIN a ON true)",
+            "SELECT * FROM ONLY (tmp)",
+            "SELECT 1 UNION ALL TABLE tmp",
+            "SELECT * FROM a, LATERAL (SELECT * FROM tmp) t",
+            r#"SELECT * FROM U&"\0063""#,
+            "SELECT * FROM 'a'",
+        ] {
+            assert_eq!(h(sql), Verdict::Uncacheable(Reason::UnknownRelation), "{sql}");
+        }
+        assert_eq!(h("WITH tmp AS (SELECT 1) SELECT * FROM a, tmp"), Verdict::Read { tables: vec!["a".into()] });
+    }
+
+    #[test]
+    fn statements_that_run_others_or_finish_prepared_transactions() {
+        let db = Verdict::Write(WriteScope::Database);
+        assert_eq!(h("EXPLAIN ANALYSE UPDATE c SET v = 1"), tables(&["c"]));
+        assert_eq!(h("EXPLAIN (ANALYZE, FORMAT JSON) DELETE FROM parent"), tables(&["child", "parent"]));
+        assert_eq!(h("EXPLAIN ANALYZE SELECT * FROM a"), Verdict::Uncacheable(Reason::NotARead));
+        assert_eq!(h("EXPLAIN UPDATE c SET v = 1"), Verdict::Uncacheable(Reason::NotARead), "not run");
+        assert_eq!(h("ANALYSE a"), Verdict::Uncacheable(Reason::NotARead));
+        assert_eq!(h("COMMIT PREPARED 'x'"), db);
+        assert_eq!(h("ROLLBACK PREPARED 'x'"), db);
+        assert_eq!(h("PREPARE TRANSACTION 'x'"), db);
+        assert_eq!(h("COMMIT"), Verdict::Uncacheable(Reason::NotARead));
+        assert_eq!(h("PREPARE s AS SELECT 1"), Verdict::Uncacheable(Reason::NotARead));
+        assert_eq!(h("DECLARE k CURSOR FOR SELECT filter(1)"), db);
+        assert_eq!(
+            h("DECLARE k NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM a"),
+            Verdict::Uncacheable(Reason::NotARead)
+        );
+    }
+
+    #[test]
+    fn write_scopes_merge_to_the_widest() {
+        let t = WriteScope::Tables(vec!["a".into()]);
+        assert_eq!(WriteScope::merge(Some(t.clone()), WriteScope::AllTables), WriteScope::AllTables);
+        assert_eq!(WriteScope::merge(Some(WriteScope::AllTables), WriteScope::Database), WriteScope::Database);
+        assert_eq!(WriteScope::merge(Some(WriteScope::Database), t.clone()), WriteScope::Database);
+        assert_eq!(WriteScope::merge(None, t.clone()), t);
     }
 
     #[test]

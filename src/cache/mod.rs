@@ -459,6 +459,10 @@ impl DatabaseCache {
     /// A write committed: nothing that read these tables (or this database) is served again.
     fn invalidate(&self, scope: &WriteScope) {
         match scope {
+            // Every entry of the database depends on this counter.
+            WriteScope::AllTables => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
             WriteScope::Database => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 // DDL may have changed what names mean.
@@ -767,7 +771,7 @@ mod tests {
         let c = cache();
         let db = c.database("db");
         let mut installed = Catalog::default();
-        installed.relations.insert("t".into(), true);
+        installed.relations.insert("t".into(), classify::Relation { table: true, opaque_writes: false });
         db.set_catalog(Some(installed.clone()), db.catalog_epoch());
         let catalog = db.catalog(|| {}).unwrap();
         let one = db.classify(&catalog, "select * from t where id = 1");

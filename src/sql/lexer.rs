@@ -1,7 +1,8 @@
 //! A SQL tokenizer faithful to Postgres' lexical rules where they matter for classification:
 //! `--` and nested `/* */` comments, '...' strings (with '' and E'\'' escapes), "quoted"
-//! identifiers, $tag$ dollar quotes $tag$, positional parameters, and `;` between statements.
-//! Text that does not lex (an unterminated string) yields an `Unterminated` token, never a panic.
+//! identifiers (and U&"..." ones), $tag$ dollar quotes $tag$, positional parameters, and `;`
+//! between statements. Text that does not lex (an unterminated string) yields an `Unterminated`
+//! token, never a panic.
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Token<'a> {
@@ -9,8 +10,12 @@ pub enum Token<'a> {
     Word(&'a str),
     /// A "quoted identifier", with doubled quotes undone.
     QuotedIdent(String),
-    /// A string literal of any kind (the content does not matter to classification).
-    Str,
+    /// A U&"..." identifier with escapes in it, as written: its name is not worked out (that
+    /// takes the UESCAPE character, which may come after a comment), so it names nothing known.
+    UnicodeIdent(&'a str),
+    /// A string literal of any kind, as written (prefix and quotes included): the lexer does not
+    /// undo escapes, and only classification looks inside.
+    Str(&'a str),
     Number,
     /// $1, $2, ...
     Param,
@@ -35,6 +40,7 @@ impl Token<'_> {
         match self {
             Token::Word(w) => Some(w.to_ascii_lowercase()),
             Token::QuotedIdent(s) => Some(s.clone()),
+            // Unresolved: it may name anything, so it names nothing in particular.
             _ => None,
         }
     }
@@ -91,7 +97,7 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
             b'\'' => match skip_string(b, i + 1, out.plain_escapes) {
                 Some(end) => {
                     i = end;
-                    out.push_at(Token::Str, i);
+                    out.push_at(Token::Str(&sql[out.start..i]), i);
                 }
                 None => {
                     out.push_at(Token::Unterminated, b.len());
@@ -120,7 +126,7 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
                     match sql[tag_end..].find(tag) {
                         Some(pos) => {
                             i = tag_end + pos + tag.len();
-                            out.push_at(Token::Str, i);
+                            out.push_at(Token::Str(&sql[out.start..i]), i);
                         }
                         None => {
                             out.push_at(Token::Unterminated, b.len());
@@ -146,7 +152,20 @@ fn lex<'a, F: FnMut(Token<'a>, std::ops::Range<usize>)>(sql: &'a str, out: &mut 
                     match skip_string(b, start, escapes) {
                         Some(end) => {
                             i = end;
-                            out.push_at(Token::Str, i);
+                            out.push_at(Token::Str(&sql[out.start..i]), i);
+                        }
+                        None => {
+                            out.push_at(Token::Unterminated, b.len());
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                if matches!(c, b'u' | b'U') && b.get(i + 1) == Some(&b'&') && b.get(i + 2) == Some(&b'"') {
+                    match unicode_ident(sql, i) {
+                        Some((token, end)) => {
+                            i = end;
+                            out.push_at(token, i);
                         }
                         None => {
                             out.push_at(Token::Unterminated, b.len());
@@ -298,6 +317,19 @@ fn quoted_ident(sql: &str, mut i: usize) -> Option<(String, usize)> {
     None
 }
 
+/// A U&"..." identifier starting at `start` (at the U), and the index after it. Without a
+/// backslash in it, and with no UESCAPE anywhere in the text that could name another escape
+/// character, it means just what "..." means; otherwise it is left unresolved.
+fn unicode_ident(sql: &str, start: usize) -> Option<(Token<'_>, usize)> {
+    let (name, end) = quoted_ident(sql, start + 3)?;
+    let uescape = sql.as_bytes().windows(7).any(|w| w.eq_ignore_ascii_case(b"uescape"));
+    if name.contains('\\') || uescape {
+        Some((Token::UnicodeIdent(&sql[start..end]), end))
+    } else {
+        Some((Token::QuotedIdent(name), end))
+    }
+}
+
 /// If a dollar-quote tag ($$ or $tag$) starts at `i`, the index just past it.
 fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
@@ -377,10 +409,29 @@ mod tests {
     #[test]
     fn backslashes_escape_in_plain_strings_only_when_asked() {
         let sql = r"select '\''; delete from t; --'";
-        assert_eq!(tokenize(sql)[1..], [Token::Str], "one string, with a doubled quote in it");
+        assert_eq!(tokenize(sql)[1..], [Token::Str(&sql[7..])], "one string, with a doubled quote in it");
         let off = tokenize_backslash_escapes(sql);
         assert!(off.iter().any(|t| t.is_word("delete")), "{off:?}");
-        assert_eq!(tokenize_backslash_escapes(r"select 'a\b'"), [Token::Word("select"), Token::Str]);
+        assert_eq!(tokenize_backslash_escapes(r"select 'a\b'"), [Token::Word("select"), Token::Str(r"'a\b'")]);
+    }
+
+    #[test]
+    fn strings_keep_their_text_as_written() {
+        let t = tokenize("select 'it''s', E'\\n', $q$ x $q$, U&'\\0041'");
+        let strings: Vec<&Token<'_>> = t.iter().filter(|t| matches!(t, Token::Str(_))).collect();
+        assert_eq!(
+            strings,
+            [&Token::Str("'it''s'"), &Token::Str("E'\\n'"), &Token::Str("$q$ x $q$"), &Token::Str("U&'\\0041'")]
+        );
+    }
+
+    #[test]
+    fn unicode_identifiers_are_resolved_only_when_nothing_is_escaped() {
+        assert_eq!(tokenize(r#"update U&"c" set"#)[1], Token::QuotedIdent("c".into()));
+        assert_eq!(tokenize(r#"update U&"\0063" set"#)[1], Token::UnicodeIdent(r#"U&"\0063""#));
+        assert_eq!(tokenize(r#"update U&"!0063" UESCAPE '!' set"#)[1], Token::UnicodeIdent(r#"U&"!0063""#));
+        assert_eq!(tokenize(r#"update U&"\0063" set"#)[1].ident(), None, "it names nothing known");
+        assert_eq!(tokenize(r#"select U&"abc"#).last(), Some(&Token::Unterminated));
     }
 
     #[test]
