@@ -15,7 +15,8 @@ pub struct SessionHints {
 /// for the rare statement that mentions a word of interest.
 pub fn session_hints(sql: &str) -> SessionHints {
     let found = mentions(sql);
-    let calls_set_config = found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"]));
+    let calls_set_config = (found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"])))
+        || (sql.contains("&\"") && readings(sql).iter().any(|t| calls_unicode_ident(t)));
     if calls_set_config {
         remember_set_config_names(sql);
     }
@@ -230,6 +231,12 @@ fn mentions(sql: &str) -> u8 {
     found
 }
 
+/// Whether the tokens call a function named by a U&"..." identifier with escapes, whose name
+/// the lexer does not work out: it may spell set_config.
+fn calls_unicode_ident(tokens: &[Token<'_>]) -> bool {
+    tokens.windows(2).any(|w| matches!(w[0], Token::UnicodeIdent(_)) && w[1].is_punct("("))
+}
+
 /// Whether the tokens call one of `names` (a word followed by an opening parenthesis).
 fn calls_any(tokens: &[Token<'_>], names: &[&str]) -> bool {
     tokens
@@ -326,6 +333,12 @@ mod tests {
         for name in ["inspect_test.tenant", "inspect_test.other", "inspect_test.viaconfig"] {
             assert!(sql.contains(&format!("E'{name}'")), "{name}: {sql}");
         }
+    }
+
+    #[test]
+    fn a_call_through_an_escaped_unicode_name_may_be_set_config() {
+        assert!(may_change_settings(r#"select U&"set_\0063onfig"('search_path', 'x', false)"#));
+        assert!(!may_change_settings(r#"select U&"d\0061ta" from t"#));
     }
 
     #[test]
