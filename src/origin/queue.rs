@@ -137,9 +137,28 @@ impl ResponseQueue {
         ResponseQueue::default()
     }
 
-    /// Nothing outstanding: every answer has arrived.
+    /// Nothing outstanding: every answer has arrived, and the origin is not discarding input
+    /// until a Sync (a connection in that state would swallow the next client's messages).
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && !self.skipping
+    }
+
+    /// The origin is discarding everything until the next Sync (an extended-protocol error
+    /// arrived and no Sync has been sent since).
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// Answers are owed for messages already sent.
+    pub fn has_entries(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// pgwarp sent a Sync of its own and read its ReadyForQuery: nothing is owed any more and
+    /// the origin is back to processing messages.
+    pub fn reset(&mut self) {
+        self.entries.clear();
+        self.skipping = false;
     }
 
     pub fn len(&self) -> usize {
@@ -411,15 +430,27 @@ mod tests {
         q.push(Expect::Execute);
         let d = q.on_message(b'E', b"").unwrap();
         assert!(d.forward);
-        assert!(q.is_empty());
+        assert!(!q.has_entries() && !q.is_empty());
         // The client flushed, saw the error, and kept going before its Sync.
         let undo = Undo { client_statement: Some(("s".into(), "pgwarp_1".into())), ..Undo::default() };
         assert_eq!(q.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo.clone()) }), Some(undo));
         assert_eq!(q.push(Expect::BindComplete { statement: None }), None);
-        assert!(q.is_empty());
+        assert!(!q.has_entries());
         q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'Z', b"I").unwrap();
         assert_eq!(d.ready, Some(b'I'));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_queue_skipping_to_sync_is_not_empty_until_reset() {
+        let mut q = ResponseQueue::new();
+        q.push(Expect::Execute);
+        q.on_message(b'E', b"").unwrap();
+        assert!(!q.has_entries());
+        assert!(q.is_skipping() && !q.is_empty(), "the origin still discards until a Sync");
+        q.reset();
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -640,15 +640,16 @@ impl Session {
 /// After a client leaves while holding a connection: cancel what is running, or roll back and
 /// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
 async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, reset: bool) {
-    if !conn.queue.is_empty() || !conn.out.is_empty() || conn.broken {
+    if conn.queue.has_entries() || !conn.out.is_empty() || conn.broken {
         cancel::send_cancel(pool.target().clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
     }
     let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
         let mut status = status;
-        if conn.needs_sync {
+        // An extended-protocol sequence left open, or an error the origin is still skipping
+        // past: only a Sync brings it back.
+        if conn.needs_sync || conn.queue.is_skipping() {
             status = conn.sync().await?;
-            conn.needs_sync = false;
         }
         if status != b'I' {
             let out = conn.simple_query("ROLLBACK").await?;

@@ -71,6 +71,10 @@ impl Planner<'_> {
                     self.push(Expect::Sync { owner: Owner::Client });
                 }
                 fe::FLUSH => self.out.extend_from_slice(msg.frame()),
+                // After an extended-protocol error the origin ignores everything up to a Sync,
+                // a simple query included, without a word: so does pgwarp, leaving the
+                // unnamed statement and the open sequence (`needs_sync`) as they are.
+                fe::QUERY | fe::FUNCTION_CALL if self.queue.is_skipping() => {}
                 fe::QUERY => {
                     let sql = fe::query_text(msg.body())?;
                     note_sql(&mut notes, sql);

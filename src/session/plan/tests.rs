@@ -351,3 +351,16 @@ fn deallocate_is_answered_by_pgwarp() {
     let (_, syn) = w.run(&[query("DEALLOCATE s1")]);
     assert_eq!(syn, vec!['E']);
 }
+
+#[test]
+fn query_while_the_origin_skips_to_sync_is_dropped_and_keeps_the_sequence_open() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), Message::from_frame(frame(b'H', |_| {}))]);
+    assert_eq!(w.answer(b"1E"), vec!['1', 'E']);
+    let (sent, syn) = w.run(&[query("select 2")]);
+    assert!(sent.is_empty() && syn.is_empty(), "Postgres ignores it, so pgwarp sends nothing");
+    assert!(w.needs_sync, "only a Sync ends the sequence");
+    let (sent, _) = w.run(&[sync()]);
+    assert_eq!(sent, vec![('S', String::new())]);
+    assert_eq!(w.answer(b"Z"), vec!['Z']);
+}
