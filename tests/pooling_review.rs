@@ -77,3 +77,118 @@ async fn query_after_flushed_error_is_ignored_like_postgres() {
     }
     assert_eq!(results[0], results[1], "direct vs pgwarp");
 }
+
+/// pgwarp's read-back of a client's settings (a simple query) destroys the origin's unnamed
+/// statement; the client's Bind of it in a later batch must get its Parse replayed.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_the_settings_read_back() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&batch(&[parse("", "SELECT set_config('app.tenant', $1, false)", &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&raw.until_ready().await), "1tTZ");
+    raw.send(&batch(&[bind("", "", &["7"]), execute("", 0), sync()])).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// Another client's login check of its startup settings (a simple query on a pooled
+/// connection) destroys the unnamed statement behind this client's back.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_another_clients_login_check() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&batch(&[parse("", "SELECT $1::int + 1", &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&raw.until_ready().await), "1tTZ");
+    // Someone tries to log in with a startup setting the origin rejects.
+    let url = format!("{}?options=-c%20statement_timeout%3Dbogus", pgwarp.url());
+    assert!(common::connect(&url).await.is_err());
+    raw.send(&batch(&[bind("", "", &["41"]), execute("", 0), sync()])).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// A client that leaves mid-transaction has its connection rolled back with a simple query,
+/// which destroys the unnamed statement: another client running the same SQL (same content
+/// id) must not find that connection believed to hold it.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_rollback_of_a_vanished_client() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 2;
+        c.workers = 1;
+    })
+    .await;
+    const SQL: &str = "SELECT $1::int + 1";
+    // Client A: unnamed Parse inside a transaction, then vanishes -> ROLLBACK via simple query.
+    {
+        let mut a = pgwarp.raw().await;
+        a.send(&query("BEGIN")).await;
+        a.until_ready().await;
+        a.send(&batch(&[parse("", SQL, &[]), bind("", "", &["1"]), execute("", 0), sync()])).await;
+        assert_eq!(tags(&a.until_ready().await), "12DCZ");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Client B: Parse on the other connection while A's old one is held, then Bind on A's old one.
+    let mut b = pgwarp.raw().await;
+    let mut holder = pgwarp.raw().await; // same (empty) startup settings as B: no settings query
+                                         // Holders use named statements only, so they leave the unnamed slot alone.
+    let begin = batch(&[
+        parse("b", "BEGIN", &[]),
+        bind("", "b", &[]),
+        execute("", 0),
+        parse("p", "SELECT pg_backend_pid()", &[]),
+        bind("", "p", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    holder.send(&begin).await; // takes the most recently used connection (A's)
+    let held = first_column(&holder.until_ready().await);
+    b.send(&batch(&[parse("", SQL, &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&b.until_ready().await), "1tTZ");
+    let mut holder2 = pgwarp.raw().await;
+    holder2.send(&begin).await; // takes the connection B parsed on
+    let held2 = first_column(&holder2.until_ready().await);
+    assert_ne!(held, held2);
+    holder.send(&batch(&[parse("c", "COMMIT", &[]), bind("", "c", &[]), execute("", 0), sync()])).await;
+    holder.until_ready().await; // A's old connection is free again
+    b.send(&batch(&[bind("", "", &["41"]), execute("", 0), sync()])).await;
+    let msgs = b.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// A replayed SQL-level PREPARE (a simple Query inside an extended batch) that Postgres skips
+/// after an earlier error must not stay recorded as prepared on that connection.
+#[tokio::test]
+async fn skipped_replay_of_sql_prepare_is_not_remembered() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 2;
+        c.workers = 1;
+    })
+    .await;
+    let mut raw = pgwarp.raw().await;
+    let holder = pgwarp.client().await;
+    // PREPARE lands on connection X (held afterwards by `holder`).
+    raw.send(&query("PREPARE q AS SELECT 7")).await;
+    assert_eq!(tags(&raw.until_ready().await), "CZ");
+    holder.batch_execute("BEGIN").await.unwrap();
+    // On connection Y: an error, then a Bind of q (whose PREPARE is replayed and skipped).
+    raw.send(&batch(&[
+        parse("", "SELECT 1/0", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        bind("", "q", &[]),
+        execute("", 0),
+        sync(),
+    ]))
+    .await;
+    let first = raw.until_ready().await;
+    assert_eq!(error_code(&first).as_deref(), Some("22012"));
+    // Still on Y: q must work.
+    raw.send(&query("EXECUTE q")).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(first_column(&msgs), vec![Some("7".into())], "error: {:?}", error_code(&msgs));
+    holder.batch_execute("COMMIT").await.unwrap();
+}

@@ -345,6 +345,9 @@ impl OriginConn {
 
     /// Runs one of pgwarp's own simple queries to completion, collecting rows as text.
     pub async fn simple_query(&mut self, sql: &str) -> Result<QueryOutcome, OriginError> {
+        // A simple query destroys the origin's unnamed statement: a client that Parsed one in
+        // an earlier batch gets it replayed at its Bind, as on a connection that never had it.
+        self.statements.unnamed = None;
         self.write(&build::query(sql)).await?;
         let mut out = QueryOutcome::default();
         loop {

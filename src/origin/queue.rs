@@ -95,7 +95,9 @@ impl Expect {
 
     fn take_undo(self) -> Option<Undo> {
         match self {
-            Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } => undo,
+            // A Query's undo too: a replayed SQL PREPARE inside an extended batch is skipped
+            // like any other message after an error.
+            Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } | Expect::Query { undo, .. } => undo,
             _ => None,
         }
     }

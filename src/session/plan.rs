@@ -172,6 +172,9 @@ impl Planner<'_> {
                 self.push(Expect::ParseComplete { owner, undo });
             }
             Replay::Prepare(sql) => {
+                // A simple query, even mid-batch, destroys the unnamed statement: a later Bind
+                // of it replays its Parse.
+                self.server.unnamed = None;
                 self.out.extend_from_slice(&build::query(sql));
                 self.push(Expect::Query { owner, undo, executes: None });
             }

@@ -364,3 +364,30 @@ fn query_while_the_origin_skips_to_sync_is_dropped_and_keeps_the_sequence_open()
     assert_eq!(sent, vec![('S', String::new())]);
     assert_eq!(w.answer(b"Z"), vec!['Z']);
 }
+
+#[test]
+fn replayed_sql_prepare_mid_batch_destroys_the_unnamed_statement() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE q AS SELECT 1")]);
+    w.answer(b"CZ");
+    w.server = ServerStatements::new(10);
+    w.run(&[parse("", "select 2"), sync()]);
+    w.answer(b"1Z");
+    // Binding q replays its PREPARE as a simple query, which drops the origin's unnamed
+    // statement: the Bind of "" after it needs the Parse again.
+    let (sent, _) = w.run(&[bind("q"), execute(), bind(""), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "QBEPBES");
+}
+
+#[test]
+fn skipped_replay_of_sql_prepare_is_forgotten() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE q AS SELECT 1")]);
+    w.answer(b"CZ");
+    let id = w.statements.get("q").unwrap().id.clone();
+    w.server = ServerStatements::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), bind("q"), execute(), sync()]);
+    assert!(w.server.has(&id));
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(!w.server.has(&id), "Postgres skipped the PREPARE");
+}
