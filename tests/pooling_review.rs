@@ -192,3 +192,24 @@ async fn skipped_replay_of_sql_prepare_is_not_remembered() {
     assert_eq!(first_column(&msgs), vec![Some("7".into())], "error: {:?}", error_code(&msgs));
     holder.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A lone Flush (nothing to flush) must not take a connection and keep it while the client
+/// sits idle.
+#[tokio::test]
+async fn lone_flush_does_not_pin_a_connection() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.pool_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&flush()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = pgwarp.client().await;
+    let r = b.query_one("SELECT 1", &[]).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    // The Flushing client carries on normally.
+    raw.send(&query("SELECT 2")).await;
+    assert_eq!(first_column(&raw.until_ready().await), vec![Some("2".into())]);
+}

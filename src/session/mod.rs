@@ -214,7 +214,13 @@ impl Session {
                     None => std::task::Poll::Pending,
                 }), if origin_active => match r {
                     Ok(Duplex::Message(msg)) => self.on_origin(msg).await?,
-                    Ok(Duplex::Flushed) => {}
+                    // The last bytes for the origin went out: if they were all it was waiting
+                    // for (a Flush with no answer due), the connection may be free now.
+                    Ok(Duplex::Flushed) => {
+                        if self.origin.as_ref().is_some_and(|a| a.queue.is_empty()) {
+                            self.maybe_release().await?;
+                        }
+                    }
                     Ok(Duplex::Eof) => return Err(self.origin_lost(&OriginError::Closed)),
                     Err(e) => return Err(self.origin_lost(&e)),
                 },
@@ -312,6 +318,11 @@ impl Session {
                     self.skip_until_sync = false;
                     self.to_client.extend_from_slice(&build::ready_for_query(self.status));
                 }
+                return Ok(());
+            }
+            if matches!(batch, [m] if m.tag() == fe::FLUSH) {
+                // A Flush with nothing pending gets no answer from Postgres: no connection needed
+                // (taking one would pin it while the client sits idle).
                 return Ok(());
             }
             answer = self.answer_from_cache(batch).await;
