@@ -213,3 +213,82 @@ async fn lone_flush_does_not_pin_a_connection() {
     raw.send(&query("SELECT 2")).await;
     assert_eq!(first_column(&raw.until_ready().await), vec![Some("2".into())]);
 }
+
+/// Errors pgwarp answers itself (unknown or duplicate statement names) abort the client's
+/// transaction as Postgres does: ReadyForQuery says `E`, and a later COMMIT rolls back.
+#[tokio::test]
+async fn pgwarps_own_errors_abort_the_transaction_like_postgres() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE t (a int); GRANT ALL ON t TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&query("BEGIN; INSERT INTO t VALUES (1)")).await;
+        raw.until_ready().await;
+        raw.send(&query("EXECUTE nosuch")).await;
+        let msgs = raw.until_ready().await;
+        let status = msgs.last().unwrap().body()[0] as char;
+        raw.send(&batch(&[bind("", "nosuch", &[]), execute("", 0), sync()])).await;
+        let msgs = raw.until_ready().await;
+        let status2 = msgs.last().unwrap().body()[0] as char;
+        raw.send(&query("COMMIT")).await;
+        raw.until_ready().await;
+        let rows = origin.sql("SELECT count(*) FROM t");
+        origin.sql("TRUNCATE t");
+        results.push((status, status2, rows));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp (status after EXECUTE, after Bind, rows committed)");
+}
+
+/// Each kind of error pgwarp answers itself, inside a transaction and in an implicit one
+/// (a pipeline whose earlier INSERT Postgres rolls back): the client sees exactly what a
+/// direct connection shows, one error each, and the same rows survive.
+#[tokio::test]
+async fn every_error_pgwarp_answers_itself_matches_postgres() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE t (a int); GRANT ALL ON t TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let cases: Vec<Vec<u8>> = vec![
+        query("EXECUTE nosuch").to_vec(),
+        query("DEALLOCATE nosuch").to_vec(),
+        query("PREPARE dup AS SELECT 1").to_vec(),
+        batch(&[parse("dup", "SELECT 2", &[]), sync()]),
+        batch(&[bind("", "nosuch", &[]), execute("", 0), sync()]),
+        batch(&[describe(b'S', "nosuch"), sync()]),
+        batch(&[
+            parse("", "INSERT INTO t VALUES (2)", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            bind("", "nosuch", &[]),
+            sync(),
+        ]),
+    ];
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&query("PREPARE dup AS SELECT 1")).await;
+        raw.until_ready().await;
+        for case in &cases {
+            let mut seen = Vec::new();
+            for begin in [true, false] {
+                if begin {
+                    raw.send(&query("BEGIN; INSERT INTO t VALUES (1)")).await;
+                    raw.until_ready().await;
+                }
+                raw.send(case).await;
+                let msgs = raw.until_ready().await;
+                let status = msgs.last().unwrap().body()[0] as char;
+                raw.send(&query("COMMIT")).await;
+                raw.until_ready().await;
+                seen.push((tags(&msgs), error_code(&msgs), status, origin.sql("SELECT count(*) FROM t")));
+                origin.sql("TRUNCATE t");
+            }
+            results.push(seen);
+        }
+    }
+    let (direct, through) = results.split_at(cases.len());
+    for (i, (d, p)) in direct.iter().zip(through).enumerate() {
+        assert_eq!(d, p, "case {i}: direct vs pgwarp (tags, SQLSTATE, status, rows committed)");
+    }
+}

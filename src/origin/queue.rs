@@ -71,6 +71,10 @@ pub enum Expect {
         message: Bytes,
         undo: Option<Undo>,
     },
+    /// A Describe of a statement that cannot exist, sent only so that the origin fails where
+    /// the client's message would have, aborting its transaction (or pipeline) as Postgres
+    /// would. The client already has pgwarp's own error for it: the origin's is dropped.
+    Abort,
 }
 
 impl Expect {
@@ -225,6 +229,15 @@ impl ResponseQueue {
                 true
             }
             (Expect::DescribeStatement, be::PARAMETER_DESCRIPTION) => false,
+            // Only if someone created the impossible statement: no error, and nothing to forward.
+            (Expect::Abort, be::PARAMETER_DESCRIPTION) => {
+                d.forward = false;
+                false
+            }
+            (Expect::Abort, be::ROW_DESCRIPTION | be::NO_DATA) => {
+                d.forward = false;
+                true
+            }
             (Expect::DescribeStatement | Expect::DescribePortal, be::ROW_DESCRIPTION | be::NO_DATA) => true,
             (Expect::Execute, be::DATA_ROW | be::COPY_OUT_RESPONSE | be::COPY_DATA | be::COPY_DONE) => false,
             (Expect::Execute, be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED) => true,
@@ -254,6 +267,7 @@ impl ResponseQueue {
             (Expect::BindComplete { .. }, _) => return unexpected("BindComplete"),
             (Expect::CloseComplete { .. }, _) => return unexpected("CloseComplete"),
             (Expect::DescribeStatement, _) => return unexpected("a statement description"),
+            (Expect::Abort, _) => return unexpected("an error"),
             (Expect::DescribePortal, _) => return unexpected("a portal description"),
             (Expect::Execute, _) => return unexpected("Execute results"),
             (Expect::Sync { .. }, _) => return unexpected("ReadyForQuery"),
@@ -268,7 +282,8 @@ impl ResponseQueue {
 
     fn on_error(&mut self, d: &mut Decision) {
         let internal = matches!(self.entries.front(), Some(e) if e.owner() == Owner::Internal);
-        d.forward = !internal;
+        let abort = matches!(self.entries.front(), Some(Expect::Abort));
+        d.forward = !internal && !abort;
         let Some(head) = self.entries.front_mut() else {
             return;
         };
@@ -284,7 +299,7 @@ impl ResponseQueue {
             _ => {
                 // The failed message, and everything Postgres will now skip until Sync.
                 let owner = head.owner();
-                d.forward = owner != Owner::Internal;
+                d.forward = owner != Owner::Internal && !abort;
                 if let Expect::BindComplete { statement } = head {
                     d.failed_bind = statement.clone();
                 }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::statements::{Replay, Statement, StatementMap};
 use crate::origin::{Expect, Owner, ResponseQueue, ServerStatements, Undo};
@@ -20,6 +20,9 @@ use crate::protocol::frontend::{self as fe, Bind, Named, Parse, Target};
 use crate::protocol::{build, DecodeError, Message};
 use crate::sql::inspect;
 use crate::sql::prepared::{self, PreparedCommand};
+
+/// A statement name no origin connection has: content ids are `pgwarp_` and 24 hex digits.
+const ABSENT_STATEMENT: &str = "pgwarp_absent";
 
 /// What the session needs to know about a batch besides what was sent.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -110,10 +113,26 @@ impl Planner<'_> {
         }
     }
 
-    /// Answers an error in order and skips the rest of the batch until Sync.
+    /// Answers an error in order and skips the rest of the batch until Sync. The origin fails
+    /// at the same point, so what Postgres would roll back is rolled back.
     fn fail(&mut self, code: SqlState, message: &str) {
         self.push(Expect::Synthetic { message: build::error(Severity::Error, code, message), undo: None });
+        self.abort_origin();
         *self.skip_until_sync = true;
+        *self.needs_sync = true;
+    }
+
+    /// Makes the origin raise an error here, unseen by the client, which has pgwarp's own: an
+    /// error aborts the transaction block the client is in (ReadyForQuery `E`, and COMMIT rolls
+    /// back), or the implicit transaction of its pipeline, exactly as on a direct connection.
+    /// A Describe is used because it fails in every state (also in an aborted transaction) and
+    /// touches nothing else.
+    fn abort_origin(&mut self) {
+        build::frame_into(self.out, fe::DESCRIBE, |b| {
+            b.put_u8(b'S');
+            build::put_cstr(b, ABSENT_STATEMENT);
+        });
+        self.push(Expect::Abort);
     }
 
     fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<(), DecodeError> {
@@ -187,15 +206,11 @@ impl Planner<'_> {
             PreparedCommand::Prepare { name, types, body } => {
                 if self.statements.contains(&name) {
                     let message = format!("prepared statement \"{name}\" already exists");
-                    return self.answer_query(build::error(
-                        Severity::Error,
-                        SqlState::DUPLICATE_PREPARED_STATEMENT,
-                        &message,
-                    ));
+                    return self.refuse_query(SqlState::DUPLICATE_PREPARED_STATEMENT, &message);
                 }
                 let stmt = Arc::new(Statement::sql_prepared(types, body));
                 if let Err(e) = self.statements.insert(&name, stmt.clone()) {
-                    return self.answer_query(build::error(Severity::Error, SqlState::OUT_OF_MEMORY, &e.to_string()));
+                    return self.refuse_query(SqlState::OUT_OF_MEMORY, &e.to_string());
                 }
                 if self.server.has(&stmt.id) {
                     self.answer_query(build::command_complete("PREPARE"));
@@ -206,11 +221,7 @@ impl Planner<'_> {
             PreparedCommand::Execute { name, rest } => {
                 let Some(stmt) = self.statements.get(&name).cloned() else {
                     let message = format!("prepared statement \"{name}\" does not exist");
-                    return self.answer_query(build::error(
-                        Severity::Error,
-                        SqlState::UNDEFINED_PREPARED_STATEMENT,
-                        &message,
-                    ));
+                    return self.refuse_query(SqlState::UNDEFINED_PREPARED_STATEMENT, &message);
                 };
                 if !self.server.has(&stmt.id) {
                     self.prepare_on_server(&stmt, Owner::Hidden, None);
@@ -224,7 +235,7 @@ impl Planner<'_> {
                     self.answer_query(build::command_complete("DEALLOCATE"));
                 } else {
                     let message = format!("prepared statement \"{name}\" does not exist");
-                    self.answer_query(build::error(Severity::Error, SqlState::UNDEFINED_PREPARED_STATEMENT, &message));
+                    self.refuse_query(SqlState::UNDEFINED_PREPARED_STATEMENT, &message);
                 }
             }
             PreparedCommand::Deallocate { name: None } => {
@@ -239,6 +250,14 @@ impl Planner<'_> {
     /// so it carries the real transaction status.
     fn answer_query(&mut self, message: Bytes) {
         self.push(Expect::Synthetic { message, undo: None });
+        self.out.extend_from_slice(&build::sync());
+        self.push(Expect::Sync { owner: Owner::Client });
+    }
+
+    /// Answers a simple query with an error, which the origin also raises (see `abort_origin`).
+    fn refuse_query(&mut self, code: SqlState, message: &str) {
+        self.push(Expect::Synthetic { message: build::error(Severity::Error, code, message), undo: None });
+        self.abort_origin();
         self.out.extend_from_slice(&build::sync());
         self.push(Expect::Sync { owner: Owner::Client });
     }

@@ -188,10 +188,11 @@ fn two_clients_same_name_different_sql_do_not_collide() {
 fn unknown_statement_is_an_error_in_order_and_skips_to_sync() {
     let mut w = World::new(10);
     let (sent, syn) = w.run(&[bind("nope"), execute(), sync()]);
-    assert_eq!(sent, vec![('S', String::new())]);
+    // The origin fails there too (so a transaction aborts as it would), unseen by the client.
+    assert_eq!(sent, vec![('D', ABSENT_STATEMENT.to_owned()), ('S', String::new())]);
     assert_eq!(syn, vec!['E']);
     assert!(!w.skip);
-    assert_eq!(w.answer(b"Z"), vec!['Z']);
+    assert_eq!(w.answer(b"EZ"), vec!['Z']);
 }
 
 #[test]
@@ -200,8 +201,9 @@ fn duplicate_parse_is_refused_like_postgres() {
     w.run(&[parse("s1", "select 1"), sync()]);
     w.answer(b"1Z");
     let (sent, syn) = w.run(&[parse("s1", "select 2"), bind("s1"), sync()]);
-    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "S");
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "DS");
     assert_eq!(syn, vec!['E']);
+    assert_eq!(w.answer(b"EZ"), vec!['Z']);
     assert_eq!(&*w.statements.get("s1").unwrap().sql, "select 1");
 }
 
@@ -348,8 +350,19 @@ fn deallocate_is_answered_by_pgwarp() {
     assert_eq!(syn, vec!['C']);
     w.answer(b"Z");
     assert!(!w.statements.contains("s1"));
-    let (_, syn) = w.run(&[query("DEALLOCATE s1")]);
+    let (sent, syn) = w.run(&[query("DEALLOCATE s1")]);
     assert_eq!(syn, vec!['E']);
+    assert_eq!(sent, vec![('D', ABSENT_STATEMENT.to_owned()), ('S', String::new())]);
+    assert_eq!(w.answer(b"EZ"), vec!['Z'], "one error for the client");
+}
+
+#[test]
+fn an_error_before_pgwarps_own_leaves_only_the_first() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), bind("nope"), sync()]);
+    // Execute fails first: Postgres skips the rest, so pgwarp's error is never sent.
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(w.queue.is_empty());
 }
 
 #[test]
