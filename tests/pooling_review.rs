@@ -292,3 +292,45 @@ async fn every_error_pgwarp_answers_itself_matches_postgres() {
         assert_eq!(d, p, "case {i}: direct vs pgwarp (tags, SQLSTATE, status, rows committed)");
     }
 }
+
+/// A cancel for client A must never reach client B's query: pgwarp reads A's origin key and
+/// then connects to the origin to send it, by which time A may have released the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_one_client_never_hits_another_clients_query() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    let token = a.cancel_token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let a_task = tokio::spawn(async move {
+        let mut a_cancelled = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if a.simple_query("SELECT pg_sleep(0.002)").await.is_err() {
+                a_cancelled += 1;
+            }
+        }
+        a_cancelled
+    });
+    let s3 = stop.clone();
+    let b_task = tokio::spawn(async move {
+        let mut b_cancelled = 0;
+        while !s3.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = b.simple_query("SELECT pg_sleep(0.002)").await {
+                assert_eq!(code(&e), "57014", "{e}");
+                b_cancelled += 1;
+            }
+        }
+        b_cancelled
+    });
+    for _ in 0..300 {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ac, bc) = (a_task.await.unwrap(), b_task.await.unwrap());
+    println!("a cancelled {ac}, b cancelled {bc}");
+    assert!(ac > 0, "A's cancels must still work");
+    assert_eq!(bc, 0, "client B's queries were cancelled by A's cancel key");
+}

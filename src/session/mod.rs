@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use crate::cancel::{self, CancelHandle, Stop};
+use crate::cancel::{self, CancelHandle, CancelSlot, Stop};
 use crate::origin::settings::{capture_sql, Settings};
 use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
@@ -388,7 +388,7 @@ impl Session {
                 Box::pin(self.validate_settings(&mut att, &sql)).await?;
             }
         }
-        self.cancel.slot.set(Some(att.key));
+        self.cancel.slot.attach(att.key);
         Ok(att)
     }
 
@@ -555,11 +555,17 @@ impl Session {
         let Some(mut att) = self.origin.take() else {
             return Ok(());
         };
-        self.cancel.slot.set(None);
+        let cancel_in_flight = self.cancel.slot.detach();
         if att.broken {
             // Dropping closes it; the client carries on with the next connection.
             self.session_pin = None;
             return Ok(());
+        }
+        if cancel_in_flight {
+            // A cancel of this client's may still be on its way to this connection: it serves
+            // nobody else until the origin has taken it. Rare; the client has its answer.
+            self.flush_client().await?;
+            Box::pin(self.cancel.slot.cancels_settled()).await;
         }
         if self.settings_dirty {
             self.settings_dirty = false;
@@ -634,7 +640,7 @@ impl Session {
             })
             .await;
         }
-        self.cancel.slot.set(None);
+        let cancel_in_flight = self.cancel.slot.detach();
         if let Some(att) = self.origin.take() {
             let (pool, status) = (self.pool.clone(), self.status);
             // Session state pgwarp has not read back (a SET in the transaction left open, or
@@ -642,7 +648,8 @@ impl Session {
             let reset = self.session_pin.is_some() || self.settings_dirty;
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
-                tokio::spawn(release_after_client(pool, att, status, reset));
+                let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
+                tokio::spawn(release_after_client(pool, att, status, reset, cancel));
             }
         }
     }
@@ -650,7 +657,18 @@ impl Session {
 
 /// After a client leaves while holding a connection: cancel what is running, or roll back and
 /// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
-async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, reset: bool) {
+/// `cancel`: the client's cancel slot, when a cancel of its may still be on its way here.
+async fn release_after_client(
+    pool: Arc<Pool>,
+    mut conn: PooledConn,
+    status: u8,
+    reset: bool,
+    cancel: Option<Arc<CancelSlot>>,
+) {
+    if let Some(slot) = cancel {
+        // The clean-up below must not be what that cancel hits, nor the next client's work.
+        slot.cancels_settled().await;
+    }
     if conn.queue.has_entries() || !conn.out.is_empty() || conn.broken {
         cancel::send_cancel(pool.target().clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
