@@ -334,3 +334,65 @@ async fn cancel_of_one_client_never_hits_another_clients_query() {
     assert!(ac > 0, "A's cancels must still work");
     assert_eq!(bc, 0, "client B's queries were cancelled by A's cancel key");
 }
+
+/// A named Parse that Postgres skips (after an earlier error in its pipeline segment) is
+/// followed, after the Sync, by a Parse of the same name: Postgres runs that one normally.
+#[tokio::test]
+async fn pipelined_reparse_after_a_skipped_parse_runs_like_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[
+            parse("", "SELECT 1/0", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            parse("s1", "SELECT 11", &[]),
+            sync(),
+            parse("s1", "SELECT 11", &[]),
+            bind("", "s1", &[]),
+            execute("", 0),
+            sync(),
+        ]))
+        .await;
+        let a = raw.until_ready().await;
+        let b = raw.until_ready().await;
+        results.push((tags(&a), tags(&b), error_code(&b), first_column(&b)));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}
+
+/// The same name prepared twice in one pipeline, the first time successfully: the second is a
+/// duplicate, in the extended protocol and in SQL, as on a direct connection; and a PREPARE
+/// that failed leaves the name free for the next one.
+#[tokio::test]
+async fn pipelined_duplicates_resolve_like_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[
+            parse("s1", "SELECT 11", &[]),
+            sync(),
+            parse("s1", "SELECT 12", &[]),
+            sync(),
+            bind("", "s1", &[]),
+            execute("", 0),
+            sync(),
+            query("PREPARE p AS SELECT nosuchcolumn"),
+            query("PREPARE p AS SELECT 13"),
+            query("PREPARE p AS SELECT 14"),
+            query("EXECUTE p"),
+        ]))
+        .await;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            let m = raw.until_ready().await;
+            seen.push((tags(&m), error_code(&m), first_column(&m)));
+        }
+        results.push(seen);
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}

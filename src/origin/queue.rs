@@ -185,6 +185,25 @@ impl ResponseQueue {
         None
     }
 
+    /// Whether the client statement `name` was created by a message still awaiting its answer,
+    /// and if so whether a Sync (or the end of a simple query) comes after it: then that message
+    /// may yet be skipped by an error before it, and a later message of another Sync's segment
+    /// cannot know whether the name exists. Scans the queue: only for duplicate names.
+    pub fn pending_statement(&self, name: &str) -> Option<bool> {
+        let at = self.entries.iter().position(|e| {
+            let undo = match e {
+                Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } | Expect::Query { undo, .. } => {
+                    undo
+                }
+                _ => return false,
+            };
+            undo.as_ref().and_then(|u| u.client_statement.as_ref()).is_some_and(|(n, _)| n == name)
+        })?;
+        let closed = matches!(self.entries[at], Expect::Query { .. })
+            || self.entries.iter().skip(at + 1).any(|e| matches!(e, Expect::Sync { .. } | Expect::Query { .. }));
+        Some(closed)
+    }
+
     /// Moves answers pgwarp made itself that are now due into `out`, in order.
     pub fn drain_synthetic(&mut self, out: &mut BytesMut) {
         while let Some(Expect::Synthetic { .. }) = self.entries.front() {

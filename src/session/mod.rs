@@ -103,6 +103,8 @@ pub struct Session {
     copy_in: bool,
     /// pgwarp answered an error itself; drop messages until the client's Sync.
     skip_until_sync: bool,
+    /// `batch` starts with messages that wait for the origin's answer to an earlier one.
+    waiting: bool,
     /// The client may have changed settings: read them back before releasing the connection.
     settings_dirty: bool,
     /// Session-scoped state in use: keep the origin connection until the client leaves.
@@ -147,6 +149,7 @@ impl Session {
             origin: None,
             copy_in: false,
             skip_until_sync: false,
+            waiting: false,
             settings_dirty: false,
             session_pin: None,
             settings_validated: e.settings_validated,
@@ -357,6 +360,13 @@ impl Session {
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
+        if let Some(at) = notes.wait_at {
+            // The rest goes back in front of whatever the client sends next, and is planned
+            // again once the origin has answered more (see `on_origin`).
+            self.batch = batch[at..].to_vec();
+            self.batch_bytes = self.batch.iter().map(Message::len).sum();
+            self.waiting = true;
+        }
         let start = self.to_client.len();
         conn.queue.drain_synthetic(&mut self.to_client);
         self.capture_synthetic(start);
@@ -451,6 +461,12 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => return Err(self.origin_lost(&e)),
             }
+        }
+        if self.waiting {
+            // Part of the client's input waits for an answer (`PlanNotes::wait_at`): try it
+            // again now; it may have to wait more.
+            self.waiting = false;
+            return self.dispatch().await;
         }
         self.maybe_release().await
     }

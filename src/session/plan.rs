@@ -31,6 +31,11 @@ pub struct PlanNotes {
     pub session_feature: Option<&'static str>,
     /// SQL in the batch may change settings without a SET tag.
     pub may_change_settings: bool,
+    /// Planning stopped before this message of the batch: it prepares a name whose earlier
+    /// Parse or PREPARE, before a Sync, is still unanswered, and Postgres decides between
+    /// "already exists" and a fresh statement by whether that one was skipped after an error.
+    /// The rest of the batch waits for that answer.
+    pub wait_at: Option<usize>,
 }
 
 /// The state one batch is planned against.
@@ -53,13 +58,18 @@ impl Planner<'_> {
             build::close_statement_into(self.out, &stale);
             self.push(Expect::CloseComplete { owner: Owner::Internal });
         }
-        for msg in batch {
+        for (i, msg) in batch.iter().enumerate() {
             let tag = msg.tag();
             if *self.skip_until_sync && tag != fe::SYNC {
                 continue;
             }
             match tag {
-                fe::PARSE => self.parse(msg, &mut notes)?,
+                fe::PARSE => {
+                    if !self.parse(msg, &mut notes)? {
+                        notes.wait_at = Some(i);
+                        return Ok(notes);
+                    }
+                }
                 fe::BIND => self.bind(msg)?,
                 fe::DESCRIBE => self.describe(msg)?,
                 fe::CLOSE => self.close(msg)?,
@@ -80,13 +90,20 @@ impl Planner<'_> {
                 fe::QUERY | fe::FUNCTION_CALL if self.queue.is_skipping() => {}
                 fe::QUERY => {
                     let sql = fe::query_text(msg.body())?;
+                    let command = prepared::parse(sql);
+                    if let Some(PreparedCommand::Prepare { name, .. }) = &command {
+                        if self.must_wait(name) {
+                            notes.wait_at = Some(i);
+                            return Ok(notes);
+                        }
+                    }
                     note_sql(&mut notes, sql);
                     // A simple query destroys the unnamed statement, in Postgres and here, and
                     // leaves no extended-protocol sequence open.
                     self.statements.remove("");
                     self.server.unnamed = None;
                     *self.needs_sync = false;
-                    match prepared::parse(sql) {
+                    match command {
                         Some(command) => self.prepared_command(command),
                         None => {
                             self.out.extend_from_slice(msg.frame());
@@ -135,7 +152,15 @@ impl Planner<'_> {
         self.push(Expect::Abort);
     }
 
-    fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<(), DecodeError> {
+    /// Whether a Parse or PREPARE of `name` must wait (see `PlanNotes::wait_at`). In the same
+    /// segment as the earlier one it need not: whatever skips that one skips it too, and if
+    /// that one runs, this one is a duplicate.
+    fn must_wait(&self, name: &str) -> bool {
+        self.statements.contains(name) && self.queue.pending_statement(name) == Some(true)
+    }
+
+    /// False: not planned, it must wait.
+    fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<bool, DecodeError> {
         let p = Parse::decode(msg.body())?;
         if p.name.is_empty() {
             let stmt = match self.statements.get("") {
@@ -145,27 +170,30 @@ impl Planner<'_> {
             note_hints(notes, stmt.hints);
             if let Err(e) = self.statements.insert("", stmt.clone()) {
                 self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
-                return Ok(());
+                return Ok(true);
             }
             self.out.extend_from_slice(msg.frame());
             self.server.unnamed = Some(stmt.id.clone());
             let undo =
                 Undo { client_statement: Some((String::new(), stmt.id.clone())), unnamed: true, ..Undo::default() };
             self.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo) });
-            return Ok(());
+            return Ok(true);
         }
         if self.statements.contains(p.name) {
+            if self.queue.pending_statement(p.name) == Some(true) {
+                return Ok(false);
+            }
             self.fail(
                 SqlState::DUPLICATE_PREPARED_STATEMENT,
                 &format!("prepared statement \"{}\" already exists", p.name),
             );
-            return Ok(());
+            return Ok(true);
         }
         let stmt = Arc::new(Statement::new(true, p.sql, &p.param_types));
         note_hints(notes, stmt.hints);
         if let Err(e) = self.statements.insert(p.name, stmt.clone()) {
             self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
-            return Ok(());
+            return Ok(true);
         }
         let client_statement = Some((p.name.to_owned(), stmt.id.clone()));
         if self.server.has(&stmt.id) {
@@ -174,7 +202,7 @@ impl Planner<'_> {
         } else {
             self.prepare_on_server(&stmt, Owner::Client, client_statement);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Creates a named statement on the connection (its saved Parse, or its SQL PREPARE),

@@ -404,3 +404,35 @@ fn skipped_replay_of_sql_prepare_is_forgotten() {
     assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
     assert!(!w.server.has(&id), "Postgres skipped the PREPARE");
 }
+
+#[test]
+fn reparse_of_a_name_pending_before_a_sync_waits_for_its_answer() {
+    let mut w = World::new(10);
+    let batch = [
+        parse("", "select 1/0"),
+        bind(""),
+        execute(),
+        parse("s1", "select 11"),
+        sync(),
+        parse("s1", "select 11"),
+        bind("s1"),
+        execute(),
+        sync(),
+    ];
+    let (_, notes) = w.plan(&batch);
+    assert_eq!(notes.wait_at, Some(5), "the first s1 may still be skipped");
+    // It is: the error before it makes Postgres skip it, so the second one is a fresh Parse.
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(!w.statements.contains("s1"));
+    let (sent, syn) = w.run(&batch[5..]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "PBES");
+    assert!(syn.is_empty());
+}
+
+#[test]
+fn reparse_in_the_same_segment_is_a_duplicate_at_once() {
+    let mut w = World::new(10);
+    let (_, notes) = w.plan(&[parse("s1", "select 1"), parse("s1", "select 1"), sync()]);
+    assert_eq!(notes.wait_at, None);
+    assert_eq!(w.answer(b"1EZ"), vec!['1', 'E', 'Z'], "pgwarp's error in place, the origin's hidden");
+}
