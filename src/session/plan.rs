@@ -65,7 +65,8 @@ impl Planner<'_> {
             }
             match tag {
                 fe::PARSE => {
-                    if !self.parse(msg, &mut notes)? {
+                    let planned = self.parse(msg, &mut notes)?;
+                    if !planned {
                         notes.wait_at = Some(i);
                         return Ok(notes);
                     }
