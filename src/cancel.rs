@@ -1,21 +1,33 @@
 //! Cancel keys. Each client gets its own BackendKeyData from pgwarp; a CancelRequest carrying it
 //! is forwarded to the origin connection that client is using at that moment, and to nothing
 //! else. A client not running anything has no origin connection, so its cancel does nothing.
+//!
+//! Forwarding takes a new connection to the origin, so the client may finish and release its
+//! connection before the request arrives; had another client taken it by then, the cancel would
+//! hit that client's query. So, as PgBouncer does, a connection whose key a cancel has read goes
+//! to nobody else until the postmaster has closed the cancel's socket (it has signalled the
+//! backend by then, and a backend idle between commands ignores the signal).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use crate::origin::BackendKey;
 use crate::protocol::build;
 use crate::protocol::scram::constant_time_eq;
 use crate::transport::{self, OriginTarget};
+
+fn unpack(packed: u64) -> BackendKey {
+    let packed = packed & !CANCEL_READ;
+    BackendKey { pid: (packed >> 32) as u32 as i32, secret: packed as u32 as i32 }
+}
 
 /// How far shutdown has gone, as a client sees it. Ordered: a later stage implies the earlier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,23 +57,75 @@ impl Stop {
 pub struct CancelSlot {
     target: Arc<OriginTarget>,
     /// The origin connection's BackendKeyData packed as `pid << 32 | secret`; 0 when idle
-    /// (Postgres never uses pid 0).
+    /// (Postgres never uses pid 0), with `CANCEL_READ` set once a cancel has read it.
     key: AtomicU64,
+    /// Cancel requests of this client on their way to the origin.
+    in_flight: AtomicU32,
+    /// Woken when `in_flight` drops to 0.
+    settled: Notify,
     stop: AtomicU8,
     waker: AtomicWaker,
 }
 
+/// Marks a key a cancel request has read. Postgres pids are positive, so the top bit is free.
+const CANCEL_READ: u64 = 1 << 63;
+
 impl CancelSlot {
-    /// Records the origin connection the client's work now runs on (None: none).
-    pub fn set(&self, key: Option<BackendKey>) {
-        let packed = key.map_or(0, |k| (u64::from(k.pid as u32) << 32) | u64::from(k.secret as u32));
+    /// Records the origin connection the client's work now runs on. Only when it has none.
+    pub fn attach(&self, key: BackendKey) {
+        let packed = (u64::from(key.pid as u32) << 32) | u64::from(key.secret as u32);
         self.key.store(packed, Ordering::Release);
     }
 
+    /// The client's work no longer runs on a connection. True when a cancel request has read
+    /// the connection's key: it must not serve anyone else before `cancels_settled`. One atomic
+    /// swap, so a cancel either read the key before (and is counted) or finds none.
+    #[must_use]
+    pub fn detach(&self) -> bool {
+        self.key.swap(0, Ordering::AcqRel) & CANCEL_READ != 0
+    }
+
+    /// Resolves once every cancel request of this client has been taken by the origin (or has
+    /// failed or timed out).
+    pub async fn cancels_settled(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the check, so a cancel finishing in between still wakes us.
+            settled.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    /// The key a cancel request should go to, marked as read in the same atomic step (so a
+    /// release cannot slip between reading and marking). None: no work is running.
+    fn read_for_cancel(&self) -> Option<BackendKey> {
+        let mut packed = self.key.load(Ordering::Acquire);
+        loop {
+            if packed & !CANCEL_READ == 0 {
+                return None;
+            }
+            match self.key.compare_exchange_weak(packed, packed | CANCEL_READ, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(unpack(packed)),
+                Err(now) => packed = now,
+            }
+        }
+    }
+
+    fn cancel_done(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    #[cfg(test)]
     fn get(&self) -> Option<BackendKey> {
-        match self.key.load(Ordering::Acquire) {
+        match self.key.load(Ordering::Acquire) & !CANCEL_READ {
             0 => None,
-            packed => Some(BackendKey { pid: (packed >> 32) as u32 as i32, secret: packed as u32 as i32 }),
+            packed => Some(unpack(packed)),
         }
     }
 
@@ -107,7 +171,14 @@ impl CancelRegistry {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         // Read under the lock, so `stop_all` either sees this slot or this slot sees its stage.
         let stop = AtomicU8::new(self.stop.load(Ordering::Acquire));
-        let slot = Arc::new(CancelSlot { target, key: AtomicU64::new(0), stop, waker: AtomicWaker::new() });
+        let slot = Arc::new(CancelSlot {
+            target,
+            key: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            settled: Notify::new(),
+            stop,
+            waker: AtomicWaker::new(),
+        });
         loop {
             let pid = rng.gen_range(1..i32::MAX);
             if let std::collections::hash_map::Entry::Vacant(v) = keys.entry(pid) {
@@ -140,19 +211,30 @@ impl CancelRegistry {
                 }
             }
         };
-        if let Some(key) = slot.get() {
-            tokio::spawn(send_cancel(slot.target.clone(), key));
-        }
+        // Counted before the key is read: a release that finds the key read finds it counted.
+        slot.in_flight.fetch_add(1, Ordering::AcqRel);
+        let Some(key) = slot.read_for_cancel() else {
+            slot.cancel_done();
+            return;
+        };
+        tokio::spawn(async move {
+            send_cancel(slot.target.clone(), key).await;
+            slot.cancel_done();
+        });
     }
 }
 
-/// Sends a CancelRequest for `key` on a new connection to the origin.
+/// Sends a CancelRequest for `key` on a new connection to the origin, and waits until the
+/// postmaster closes that connection: by then it has signalled the backend.
 pub async fn send_cancel(target: Arc<OriginTarget>, key: BackendKey) {
     let result = async {
         let mut stream = transport::connect(&target).await.map_err(|e| e.to_string())?;
         stream.write_all(&build::cancel_request(key.pid, key.secret)).await.map_err(|e| e.to_string())?;
         stream.flush().await.map_err(|e| e.to_string())?;
-        stream.shutdown().await.map_err(|e| e.to_string())
+        // The postmaster answers nothing; a read error is the close too.
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        Ok::<(), String>(())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), result).await {
         Ok(Ok(())) => tracing::debug!(origin_pid = key.pid, "forwarded cancel request"),
@@ -208,11 +290,31 @@ mod tests {
         let h = reg.register(target());
         assert_eq!(h.slot.get(), None);
         for (pid, secret) in [(1, 0), (i32::MAX, -1), (12345, i32::MIN), (7, 42)] {
-            h.slot.set(Some(BackendKey { pid, secret }));
+            h.slot.attach(BackendKey { pid, secret });
             assert_eq!(h.slot.get(), Some(BackendKey { pid, secret }));
+            assert_eq!(h.slot.read_for_cancel(), Some(BackendKey { pid, secret }));
+            assert!(h.slot.detach());
         }
-        h.slot.set(None);
         assert_eq!(h.slot.get(), None);
+        assert_eq!(h.slot.read_for_cancel(), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_key_a_cancel_read_waits_for_that_cancel() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register(target());
+        h.slot.attach(BackendKey { pid: 5, secret: 6 });
+        assert!(!h.slot.detach(), "no cancel: released at once");
+        h.slot.attach(BackendKey { pid: 5, secret: 6 });
+        h.slot.in_flight.fetch_add(1, Ordering::AcqRel);
+        assert!(h.slot.read_for_cancel().is_some());
+        assert!(h.slot.detach());
+        let slot = h.slot.clone();
+        let waiting = tokio::spawn(async move { slot.cancels_settled().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        h.slot.cancel_done();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
     }
 
     #[tokio::test]

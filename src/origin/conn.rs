@@ -235,12 +235,18 @@ impl OriginConn {
     }
 
     /// Sends Sync and waits for ReadyForQuery, dropping anything before it; returns the status.
+    /// Only for a connection that owes no answers: afterwards the origin has left any
+    /// skip-until-Sync state, and so has the response queue.
     pub async fn sync(&mut self) -> Result<u8, OriginError> {
         self.write(&build::sync()).await?;
         loop {
             let msg = self.read().await?;
             match msg.tag() {
-                be::READY_FOR_QUERY => return be::ready_status(msg.body()).map_err(protocol),
+                be::READY_FOR_QUERY => {
+                    self.queue.reset();
+                    self.needs_sync = false;
+                    return be::ready_status(msg.body()).map_err(protocol);
+                }
                 be::PARAMETER_STATUS => self.note_parameter(msg.body()),
                 _ => {}
             }
@@ -262,6 +268,7 @@ impl OriginConn {
     }
 
     /// Whether nothing is owed or waiting to be sent, so the connection can serve someone else.
+    /// (`queue.is_empty` also covers an origin still skipping to a Sync.)
     pub fn is_quiet(&self) -> bool {
         self.queue.is_empty() && self.out.is_empty() && !self.needs_sync
     }
@@ -338,6 +345,9 @@ impl OriginConn {
 
     /// Runs one of pgwarp's own simple queries to completion, collecting rows as text.
     pub async fn simple_query(&mut self, sql: &str) -> Result<QueryOutcome, OriginError> {
+        // A simple query destroys the origin's unnamed statement: a client that Parsed one in
+        // an earlier batch gets it replayed at its Bind, as on a connection that never had it.
+        self.statements.unnamed = None;
         self.write(&build::query(sql)).await?;
         let mut out = QueryOutcome::default();
         loop {

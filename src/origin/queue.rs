@@ -71,6 +71,10 @@ pub enum Expect {
         message: Bytes,
         undo: Option<Undo>,
     },
+    /// A Describe of a statement that cannot exist, sent only so that the origin fails where
+    /// the client's message would have, aborting its transaction (or pipeline) as Postgres
+    /// would. The client already has pgwarp's own error for it: the origin's is dropped.
+    Abort,
 }
 
 impl Expect {
@@ -95,7 +99,9 @@ impl Expect {
 
     fn take_undo(self) -> Option<Undo> {
         match self {
-            Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } => undo,
+            // A Query's undo too: a replayed SQL PREPARE inside an extended batch is skipped
+            // like any other message after an error.
+            Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } | Expect::Query { undo, .. } => undo,
             _ => None,
         }
     }
@@ -137,9 +143,28 @@ impl ResponseQueue {
         ResponseQueue::default()
     }
 
-    /// Nothing outstanding: every answer has arrived.
+    /// Nothing outstanding: every answer has arrived, and the origin is not discarding input
+    /// until a Sync (a connection in that state would swallow the next client's messages).
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && !self.skipping
+    }
+
+    /// The origin is discarding everything until the next Sync (an extended-protocol error
+    /// arrived and no Sync has been sent since).
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// Answers are owed for messages already sent.
+    pub fn has_entries(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// pgwarp sent a Sync of its own and read its ReadyForQuery: nothing is owed any more and
+    /// the origin is back to processing messages.
+    pub fn reset(&mut self) {
+        self.entries.clear();
+        self.skipping = false;
     }
 
     pub fn len(&self) -> usize {
@@ -158,6 +183,25 @@ impl ResponseQueue {
         }
         self.entries.push_back(expect);
         None
+    }
+
+    /// Whether the client statement `name` was created by a message still awaiting its answer,
+    /// and if so whether a Sync (or the end of a simple query) comes after it: then that message
+    /// may yet be skipped by an error before it, and a later message of another Sync's segment
+    /// cannot know whether the name exists. Scans the queue: only for duplicate names.
+    pub fn pending_statement(&self, name: &str) -> Option<bool> {
+        let at = self.entries.iter().position(|e| {
+            let undo = match e {
+                Expect::ParseComplete { undo, .. } | Expect::Synthetic { undo, .. } | Expect::Query { undo, .. } => {
+                    undo
+                }
+                _ => return false,
+            };
+            undo.as_ref().and_then(|u| u.client_statement.as_ref()).is_some_and(|(n, _)| n == name)
+        })?;
+        let closed = matches!(self.entries[at], Expect::Query { .. })
+            || self.entries.iter().skip(at + 1).any(|e| matches!(e, Expect::Sync { .. } | Expect::Query { .. }));
+        Some(closed)
     }
 
     /// Moves answers pgwarp made itself that are now due into `out`, in order.
@@ -204,6 +248,15 @@ impl ResponseQueue {
                 true
             }
             (Expect::DescribeStatement, be::PARAMETER_DESCRIPTION) => false,
+            // Only if someone created the impossible statement: no error, and nothing to forward.
+            (Expect::Abort, be::PARAMETER_DESCRIPTION) => {
+                d.forward = false;
+                false
+            }
+            (Expect::Abort, be::ROW_DESCRIPTION | be::NO_DATA) => {
+                d.forward = false;
+                true
+            }
             (Expect::DescribeStatement | Expect::DescribePortal, be::ROW_DESCRIPTION | be::NO_DATA) => true,
             (Expect::Execute, be::DATA_ROW | be::COPY_OUT_RESPONSE | be::COPY_DATA | be::COPY_DONE) => false,
             (Expect::Execute, be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED) => true,
@@ -233,6 +286,7 @@ impl ResponseQueue {
             (Expect::BindComplete { .. }, _) => return unexpected("BindComplete"),
             (Expect::CloseComplete { .. }, _) => return unexpected("CloseComplete"),
             (Expect::DescribeStatement, _) => return unexpected("a statement description"),
+            (Expect::Abort, _) => return unexpected("an error"),
             (Expect::DescribePortal, _) => return unexpected("a portal description"),
             (Expect::Execute, _) => return unexpected("Execute results"),
             (Expect::Sync { .. }, _) => return unexpected("ReadyForQuery"),
@@ -247,7 +301,8 @@ impl ResponseQueue {
 
     fn on_error(&mut self, d: &mut Decision) {
         let internal = matches!(self.entries.front(), Some(e) if e.owner() == Owner::Internal);
-        d.forward = !internal;
+        let abort = matches!(self.entries.front(), Some(Expect::Abort));
+        d.forward = !internal && !abort;
         let Some(head) = self.entries.front_mut() else {
             return;
         };
@@ -263,7 +318,7 @@ impl ResponseQueue {
             _ => {
                 // The failed message, and everything Postgres will now skip until Sync.
                 let owner = head.owner();
-                d.forward = owner != Owner::Internal;
+                d.forward = owner != Owner::Internal && !abort;
                 if let Expect::BindComplete { statement } = head {
                     d.failed_bind = statement.clone();
                 }
@@ -411,15 +466,27 @@ mod tests {
         q.push(Expect::Execute);
         let d = q.on_message(b'E', b"").unwrap();
         assert!(d.forward);
-        assert!(q.is_empty());
+        assert!(!q.has_entries() && !q.is_empty());
         // The client flushed, saw the error, and kept going before its Sync.
         let undo = Undo { client_statement: Some(("s".into(), "pgwarp_1".into())), ..Undo::default() };
         assert_eq!(q.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo.clone()) }), Some(undo));
         assert_eq!(q.push(Expect::BindComplete { statement: None }), None);
-        assert!(q.is_empty());
+        assert!(!q.has_entries());
         q.push(Expect::Sync { owner: Owner::Client });
         let d = q.on_message(b'Z', b"I").unwrap();
         assert_eq!(d.ready, Some(b'I'));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_queue_skipping_to_sync_is_not_empty_until_reset() {
+        let mut q = ResponseQueue::new();
+        q.push(Expect::Execute);
+        q.on_message(b'E', b"").unwrap();
+        assert!(!q.has_entries());
+        assert!(q.is_skipping() && !q.is_empty(), "the origin still discards until a Sync");
+        q.reset();
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use crate::cancel::{self, CancelHandle, Stop};
+use crate::cancel::{self, CancelHandle, CancelSlot, Stop};
 use crate::origin::settings::{capture_sql, Settings};
 use crate::origin::{Expect, OriginError, Owner};
 use crate::pool::{Pool, PoolError, PooledConn};
@@ -103,6 +103,8 @@ pub struct Session {
     copy_in: bool,
     /// pgwarp answered an error itself; drop messages until the client's Sync.
     skip_until_sync: bool,
+    /// `batch` starts with messages that wait for the origin's answer to an earlier one.
+    waiting: bool,
     /// The client may have changed settings: read them back before releasing the connection.
     settings_dirty: bool,
     /// Session-scoped state in use: keep the origin connection until the client leaves.
@@ -147,6 +149,7 @@ impl Session {
             origin: None,
             copy_in: false,
             skip_until_sync: false,
+            waiting: false,
             settings_dirty: false,
             session_pin: None,
             settings_validated: e.settings_validated,
@@ -214,7 +217,13 @@ impl Session {
                     None => std::task::Poll::Pending,
                 }), if origin_active => match r {
                     Ok(Duplex::Message(msg)) => self.on_origin(msg).await?,
-                    Ok(Duplex::Flushed) => {}
+                    // The last bytes for the origin went out: if they were all it was waiting
+                    // for (a Flush with no answer due), the connection may be free now.
+                    Ok(Duplex::Flushed) => {
+                        if self.origin.as_ref().is_some_and(|a| a.queue.is_empty()) {
+                            self.maybe_release().await?;
+                        }
+                    }
                     Ok(Duplex::Eof) => return Err(self.origin_lost(&OriginError::Closed)),
                     Err(e) => return Err(self.origin_lost(&e)),
                 },
@@ -314,6 +323,11 @@ impl Session {
                 }
                 return Ok(());
             }
+            if matches!(batch, [m] if m.tag() == fe::FLUSH) {
+                // A Flush with nothing pending gets no answer from Postgres: no connection needed
+                // (taking one would pin it while the client sits idle).
+                return Ok(());
+            }
             answer = self.answer_from_cache(batch).await;
             if answer == caching::CacheAnswer::Served {
                 return Ok(());
@@ -346,6 +360,13 @@ impl Session {
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
+        if let Some(at) = notes.wait_at {
+            // The rest goes back in front of whatever the client sends next, and is planned
+            // again once the origin has answered more (see `on_origin`).
+            self.batch = batch[at..].to_vec();
+            self.batch_bytes = self.batch.iter().map(Message::len).sum();
+            self.waiting = true;
+        }
         let start = self.to_client.len();
         conn.queue.drain_synthetic(&mut self.to_client);
         self.capture_synthetic(start);
@@ -377,7 +398,7 @@ impl Session {
                 Box::pin(self.validate_settings(&mut att, &sql)).await?;
             }
         }
-        self.cancel.slot.set(Some(att.key));
+        self.cancel.slot.attach(att.key);
         Ok(att)
     }
 
@@ -440,6 +461,12 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => return Err(self.origin_lost(&e)),
             }
+        }
+        if self.waiting {
+            // Part of the client's input waits for an answer (`PlanNotes::wait_at`): try it
+            // again now; it may have to wait more.
+            self.waiting = false;
+            return self.dispatch().await;
         }
         self.maybe_release().await
     }
@@ -544,11 +571,17 @@ impl Session {
         let Some(mut att) = self.origin.take() else {
             return Ok(());
         };
-        self.cancel.slot.set(None);
+        let cancel_in_flight = self.cancel.slot.detach();
         if att.broken {
             // Dropping closes it; the client carries on with the next connection.
             self.session_pin = None;
             return Ok(());
+        }
+        if cancel_in_flight {
+            // A cancel of this client's may still be on its way to this connection: it serves
+            // nobody else until the origin has taken it. Rare; the client has its answer.
+            self.flush_client().await?;
+            Box::pin(self.cancel.slot.cancels_settled()).await;
         }
         if self.settings_dirty {
             self.settings_dirty = false;
@@ -623,7 +656,7 @@ impl Session {
             })
             .await;
         }
-        self.cancel.slot.set(None);
+        let cancel_in_flight = self.cancel.slot.detach();
         if let Some(att) = self.origin.take() {
             let (pool, status) = (self.pool.clone(), self.status);
             // Session state pgwarp has not read back (a SET in the transaction left open, or
@@ -631,7 +664,8 @@ impl Session {
             let reset = self.session_pin.is_some() || self.settings_dirty;
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
-                tokio::spawn(release_after_client(pool, att, status, reset));
+                let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
+                tokio::spawn(release_after_client(pool, att, status, reset, cancel));
             }
         }
     }
@@ -639,16 +673,28 @@ impl Session {
 
 /// After a client leaves while holding a connection: cancel what is running, or roll back and
 /// reset, so the next client gets a clean connection; if that cannot be done quickly, close it.
-async fn release_after_client(pool: Arc<Pool>, mut conn: PooledConn, status: u8, reset: bool) {
-    if !conn.queue.is_empty() || !conn.out.is_empty() || conn.broken {
+/// `cancel`: the client's cancel slot, when a cancel of its may still be on its way here.
+async fn release_after_client(
+    pool: Arc<Pool>,
+    mut conn: PooledConn,
+    status: u8,
+    reset: bool,
+    cancel: Option<Arc<CancelSlot>>,
+) {
+    if let Some(slot) = cancel {
+        // The clean-up below must not be what that cancel hits, nor the next client's work.
+        slot.cancels_settled().await;
+    }
+    if conn.queue.has_entries() || !conn.out.is_empty() || conn.broken {
         cancel::send_cancel(pool.target().clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
     }
     let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
         let mut status = status;
-        if conn.needs_sync {
+        // An extended-protocol sequence left open, or an error the origin is still skipping
+        // past: only a Sync brings it back.
+        if conn.needs_sync || conn.queue.is_skipping() {
             status = conn.sync().await?;
-            conn.needs_sync = false;
         }
         if status != b'I' {
             let out = conn.simple_query("ROLLBACK").await?;

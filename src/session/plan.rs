@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::statements::{Replay, Statement, StatementMap};
 use crate::origin::{Expect, Owner, ResponseQueue, ServerStatements, Undo};
@@ -21,6 +21,9 @@ use crate::protocol::{build, DecodeError, Message};
 use crate::sql::inspect;
 use crate::sql::prepared::{self, PreparedCommand};
 
+/// A statement name no origin connection has: content ids are `pgwarp_` and 24 hex digits.
+const ABSENT_STATEMENT: &str = "pgwarp_absent";
+
 /// What the session needs to know about a batch besides what was sent.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PlanNotes {
@@ -28,6 +31,11 @@ pub struct PlanNotes {
     pub session_feature: Option<&'static str>,
     /// SQL in the batch may change settings without a SET tag.
     pub may_change_settings: bool,
+    /// Planning stopped before this message of the batch: it prepares a name whose earlier
+    /// Parse or PREPARE, before a Sync, is still unanswered, and Postgres decides between
+    /// "already exists" and a fresh statement by whether that one was skipped after an error.
+    /// The rest of the batch waits for that answer.
+    pub wait_at: Option<usize>,
 }
 
 /// The state one batch is planned against.
@@ -50,13 +58,19 @@ impl Planner<'_> {
             build::close_statement_into(self.out, &stale);
             self.push(Expect::CloseComplete { owner: Owner::Internal });
         }
-        for msg in batch {
+        for (i, msg) in batch.iter().enumerate() {
             let tag = msg.tag();
             if *self.skip_until_sync && tag != fe::SYNC {
                 continue;
             }
             match tag {
-                fe::PARSE => self.parse(msg, &mut notes)?,
+                fe::PARSE => {
+                    let planned = self.parse(msg, &mut notes)?;
+                    if !planned {
+                        notes.wait_at = Some(i);
+                        return Ok(notes);
+                    }
+                }
                 fe::BIND => self.bind(msg)?,
                 fe::DESCRIBE => self.describe(msg)?,
                 fe::CLOSE => self.close(msg)?,
@@ -71,15 +85,26 @@ impl Planner<'_> {
                     self.push(Expect::Sync { owner: Owner::Client });
                 }
                 fe::FLUSH => self.out.extend_from_slice(msg.frame()),
+                // After an extended-protocol error the origin ignores everything up to a Sync,
+                // a simple query included, without a word: so does pgwarp, leaving the
+                // unnamed statement and the open sequence (`needs_sync`) as they are.
+                fe::QUERY | fe::FUNCTION_CALL if self.queue.is_skipping() => {}
                 fe::QUERY => {
                     let sql = fe::query_text(msg.body())?;
+                    let command = prepared::parse(sql);
+                    if let Some(PreparedCommand::Prepare { name, .. }) = &command {
+                        if self.must_wait(name) {
+                            notes.wait_at = Some(i);
+                            return Ok(notes);
+                        }
+                    }
                     note_sql(&mut notes, sql);
                     // A simple query destroys the unnamed statement, in Postgres and here, and
                     // leaves no extended-protocol sequence open.
                     self.statements.remove("");
                     self.server.unnamed = None;
                     *self.needs_sync = false;
-                    match prepared::parse(sql) {
+                    match command {
                         Some(command) => self.prepared_command(command),
                         None => {
                             self.out.extend_from_slice(msg.frame());
@@ -106,13 +131,37 @@ impl Planner<'_> {
         }
     }
 
-    /// Answers an error in order and skips the rest of the batch until Sync.
+    /// Answers an error in order and skips the rest of the batch until Sync. The origin fails
+    /// at the same point, so what Postgres would roll back is rolled back.
     fn fail(&mut self, code: SqlState, message: &str) {
         self.push(Expect::Synthetic { message: build::error(Severity::Error, code, message), undo: None });
+        self.abort_origin();
         *self.skip_until_sync = true;
+        *self.needs_sync = true;
     }
 
-    fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<(), DecodeError> {
+    /// Makes the origin raise an error here, unseen by the client, which has pgwarp's own: an
+    /// error aborts the transaction block the client is in (ReadyForQuery `E`, and COMMIT rolls
+    /// back), or the implicit transaction of its pipeline, exactly as on a direct connection.
+    /// A Describe is used because it fails in every state (also in an aborted transaction) and
+    /// touches nothing else.
+    fn abort_origin(&mut self) {
+        build::frame_into(self.out, fe::DESCRIBE, |b| {
+            b.put_u8(b'S');
+            build::put_cstr(b, ABSENT_STATEMENT);
+        });
+        self.push(Expect::Abort);
+    }
+
+    /// Whether a Parse or PREPARE of `name` must wait (see `PlanNotes::wait_at`). In the same
+    /// segment as the earlier one it need not: whatever skips that one skips it too, and if
+    /// that one runs, this one is a duplicate.
+    fn must_wait(&self, name: &str) -> bool {
+        self.statements.contains(name) && self.queue.pending_statement(name) == Some(true)
+    }
+
+    /// False: not planned, it must wait.
+    fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<bool, DecodeError> {
         let p = Parse::decode(msg.body())?;
         if p.name.is_empty() {
             let stmt = match self.statements.get("") {
@@ -122,27 +171,30 @@ impl Planner<'_> {
             note_hints(notes, stmt.hints);
             if let Err(e) = self.statements.insert("", stmt.clone()) {
                 self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
-                return Ok(());
+                return Ok(true);
             }
             self.out.extend_from_slice(msg.frame());
             self.server.unnamed = Some(stmt.id.clone());
             let undo =
                 Undo { client_statement: Some((String::new(), stmt.id.clone())), unnamed: true, ..Undo::default() };
             self.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo) });
-            return Ok(());
+            return Ok(true);
         }
         if self.statements.contains(p.name) {
+            if self.queue.pending_statement(p.name) == Some(true) {
+                return Ok(false);
+            }
             self.fail(
                 SqlState::DUPLICATE_PREPARED_STATEMENT,
                 &format!("prepared statement \"{}\" already exists", p.name),
             );
-            return Ok(());
+            return Ok(true);
         }
         let stmt = Arc::new(Statement::new(true, p.sql, &p.param_types));
         note_hints(notes, stmt.hints);
         if let Err(e) = self.statements.insert(p.name, stmt.clone()) {
             self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
-            return Ok(());
+            return Ok(true);
         }
         let client_statement = Some((p.name.to_owned(), stmt.id.clone()));
         if self.server.has(&stmt.id) {
@@ -151,7 +203,7 @@ impl Planner<'_> {
         } else {
             self.prepare_on_server(&stmt, Owner::Client, client_statement);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Creates a named statement on the connection (its saved Parse, or its SQL PREPARE),
@@ -168,6 +220,9 @@ impl Planner<'_> {
                 self.push(Expect::ParseComplete { owner, undo });
             }
             Replay::Prepare(sql) => {
+                // A simple query, even mid-batch, destroys the unnamed statement: a later Bind
+                // of it replays its Parse.
+                self.server.unnamed = None;
                 self.out.extend_from_slice(&build::query(sql));
                 self.push(Expect::Query { owner, undo, executes: None });
             }
@@ -180,15 +235,11 @@ impl Planner<'_> {
             PreparedCommand::Prepare { name, types, body } => {
                 if self.statements.contains(&name) {
                     let message = format!("prepared statement \"{name}\" already exists");
-                    return self.answer_query(build::error(
-                        Severity::Error,
-                        SqlState::DUPLICATE_PREPARED_STATEMENT,
-                        &message,
-                    ));
+                    return self.refuse_query(SqlState::DUPLICATE_PREPARED_STATEMENT, &message);
                 }
                 let stmt = Arc::new(Statement::sql_prepared(types, body));
                 if let Err(e) = self.statements.insert(&name, stmt.clone()) {
-                    return self.answer_query(build::error(Severity::Error, SqlState::OUT_OF_MEMORY, &e.to_string()));
+                    return self.refuse_query(SqlState::OUT_OF_MEMORY, &e.to_string());
                 }
                 if self.server.has(&stmt.id) {
                     self.answer_query(build::command_complete("PREPARE"));
@@ -199,11 +250,7 @@ impl Planner<'_> {
             PreparedCommand::Execute { name, rest } => {
                 let Some(stmt) = self.statements.get(&name).cloned() else {
                     let message = format!("prepared statement \"{name}\" does not exist");
-                    return self.answer_query(build::error(
-                        Severity::Error,
-                        SqlState::UNDEFINED_PREPARED_STATEMENT,
-                        &message,
-                    ));
+                    return self.refuse_query(SqlState::UNDEFINED_PREPARED_STATEMENT, &message);
                 };
                 if !self.server.has(&stmt.id) {
                     self.prepare_on_server(&stmt, Owner::Hidden, None);
@@ -217,7 +264,7 @@ impl Planner<'_> {
                     self.answer_query(build::command_complete("DEALLOCATE"));
                 } else {
                     let message = format!("prepared statement \"{name}\" does not exist");
-                    self.answer_query(build::error(Severity::Error, SqlState::UNDEFINED_PREPARED_STATEMENT, &message));
+                    self.refuse_query(SqlState::UNDEFINED_PREPARED_STATEMENT, &message);
                 }
             }
             PreparedCommand::Deallocate { name: None } => {
@@ -232,6 +279,14 @@ impl Planner<'_> {
     /// so it carries the real transaction status.
     fn answer_query(&mut self, message: Bytes) {
         self.push(Expect::Synthetic { message, undo: None });
+        self.out.extend_from_slice(&build::sync());
+        self.push(Expect::Sync { owner: Owner::Client });
+    }
+
+    /// Answers a simple query with an error, which the origin also raises (see `abort_origin`).
+    fn refuse_query(&mut self, code: SqlState, message: &str) {
+        self.push(Expect::Synthetic { message: build::error(Severity::Error, code, message), undo: None });
+        self.abort_origin();
         self.out.extend_from_slice(&build::sync());
         self.push(Expect::Sync { owner: Owner::Client });
     }

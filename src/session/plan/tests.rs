@@ -188,10 +188,11 @@ fn two_clients_same_name_different_sql_do_not_collide() {
 fn unknown_statement_is_an_error_in_order_and_skips_to_sync() {
     let mut w = World::new(10);
     let (sent, syn) = w.run(&[bind("nope"), execute(), sync()]);
-    assert_eq!(sent, vec![('S', String::new())]);
+    // The origin fails there too (so a transaction aborts as it would), unseen by the client.
+    assert_eq!(sent, vec![('D', ABSENT_STATEMENT.to_owned()), ('S', String::new())]);
     assert_eq!(syn, vec!['E']);
     assert!(!w.skip);
-    assert_eq!(w.answer(b"Z"), vec!['Z']);
+    assert_eq!(w.answer(b"EZ"), vec!['Z']);
 }
 
 #[test]
@@ -200,8 +201,9 @@ fn duplicate_parse_is_refused_like_postgres() {
     w.run(&[parse("s1", "select 1"), sync()]);
     w.answer(b"1Z");
     let (sent, syn) = w.run(&[parse("s1", "select 2"), bind("s1"), sync()]);
-    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "S");
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "DS");
     assert_eq!(syn, vec!['E']);
+    assert_eq!(w.answer(b"EZ"), vec!['Z']);
     assert_eq!(&*w.statements.get("s1").unwrap().sql, "select 1");
 }
 
@@ -348,6 +350,89 @@ fn deallocate_is_answered_by_pgwarp() {
     assert_eq!(syn, vec!['C']);
     w.answer(b"Z");
     assert!(!w.statements.contains("s1"));
-    let (_, syn) = w.run(&[query("DEALLOCATE s1")]);
+    let (sent, syn) = w.run(&[query("DEALLOCATE s1")]);
     assert_eq!(syn, vec!['E']);
+    assert_eq!(sent, vec![('D', ABSENT_STATEMENT.to_owned()), ('S', String::new())]);
+    assert_eq!(w.answer(b"EZ"), vec!['Z'], "one error for the client");
+}
+
+#[test]
+fn an_error_before_pgwarps_own_leaves_only_the_first() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), bind("nope"), sync()]);
+    // Execute fails first: Postgres skips the rest, so pgwarp's error is never sent.
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(w.queue.is_empty());
+}
+
+#[test]
+fn query_while_the_origin_skips_to_sync_is_dropped_and_keeps_the_sequence_open() {
+    let mut w = World::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), Message::from_frame(frame(b'H', |_| {}))]);
+    assert_eq!(w.answer(b"1E"), vec!['1', 'E']);
+    let (sent, syn) = w.run(&[query("select 2")]);
+    assert!(sent.is_empty() && syn.is_empty(), "Postgres ignores it, so pgwarp sends nothing");
+    assert!(w.needs_sync, "only a Sync ends the sequence");
+    let (sent, _) = w.run(&[sync()]);
+    assert_eq!(sent, vec![('S', String::new())]);
+    assert_eq!(w.answer(b"Z"), vec!['Z']);
+}
+
+#[test]
+fn replayed_sql_prepare_mid_batch_destroys_the_unnamed_statement() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE q AS SELECT 1")]);
+    w.answer(b"CZ");
+    w.server = ServerStatements::new(10);
+    w.run(&[parse("", "select 2"), sync()]);
+    w.answer(b"1Z");
+    // Binding q replays its PREPARE as a simple query, which drops the origin's unnamed
+    // statement: the Bind of "" after it needs the Parse again.
+    let (sent, _) = w.run(&[bind("q"), execute(), bind(""), execute(), sync()]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "QBEPBES");
+}
+
+#[test]
+fn skipped_replay_of_sql_prepare_is_forgotten() {
+    let mut w = World::new(10);
+    w.run(&[query("PREPARE q AS SELECT 1")]);
+    w.answer(b"CZ");
+    let id = w.statements.get("q").unwrap().id.clone();
+    w.server = ServerStatements::new(10);
+    w.run(&[parse("", "select 1/0"), bind(""), execute(), bind("q"), execute(), sync()]);
+    assert!(w.server.has(&id));
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(!w.server.has(&id), "Postgres skipped the PREPARE");
+}
+
+#[test]
+fn reparse_of_a_name_pending_before_a_sync_waits_for_its_answer() {
+    let mut w = World::new(10);
+    let batch = [
+        parse("", "select 1/0"),
+        bind(""),
+        execute(),
+        parse("s1", "select 11"),
+        sync(),
+        parse("s1", "select 11"),
+        bind("s1"),
+        execute(),
+        sync(),
+    ];
+    let (_, notes) = w.plan(&batch);
+    assert_eq!(notes.wait_at, Some(5), "the first s1 may still be skipped");
+    // It is: the error before it makes Postgres skip it, so the second one is a fresh Parse.
+    assert_eq!(w.answer(b"12EZ"), vec!['1', '2', 'E', 'Z']);
+    assert!(!w.statements.contains("s1"));
+    let (sent, syn) = w.run(&batch[5..]);
+    assert_eq!(sent.iter().map(|s| s.0).collect::<String>(), "PBES");
+    assert!(syn.is_empty());
+}
+
+#[test]
+fn reparse_in_the_same_segment_is_a_duplicate_at_once() {
+    let mut w = World::new(10);
+    let (_, notes) = w.plan(&[parse("s1", "select 1"), parse("s1", "select 1"), sync()]);
+    assert_eq!(notes.wait_at, None);
+    assert_eq!(w.answer(b"1EZ"), vec!['1', 'E', 'Z'], "pgwarp's error in place, the origin's hidden");
 }

@@ -1,0 +1,398 @@
+//! Pooling and protocol faults found in review, each reproduced against a real Postgres: what
+//! one client leaves behind on an origin connection must never reach the next client, and
+//! errors, cancels and statements must behave as they do on a direct connection.
+
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+/// A client that gets an extended-protocol error after Flush and leaves before its Sync: the
+/// origin is still skipping to a Sync, and the next client must not inherit that.
+#[tokio::test]
+async fn error_after_flush_then_disconnect_leaves_a_clean_connection() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    {
+        let mut raw = pgwarp.raw().await;
+        raw.send(&batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[]), execute("", 0), flush()])).await;
+        let mut got = Vec::new();
+        loop {
+            let m = raw.recv().await;
+            let t = m.tag();
+            got.push(m);
+            if t == b'E' {
+                break;
+            }
+        }
+        assert_eq!(tags(&got), "1E");
+        // The client vanishes without Sync.
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = pgwarp.client().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), b.simple_query("SELECT 42")).await;
+    let r = r.expect("answer within 5s");
+    assert!(r.is_ok(), "next client broken: {:?}", r.err());
+}
+
+/// After an extended-protocol error and Flush, a simple Query (which Postgres ignores until
+/// Sync) must not let pgwarp release the connection as if the sequence were over.
+#[tokio::test]
+async fn query_after_flushed_error_keeps_the_connection_until_sync() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[]), execute("", 0), flush()])).await;
+    assert_eq!(raw.recv().await.tag(), b'1');
+    assert_eq!(raw.recv().await.tag(), b'E');
+    raw.send(&query("SELECT 1")).await; // Postgres ignores this (waiting for Sync)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(raw); // the misbehaving client leaves
+    let b = pgwarp.client().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), b.query_one("SELECT 42", &[])).await;
+    let r = r.expect("answer within 5s");
+    assert_eq!(r.expect("other client works").get::<_, i32>(0), 42);
+}
+
+/// The same client goes on after its ignored Query: its Sync ends the sequence as on a direct
+/// connection, and the Query is never answered.
+#[tokio::test]
+async fn query_after_flushed_error_is_ignored_like_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[]), execute("", 0), flush()])).await;
+        assert_eq!(raw.recv().await.tag(), b'1');
+        assert_eq!(raw.recv().await.tag(), b'E');
+        raw.send(&query("SELECT 1")).await;
+        raw.send(&sync()).await;
+        let a = raw.until_ready().await;
+        raw.send(&query("SELECT 2")).await;
+        let b = raw.until_ready().await;
+        results.push((tags(&a), tags(&b), first_column(&b)));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}
+
+/// pgwarp's read-back of a client's settings (a simple query) destroys the origin's unnamed
+/// statement; the client's Bind of it in a later batch must get its Parse replayed.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_the_settings_read_back() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&batch(&[parse("", "SELECT set_config('app.tenant', $1, false)", &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&raw.until_ready().await), "1tTZ");
+    raw.send(&batch(&[bind("", "", &["7"]), execute("", 0), sync()])).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// Another client's login check of its startup settings (a simple query on a pooled
+/// connection) destroys the unnamed statement behind this client's back.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_another_clients_login_check() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&batch(&[parse("", "SELECT $1::int + 1", &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&raw.until_ready().await), "1tTZ");
+    // Someone tries to log in with a startup setting the origin rejects.
+    let url = format!("{}?options=-c%20statement_timeout%3Dbogus", pgwarp.url());
+    assert!(common::connect(&url).await.is_err());
+    raw.send(&batch(&[bind("", "", &["41"]), execute("", 0), sync()])).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// A client that leaves mid-transaction has its connection rolled back with a simple query,
+/// which destroys the unnamed statement: another client running the same SQL (same content
+/// id) must not find that connection believed to hold it.
+#[tokio::test]
+async fn unnamed_statement_is_replayed_after_rollback_of_a_vanished_client() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 2;
+        c.workers = 1;
+    })
+    .await;
+    const SQL: &str = "SELECT $1::int + 1";
+    // Client A: unnamed Parse inside a transaction, then vanishes -> ROLLBACK via simple query.
+    {
+        let mut a = pgwarp.raw().await;
+        a.send(&query("BEGIN")).await;
+        a.until_ready().await;
+        a.send(&batch(&[parse("", SQL, &[]), bind("", "", &["1"]), execute("", 0), sync()])).await;
+        assert_eq!(tags(&a.until_ready().await), "12DCZ");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Client B: Parse on the other connection while A's old one is held, then Bind on A's old one.
+    let mut b = pgwarp.raw().await;
+    let mut holder = pgwarp.raw().await; // same (empty) startup settings as B: no settings query
+                                         // Holders use named statements only, so they leave the unnamed slot alone.
+    let begin = batch(&[
+        parse("b", "BEGIN", &[]),
+        bind("", "b", &[]),
+        execute("", 0),
+        parse("p", "SELECT pg_backend_pid()", &[]),
+        bind("", "p", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    holder.send(&begin).await; // takes the most recently used connection (A's)
+    let held = first_column(&holder.until_ready().await);
+    b.send(&batch(&[parse("", SQL, &[]), describe(b'S', ""), sync()])).await;
+    assert_eq!(tags(&b.until_ready().await), "1tTZ");
+    let mut holder2 = pgwarp.raw().await;
+    holder2.send(&begin).await; // takes the connection B parsed on
+    let held2 = first_column(&holder2.until_ready().await);
+    assert_ne!(held, held2);
+    holder.send(&batch(&[parse("c", "COMMIT", &[]), bind("", "c", &[]), execute("", 0), sync()])).await;
+    holder.until_ready().await; // A's old connection is free again
+    b.send(&batch(&[bind("", "", &["41"]), execute("", 0), sync()])).await;
+    let msgs = b.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ", "error: {:?}", error_code(&msgs));
+}
+
+/// A replayed SQL-level PREPARE (a simple Query inside an extended batch) that Postgres skips
+/// after an earlier error must not stay recorded as prepared on that connection.
+#[tokio::test]
+async fn skipped_replay_of_sql_prepare_is_not_remembered() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 2;
+        c.workers = 1;
+    })
+    .await;
+    let mut raw = pgwarp.raw().await;
+    let holder = pgwarp.client().await;
+    // PREPARE lands on connection X (held afterwards by `holder`).
+    raw.send(&query("PREPARE q AS SELECT 7")).await;
+    assert_eq!(tags(&raw.until_ready().await), "CZ");
+    holder.batch_execute("BEGIN").await.unwrap();
+    // On connection Y: an error, then a Bind of q (whose PREPARE is replayed and skipped).
+    raw.send(&batch(&[
+        parse("", "SELECT 1/0", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        bind("", "q", &[]),
+        execute("", 0),
+        sync(),
+    ]))
+    .await;
+    let first = raw.until_ready().await;
+    assert_eq!(error_code(&first).as_deref(), Some("22012"));
+    // Still on Y: q must work.
+    raw.send(&query("EXECUTE q")).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(first_column(&msgs), vec![Some("7".into())], "error: {:?}", error_code(&msgs));
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+/// A lone Flush (nothing to flush) must not take a connection and keep it while the client
+/// sits idle.
+#[tokio::test]
+async fn lone_flush_does_not_pin_a_connection() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.pool_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut raw = pgwarp.raw().await;
+    raw.send(&flush()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = pgwarp.client().await;
+    let r = b.query_one("SELECT 1", &[]).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    // The Flushing client carries on normally.
+    raw.send(&query("SELECT 2")).await;
+    assert_eq!(first_column(&raw.until_ready().await), vec![Some("2".into())]);
+}
+
+/// Errors pgwarp answers itself (unknown or duplicate statement names) abort the client's
+/// transaction as Postgres does: ReadyForQuery says `E`, and a later COMMIT rolls back.
+#[tokio::test]
+async fn pgwarps_own_errors_abort_the_transaction_like_postgres() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE t (a int); GRANT ALL ON t TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&query("BEGIN; INSERT INTO t VALUES (1)")).await;
+        raw.until_ready().await;
+        raw.send(&query("EXECUTE nosuch")).await;
+        let msgs = raw.until_ready().await;
+        let status = msgs.last().unwrap().body()[0] as char;
+        raw.send(&batch(&[bind("", "nosuch", &[]), execute("", 0), sync()])).await;
+        let msgs = raw.until_ready().await;
+        let status2 = msgs.last().unwrap().body()[0] as char;
+        raw.send(&query("COMMIT")).await;
+        raw.until_ready().await;
+        let rows = origin.sql("SELECT count(*) FROM t");
+        origin.sql("TRUNCATE t");
+        results.push((status, status2, rows));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp (status after EXECUTE, after Bind, rows committed)");
+}
+
+/// Each kind of error pgwarp answers itself, inside a transaction and in an implicit one
+/// (a pipeline whose earlier INSERT Postgres rolls back): the client sees exactly what a
+/// direct connection shows, one error each, and the same rows survive.
+#[tokio::test]
+async fn every_error_pgwarp_answers_itself_matches_postgres() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE t (a int); GRANT ALL ON t TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let cases: Vec<Vec<u8>> = vec![
+        query("EXECUTE nosuch").to_vec(),
+        query("DEALLOCATE nosuch").to_vec(),
+        query("PREPARE dup AS SELECT 1").to_vec(),
+        batch(&[parse("dup", "SELECT 2", &[]), sync()]),
+        batch(&[bind("", "nosuch", &[]), execute("", 0), sync()]),
+        batch(&[describe(b'S', "nosuch"), sync()]),
+        batch(&[
+            parse("", "INSERT INTO t VALUES (2)", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            bind("", "nosuch", &[]),
+            sync(),
+        ]),
+    ];
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&query("PREPARE dup AS SELECT 1")).await;
+        raw.until_ready().await;
+        for case in &cases {
+            let mut seen = Vec::new();
+            for begin in [true, false] {
+                if begin {
+                    raw.send(&query("BEGIN; INSERT INTO t VALUES (1)")).await;
+                    raw.until_ready().await;
+                }
+                raw.send(case).await;
+                let msgs = raw.until_ready().await;
+                let status = msgs.last().unwrap().body()[0] as char;
+                raw.send(&query("COMMIT")).await;
+                raw.until_ready().await;
+                seen.push((tags(&msgs), error_code(&msgs), status, origin.sql("SELECT count(*) FROM t")));
+                origin.sql("TRUNCATE t");
+            }
+            results.push(seen);
+        }
+    }
+    let (direct, through) = results.split_at(cases.len());
+    for (i, (d, p)) in direct.iter().zip(through).enumerate() {
+        assert_eq!(d, p, "case {i}: direct vs pgwarp (tags, SQLSTATE, status, rows committed)");
+    }
+}
+
+/// A cancel for client A must never reach client B's query: pgwarp reads A's origin key and
+/// then connects to the origin to send it, by which time A may have released the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_one_client_never_hits_another_clients_query() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    let b = pgwarp.client().await;
+    let token = a.cancel_token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let a_task = tokio::spawn(async move {
+        let mut a_cancelled = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if a.simple_query("SELECT pg_sleep(0.002)").await.is_err() {
+                a_cancelled += 1;
+            }
+        }
+        a_cancelled
+    });
+    let s3 = stop.clone();
+    let b_task = tokio::spawn(async move {
+        let mut b_cancelled = 0;
+        while !s3.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = b.simple_query("SELECT pg_sleep(0.002)").await {
+                assert_eq!(code(&e), "57014", "{e}");
+                b_cancelled += 1;
+            }
+        }
+        b_cancelled
+    });
+    for _ in 0..300 {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ac, bc) = (a_task.await.unwrap(), b_task.await.unwrap());
+    println!("a cancelled {ac}, b cancelled {bc}");
+    assert!(ac > 0, "A's cancels must still work");
+    assert_eq!(bc, 0, "client B's queries were cancelled by A's cancel key");
+}
+
+/// A named Parse that Postgres skips (after an earlier error in its pipeline segment) is
+/// followed, after the Sync, by a Parse of the same name: Postgres runs that one normally.
+#[tokio::test]
+async fn pipelined_reparse_after_a_skipped_parse_runs_like_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[
+            parse("", "SELECT 1/0", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            parse("s1", "SELECT 11", &[]),
+            sync(),
+            parse("s1", "SELECT 11", &[]),
+            bind("", "s1", &[]),
+            execute("", 0),
+            sync(),
+        ]))
+        .await;
+        let a = raw.until_ready().await;
+        let b = raw.until_ready().await;
+        results.push((tags(&a), tags(&b), error_code(&b), first_column(&b)));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}
+
+/// The same name prepared twice in one pipeline, the first time successfully: the second is a
+/// duplicate, in the extended protocol and in SQL, as on a direct connection; and a PREPARE
+/// that failed leaves the name free for the next one.
+#[tokio::test]
+async fn pipelined_duplicates_resolve_like_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[
+            parse("s1", "SELECT 11", &[]),
+            sync(),
+            parse("s1", "SELECT 12", &[]),
+            sync(),
+            bind("", "s1", &[]),
+            execute("", 0),
+            sync(),
+            query("PREPARE p AS SELECT nosuchcolumn"),
+            query("PREPARE p AS SELECT 13"),
+            query("PREPARE p AS SELECT 14"),
+            query("EXECUTE p"),
+        ]))
+        .await;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            let m = raw.until_ready().await;
+            seen.push((tags(&m), error_code(&m), first_column(&m)));
+        }
+        results.push(seen);
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}
