@@ -16,7 +16,7 @@ pub struct SessionHints {
 pub fn session_hints(sql: &str) -> SessionHints {
     let found = mentions(sql);
     let calls_set_config = (found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"])))
-        || (sql.contains("&\"") && readings(sql).iter().any(|t| calls_unicode_ident(t)));
+        || (found & UNICODE_NAME != 0 && readings(sql).iter().any(|t| calls_unicode_ident(t)));
     if calls_set_config {
         remember_set_config_names(sql);
     }
@@ -169,14 +169,17 @@ const WORDS: [&[u8]; 6] = [b"listen", b"temp", b"hold", b"advisory", b"set_confi
 const SESSION_WORDS: u8 = 0b10_1111;
 const SET_CONFIG: u8 = 0b01_0000;
 const AUTHORIZATION: u8 = 0b10_0000;
+/// Not a word: `&"`, the start of a U&"..." identifier, found by the same scan.
+const UNICODE_NAME: u8 = 0b100_0000;
 
 fn mentions_session_authorization(sql: &str) -> bool {
     const NAME: &[u8] = b"session_authorization";
     sql.as_bytes().windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME))
 }
 
-/// For each byte: bit 7 if it is an ASCII letter, and bit i if `WORDS[i]` starts with it
-/// (either case). One lookup answers both questions `mentions` asks of a byte.
+/// For each byte: bit 7 if it is an ASCII letter, bit i if `WORDS[i]` starts with it (either
+/// case), and `UNICODE_NAME` for `&`. One lookup answers every question `mentions` asks of a
+/// byte.
 static CLASS: [u8; 256] = {
     let mut table = [0u8; 256];
     let mut b = 0;
@@ -193,11 +196,12 @@ static CLASS: [u8; 256] = {
         table[b.to_ascii_uppercase() as usize] |= 1 << i;
         i += 1;
     }
+    table[b'&' as usize] = UNICODE_NAME;
     table
 };
 const LETTER: u8 = 0x80;
 
-/// Which of `WORDS` occur in the text, case-insensitively, anywhere (comments and strings
+/// Which of `WORDS` (and `&"`) occur in the text, case-insensitively, anywhere (comments and strings
 /// included: this only decides whether the tokenizer needs to look). Runs on every query:
 /// one table lookup per byte, comparing only where a word's first letter starts a word. A
 /// letter before it would make it part of a longer name (`_`, `.` and digits do not: the words
@@ -209,7 +213,13 @@ fn mentions(sql: &str) -> u8 {
     while i < h.len() {
         let class = CLASS[usize::from(h[i])];
         i += 1;
-        if class & LETTER == 0 {
+        if class & (LETTER | UNICODE_NAME) == 0 {
+            continue; // the common case costs one test, as if `&` were not looked for
+        }
+        if class == UNICODE_NAME {
+            if h.get(i) == Some(&b'"') {
+                found |= UNICODE_NAME;
+            }
             continue;
         }
         // A run of letters starts here: only its start can begin a word of interest.
