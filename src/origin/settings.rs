@@ -80,13 +80,17 @@ pub fn sync_sql(applied: &Settings, wanted: &Settings) -> Option<String> {
     if reset_all {
         statements.push("RESET ALL".to_string());
     }
-    // After RESET ALL, still: role is not reset by it.
-    statements.extend(
-        applied.keys().filter(|k| real(k) && !wanted.contains_key(*k)).map(|k| format!("RESET {}", quote_ident(k))),
-    );
-    let sets: Vec<String> = wanted
-        .iter()
-        .filter(|(k, v)| real(k) && (reset_all || applied.get(*k) != Some(*v)))
+    // After RESET ALL, still: role is not reset by it. The role goes first when it is reset
+    // and last when it is set, so the other settings are applied with the login user's
+    // privileges (a role may lack the right to set what its login set).
+    let mut resets: Vec<&String> = applied.keys().filter(|k| real(k) && !wanted.contains_key(*k)).collect();
+    resets.sort_by_key(|k| !is_role(k));
+    statements.extend(resets.into_iter().map(|k| format!("RESET {}", quote_ident(k))));
+    let mut changed: Vec<(&String, &String)> =
+        wanted.iter().filter(|(k, v)| real(k) && (reset_all || applied.get(*k) != Some(*v))).collect();
+    changed.sort_by_key(|(k, _)| is_role(k));
+    let sets: Vec<String> = changed
+        .into_iter()
         .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(k), quote_literal(v)))
         .collect();
     if !sets.is_empty() {
@@ -97,6 +101,10 @@ pub fn sync_sql(applied: &Settings, wanted: &Settings) -> Option<String> {
     } else {
         Some(statements.join("; "))
     }
+}
+
+fn is_role(name: &str) -> bool {
+    name.eq_ignore_ascii_case("role")
 }
 
 /// A string literal that means the same whatever standard_conforming_strings says.
@@ -166,6 +174,24 @@ mod tests {
         // Another capture's mark is another session.
         let other = s(&[(CAPTURE_MARK, "8 t2")]);
         assert!(sync_sql(&applied, &other).unwrap().starts_with("RESET ALL; RESET \"TimeZone\"; RESET \"app.tenant\""));
+    }
+
+    #[test]
+    fn the_role_is_reset_first_and_set_last() {
+        let applied = s(&[("role", "reader"), ("search_path", "a"), ("TimeZone", "UTC")]);
+        let wanted = s(&[("TimeZone", "UTC"), ("session_replication_role", "replica")]);
+        assert_eq!(
+            sync_sql(&applied, &wanted).unwrap(),
+            "RESET \"role\"; RESET \"search_path\"; \
+             SELECT pg_catalog.set_config(E'session_replication_role', E'replica', false)"
+        );
+        let wanted = s(&[("role", "reader"), ("session_replication_role", "replica"), ("a.b", "1")]);
+        assert_eq!(
+            sync_sql(&Settings::new(), &wanted).unwrap(),
+            "SELECT pg_catalog.set_config(E'a.b', E'1', false), \
+             pg_catalog.set_config(E'session_replication_role', E'replica', false), \
+             pg_catalog.set_config(E'role', E'reader', false)"
+        );
     }
 
     #[test]

@@ -205,7 +205,10 @@ impl Session {
         tokio::pin!(kill);
         loop {
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
-            let read_client = origin_backlog < HIGH_WATER;
+            // Input queued behind a wait counts as backlog too: the client is not read
+            // without bound while the origin has not answered.
+            let queued = if self.waiting { self.batch_bytes } else { 0 };
+            let read_client = origin_backlog.max(queued) < HIGH_WATER;
             let read_origin = self.to_client.len() < HIGH_WATER;
             let client_active = read_client || !self.to_client.is_empty();
             let origin_active = self.origin.as_ref().is_some_and(|a| read_origin || !a.out.is_empty());
@@ -283,6 +286,13 @@ impl Session {
             // Outside COPY, Postgres ignores these (a COPY that failed leaves some in flight).
             fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => Ok(()),
             t if !fe::is_known(t) => Err(End::Protocol(format!("invalid frontend message type {t}"))),
+            // Behind input that waits for an answer (`PlanNotes::wait_at`): queued as it is and
+            // planned with it once the answer comes (`on_origin`), not re-planned per message.
+            _ if self.waiting => {
+                self.batch_bytes += msg.len();
+                self.batch.push(msg);
+                Ok(())
+            }
             fe::SYNC | fe::FLUSH | fe::QUERY | fe::FUNCTION_CALL => {
                 self.batch.push(msg);
                 self.dispatch().await

@@ -82,6 +82,10 @@ fn session_feature_in(tokens: &[Token<'_>]) -> Option<&'static str> {
 /// only looks at the first word, so it costs nothing on ordinary queries.
 fn runs_code_or_sets(sql: &str) -> bool {
     let start = sql.trim_start().as_bytes();
+    if start.starts_with(b"/*") || start.starts_with(b"--") {
+        // A leading comment (an ORM's or a tracer's tag): rare enough to lex.
+        return leads_with_code_or_sets(sql);
+    }
     let word_len = start.iter().take_while(|b| b.is_ascii_alphabetic()).count();
     let word = &start[..word_len];
     if word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"reset") {
@@ -89,6 +93,14 @@ fn runs_code_or_sets(sql: &str) -> bool {
         return false;
     }
     word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"call")
+}
+
+/// `runs_code_or_sets` for SQL that starts with a comment: the first word of each statement.
+fn leads_with_code_or_sets(sql: &str) -> bool {
+    remember_set_names(sql);
+    readings(sql)
+        .iter()
+        .any(|tokens| statements(tokens).iter().any(|stmt| stmt[0].is_word("do") || stmt[0].is_word("call")))
 }
 
 /// The dotted names after `SET [SESSION | LOCAL]` and `RESET` in each statement.
@@ -331,6 +343,9 @@ mod tests {
         assert!(may_change_settings("  call my_proc()"));
         assert!(!may_change_settings("select docall, dox from t"));
         assert!(!may_change_settings("SET app.x = 1"), "SET is seen from its command tag");
+        assert!(may_change_settings("/* job 7 */ DO $$ BEGIN NULL; END $$"));
+        assert!(may_change_settings("-- tag\n call p()"));
+        assert!(!may_change_settings("/* tag */ select 1"));
     }
 
     #[test]
@@ -339,8 +354,11 @@ mod tests {
         session_hints("reset inspect_test.other");
         session_hints("select set_config( 'inspect_test.viaconfig', $1, false)");
         session_hints("SET search_path = x");
+        session_hints("/* app */ SET inspect_test.after_comment = 'a'");
         let sql = settings::capture_sql();
-        for name in ["inspect_test.tenant", "inspect_test.other", "inspect_test.viaconfig"] {
+        for name in
+            ["inspect_test.tenant", "inspect_test.other", "inspect_test.viaconfig", "inspect_test.after_comment"]
+        {
             assert!(sql.contains(&format!("E'{name}'")), "{name}: {sql}");
         }
     }
