@@ -343,10 +343,6 @@ const NEITHER: &[&str] = &[
     "load",
 ];
 
-/// Words a string literal may start with that date and time types read as a moment that
-/// moves: `'now'::timestamptz` or `date 'today'` change by themselves, like now().
-const MOVING_TIMES: &[&str] = &["now", "today", "tomorrow", "yesterday"];
-
 fn word(t: &Token<'_>) -> Option<String> {
     match t {
         Token::Word(w) => Some(w.to_ascii_lowercase()),
@@ -614,22 +610,35 @@ fn type_spellings(name: &str) -> impl Iterator<Item = &str> {
     std::iter::once(name).chain(ALIASES.iter().filter(move |(alias, _)| *alias == name).map(|(_, t)| *t))
 }
 
-/// Whether a string literal (as written) may spell a moving time: its content, trimmed,
-/// starts with one of [`MOVING_TIMES`] ('today 12:00' too). A backslash may be an escape
-/// (E'...', U&'...', or any string read with standard_conforming_strings off) that spells a
-/// letter or a space (`\\156`, `\\x6e`, `\\t`, `\\o`), so one met before the content could no
-/// longer spell such a word counts too.
+/// Whether a string literal (as written) may spell a moving time: now, today, tomorrow or
+/// yesterday as a whole word anywhere in it ('today 12:00', '00:00 tomorrow', '"now"'; see
+/// `key::reads_the_clock`). A backslash may be an escape (E'...', U&'...', or any string read
+/// with standard_conforming_strings off): read both as written and with escapes undone, and a
+/// numeric escape (`\\156`, `\\x6e`, `\\u006e`), which may spell anything, counts as one.
 fn moving_time(literal: &str) -> bool {
-    let body = literal_body(literal).trim_start().as_bytes();
-    let may_spell = |at: usize| {
-        body.get(at) == Some(&b'\\') && body.get(at + 1).is_none_or(|c| !c.is_ascii_punctuation() || *c == b'+')
-    };
-    may_spell(0)
-        || MOVING_TIMES.iter().any(|word| {
-            let word = word.as_bytes();
-            let same = body.iter().zip(word).take_while(|(b, w)| b.eq_ignore_ascii_case(w)).count();
-            same == word.len() || may_spell(same)
-        })
+    let body = literal_body(literal).as_bytes();
+    if super::key::reads_the_clock(body) {
+        return true;
+    }
+    if !body.contains(&b'\\') {
+        return false;
+    }
+    let mut unescaped = Vec::with_capacity(body.len());
+    let mut rest = body.iter();
+    while let Some(&c) = rest.next() {
+        if c != b'\\' {
+            unescaped.push(c);
+            continue;
+        }
+        match rest.next() {
+            Some(d) if d.is_ascii_digit() || b"xXuU+".contains(d) => return true,
+            // \t, \n and the like are white space: they end a word.
+            Some(d) if b"tnrfbv".contains(d) => unescaped.push(b' '),
+            Some(&d) => unescaped.push(d),
+            None => {}
+        }
+    }
+    super::key::reads_the_clock(&unescaped)
 }
 
 /// A string literal's content, without its prefix and quotes (escapes left as written).
@@ -1041,10 +1050,11 @@ mod tests {
         ] {
             assert_eq!(v(sql), Verdict::Uncacheable(Reason::VolatileFunction), "{sql}");
         }
-        for sql in ["SELECT 'nowhere' FROM users", "SELECT 'snow', 'a\\b', E'\\'now' FROM users"] {
-            let expected =
-                if sql.contains("nowhere") { Verdict::Uncacheable(Reason::VolatileFunction) } else { read(&["users"]) };
-            assert_eq!(v(sql), expected, "{sql}");
+        for sql in ["SELECT '00:00 today'::timestamp", "SELECT '\"now\"'::timestamptz", "SELECT E'\\'now'"] {
+            assert_eq!(v(sql), Verdict::Uncacheable(Reason::VolatileFunction), "{sql}");
+        }
+        for sql in ["SELECT 'nowhere' FROM users", "SELECT 'snow', 'a\\b', 'knowing' FROM users"] {
+            assert_eq!(v(sql), read(&["users"]), "{sql}");
         }
         assert_ne!(shape_of("SELECT 'now'::date").0, shape_of("SELECT 'abc'::date").0);
     }

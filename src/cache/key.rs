@@ -101,20 +101,34 @@ impl KeyOut for Discard {
     fn bytes(&mut self, _: &[u8]) {}
 }
 
-/// Whether a text value means a different time each time it is read: the date/time input
-/// values 'now', 'today', 'tomorrow' and 'yesterday' (alone or with more after them, such as
-/// 'today 12:00'), which Postgres turns into a time when the value is read. Bound to a
-/// timestamp parameter, or as text cast to one, they make an answer that must not be reused.
-/// Binary values are checked too (text sent in binary is the same bytes); a binary number
-/// that happens to spell one of the words only costs a miss.
+/// Whether a text value may mean a different time each time it is read: it has one of the
+/// date/time input words 'now', 'today', 'tomorrow' or 'yesterday' as a whole word anywhere
+/// ('now', 'today 12:00', '00:00 tomorrow', '"now"'), which Postgres turns into a time when the
+/// value is read. Bound to a timestamp parameter, or as text cast to one, such a value makes an
+/// answer that must not be reused. Binary values are checked too (text sent in binary is the
+/// same bytes); ordinary text that happens to hold one of the words only costs a miss.
 pub fn reads_the_clock(value: &[u8]) -> bool {
-    let value = value.trim_ascii_start();
-    ["now", "today", "tomorrow", "yesterday"].iter().any(|word| {
-        value.len() >= word.len()
-            && value[..word.len()].eq_ignore_ascii_case(word.as_bytes())
-            && !value.get(word.len()).is_some_and(u8::is_ascii_alphanumeric)
-    })
+    const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
+    let mut i = 0;
+    while i < value.len() {
+        if !value[i].is_ascii_alphanumeric() {
+            i += 1;
+            continue;
+        }
+        let len = value[i..].iter().take_while(|c| c.is_ascii_alphanumeric()).count();
+        let word = &value[i..i + len];
+        if WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+            return true;
+        }
+        i += len;
+    }
+    false
 }
+
+/// The most messages a batch the cache answers may have. Reads come a few messages at a time;
+/// a longer pipeline goes to the origin, and keying it (a look through the batch's own Parses
+/// at every Bind) stays cheap.
+const MAX_MESSAGES: usize = 64;
 
 /// Statements parsed earlier in the batch being keyed: name, text and parameter types. A batch
 /// parses few statements, so a list beats a map.
@@ -126,6 +140,9 @@ fn walk<'a>(
     key: &mut impl KeyOut,
     mut on_sql: impl FnMut(&'a str),
 ) -> Result<(), Reason> {
+    if batch.len() > MAX_MESSAGES {
+        return Err(Reason::Protocol);
+    }
     let mut local: Local<'a> = Vec::new();
     let mut reads = false;
     let last = batch.len().saturating_sub(1);
@@ -299,11 +316,26 @@ mod tests {
     }
 
     #[test]
+    fn long_pipelines_are_not_keyed() {
+        let stmts = StatementMap::new(1 << 20);
+        let pipeline = |n: usize| {
+            let mut batch = Vec::new();
+            for i in 0..n {
+                batch.extend([parse(&format!("s{i}"), "select 1"), bind(&format!("s{i}"), "1"), execute()]);
+            }
+            batch.push(msg(build::sync()));
+            batch
+        };
+        assert!(shape(&pipeline(5), &stmts).is_ok());
+        assert_eq!(shape(&pipeline(40), &stmts), Err(Reason::Protocol));
+    }
+
+    #[test]
     fn clock_words_in_text_parameters_are_not_cached() {
-        for v in ["now", " NOW", "today 12:00", "Tomorrow", "yesterday", "now()"] {
+        for v in ["now", " NOW", "today 12:00", "Tomorrow", "yesterday", "now()", "00:00 today", "\"now\"", "(now)"] {
             assert!(reads_the_clock(v.as_bytes()), "{v}");
         }
-        for v in ["nowhere", "2024-01-01", "", "know", "todays"] {
+        for v in ["nowhere", "2024-01-01", "", "know", "todays", "allballs"] {
             assert!(!reads_the_clock(v.as_bytes()), "{v}");
         }
         let stmts = StatementMap::new(1 << 20);
