@@ -331,3 +331,61 @@ async fn user_aggregate_is_immutable_in_pg_proc_whatever_its_sfunc_does() {
     let n = origin.sql("SELECT count(*) FROM log");
     assert_eq!(n, "6", "the aggregate's writes ran {n} of 6 times");
 }
+
+// ---- second review round ----
+
+#[tokio::test]
+async fn a_write_to_a_table_a_policy_reads_invalidates_the_protected_table() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE docs (id int, body text); INSERT INTO docs VALUES (1, 'secret'); \
+         CREATE TABLE grants (doc_id int, who name); INSERT INTO grants VALUES (1, 'app'); \
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY p ON docs USING (EXISTS (SELECT 1 FROM grants g WHERE g.doc_id = docs.id AND g.who = current_user)); \
+         GRANT ALL ON docs, grants TO app;",
+    );
+    let pgwarp = Pgwarp::start(&origin, |c| c.cache.enabled = true).await;
+    let client = pgwarp.client().await;
+    let read = "SELECT count(*) FROM docs";
+    warm(&client, read).await;
+    assert_eq!(q(&client, read).await, "1");
+    client.simple_query("DELETE FROM grants WHERE doc_id = 1").await.unwrap();
+    let truth = q(&client, &format!("/* pgwarp:nocache */ {read}")).await;
+    assert_eq!(truth, "0");
+    assert_eq!(q(&client, read).await, truth, "access revoked, but the cached read still shows the row");
+}
+#[tokio::test]
+async fn moving_time_words_anywhere_in_a_literal_are_not_cached() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.cache.enabled = true).await;
+    let client = pgwarp.client().await;
+    warm(&client, "SELECT 1").await;
+    for read in ["SELECT '\"now\"'::timestamptz::text", "SELECT '(now)'::timestamptz::text"] {
+        let x = q(&client, read).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let y = q(&client, read).await;
+        assert_ne!(x, y, "{read} was served from the cache");
+    }
+}
+#[tokio::test]
+async fn a_writing_function_called_by_attribute_notation_is_a_write() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE people (id int); INSERT INTO people VALUES (1); \
+         CREATE TABLE counters (n int); INSERT INTO counters VALUES (0); \
+         CREATE FUNCTION bump(people) RETURNS int LANGUAGE sql VOLATILE AS 'UPDATE counters SET n = n + 1 RETURNING n'; \
+         GRANT ALL ON people, counters TO app;",
+    );
+    let pgwarp = Pgwarp::start(&origin, |c| c.cache.enabled = true).await;
+    let client = pgwarp.client().await;
+    warm(&client, "SELECT n FROM counters").await;
+    assert_eq!(q(&client, "SELECT n FROM counters").await, "0");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(q(&client, "SELECT p.bump FROM people p").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let truth = q(&client, "/* pgwarp:nocache */ SELECT n FROM counters").await;
+    let via = q(&client, "SELECT n FROM counters").await;
+    assert_eq!((got.join(","), via), ("1,2,3".to_string(), truth), "writes through attribute notation");
+}

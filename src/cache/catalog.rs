@@ -25,8 +25,14 @@ pub struct Catalog {
     /// Facts over the non-immutable user-defined casts that are implicit: they may run where
     /// no type is named, so every statement is taken to use them.
     pub implicit_casts: Option<FunctionFacts>,
+    /// Functions outside pg_catalog, not immutable, taking one row (composite) argument: the
+    /// ones `row.name` and `(row).name` call (attribute notation), name -> facts.
+    pub attribute_functions: HashMap<String, FunctionFacts>,
     /// Relation name (any schema) -> facts over every relation of that name.
     pub relations: HashMap<String, Relation>,
+    /// Table -> the other relations its row-level security policies read: reading the table
+    /// reads them too, so a write to them changes what it returns (a revoked grant).
+    pub policy_reads: HashMap<String, Vec<String>>,
     /// Inheritance and partitioning, child -> parents and parent -> children.
     parents: HashMap<String, Vec<String>>,
     children: HashMap<String, Vec<String>>,
@@ -138,6 +144,11 @@ pub enum CatalogError {
 ///
 /// `i` child, parent (inheritance and partitions); `k`/`K` referencing, referenced table of a
 /// foreign key whose action changes the referencing table (`k`) or not (`K`).
+///
+/// `a` function name (outside pg_catalog, not immutable, one composite argument, so callable
+/// as `row.name`): all immutable (never, as listed), some volatile.
+///
+/// `p` table, another relation its row-level security policies depend on (pg_depend).
 const CATALOG_SQL: &str = "\
 SELECT 'f', p.proname, bool_and(greatest(r.own, r.support) = 0), \
  bool_or(greatest(r.own, r.support) = 2 AND n.nspname <> 'pg_catalog') \
@@ -169,7 +180,17 @@ SELECT 'i', c.relname, p.relname FROM pg_catalog.pg_inherits i \
 SELECT CASE WHEN k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd') THEN 'k' ELSE 'K' END, \
  r.relname, f.relname FROM pg_catalog.pg_constraint k \
  JOIN pg_catalog.pg_class r ON r.oid = k.conrelid JOIN pg_catalog.pg_class f ON f.oid = k.confrelid \
- WHERE k.contype = 'f'";
+ WHERE k.contype = 'f'; \
+SELECT 'a', p.proname, bool_and(p.provolatile = 'i'), bool_or(p.provolatile = 'v') \
+ FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+ JOIN pg_catalog.pg_type t ON t.oid = p.proargtypes[0] \
+ WHERE p.pronargs = 1 AND t.typtype = 'c' AND p.provolatile <> 'i' AND n.nspname <> 'pg_catalog' \
+ GROUP BY p.proname; \
+SELECT DISTINCT 'p', c.relname, r.relname FROM pg_catalog.pg_policy pol \
+ JOIN pg_catalog.pg_class c ON c.oid = pol.polrelid \
+ JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = pol.oid \
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+ JOIN pg_catalog.pg_class r ON r.oid = d.refobjid WHERE r.oid <> c.oid";
 
 /// Loads the catalog in the background and installs it in the cache.
 pub fn spawn_load(database: Arc<DatabaseCache>, pool: Arc<Pool>) {
@@ -202,6 +223,7 @@ fn from_rows(rows: &[Vec<Option<String>>]) -> Catalog {
                 match kind.as_str() {
                     "i" => catalog.add_inheritance(from, to),
                     "k" | "K" => catalog.add_foreign_key(from, to, kind == "k"),
+                    "p" => catalog.policy_reads.entry(from.clone()).or_default().push(to.clone()),
                     _ => {}
                 }
             }
@@ -225,6 +247,9 @@ fn from_rows(rows: &[Vec<Option<String>>]) -> Catalog {
             }
             "r" => {
                 catalog.relations.insert(name.clone(), Relation { table: a, opaque_writes: b });
+            }
+            "a" => {
+                catalog.attribute_functions.insert(name.clone(), FunctionFacts { immutable: a, may_write: b });
             }
             _ => {}
         }
@@ -256,8 +281,12 @@ mod tests {
             row(&["r", "items_v", "f", "t"]),
             row(&["i", "m_1", "m"]),
             row(&["k", "child", "parent"]),
+            row(&["a", "bump", "f", "t"]),
+            row(&["p", "docs", "grants"]),
             vec![None, None, None, None],
         ]);
+        assert_eq!(c.attribute_functions["bump"], FunctionFacts { immutable: false, may_write: true });
+        assert_eq!(c.policy_reads["docs"], ["grants"]);
         assert_eq!(c.functions["lower"], FunctionFacts { immutable: true, may_write: false });
         assert_eq!(c.functions["logged_sum"], FunctionFacts { immutable: false, may_write: true });
         assert_eq!(c.operators["#+#"], FunctionFacts { immutable: false, may_write: true });

@@ -567,6 +567,12 @@ fn code_effects(stmt: &[Token<'_>], catalog: &Catalog) -> CodeEffects {
                 code.note(*facts);
             }
         }
+        // Attribute notation: `row.f` and `(row).f` call f(row).
+        if !called && i > 0 && stmt[i - 1].is_punct(".") {
+            if let Some(facts) = catalog.attribute_functions.get(&name) {
+                code.note(*facts);
+            }
+        }
         let after_cast = i > 0 && (stmt[i - 1].is_punct("::") || stmt[i - 1].is_word("as"));
         if called && !after_cast && is_call(stmt, i, &name, catalog) {
             match catalog.functions.get(&name) {
@@ -659,13 +665,25 @@ fn literal_body(literal: &str) -> &str {
 fn read_tables(stmt: &[Token<'_>], catalog: &Catalog) -> Result<Vec<String>, Reason> {
     let ctes = cte_names(stmt);
     let mut tables = Vec::new();
-    for t in stmt {
-        let Some(name) = t.ident() else { continue };
-        match catalog.relations.get(&name) {
-            Some(r) if r.table => tables.push(name),
+    let mut names: Vec<String> = stmt.iter().filter_map(Token::ident).collect();
+    let mut i = 0;
+    while i < names.len() {
+        let name = &names[i];
+        match catalog.relations.get(name) {
+            Some(r) if r.table => {
+                // What the table's row-level security policies read is read too.
+                let policy_reads = catalog.policy_reads.get(name).cloned().unwrap_or_default();
+                tables.push(name.clone());
+                for other in policy_reads {
+                    if !names.contains(&other) {
+                        names.push(other);
+                    }
+                }
+            }
             Some(_) => return Err(Reason::NotATable),
             None => {}
         }
+        i += 1;
     }
     for name in relation_positions(stmt).ok_or(Reason::UnknownRelation)? {
         if !ctes.contains(&name) && !catalog.relations.contains_key(&name) {
