@@ -10,21 +10,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use support::*;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::SimpleQueryMessage;
 
 /// How many times the origin has run `tick()`: the proof that a read reached it. `tick` is
 /// declared IMMUTABLE (a lie, for the test) so the cache will keep what it returns.
 fn ticks(origin: &Origin) -> i64 {
     origin.sql("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ticks").trim().parse().unwrap()
-}
-
-fn first(msgs: &[SimpleQueryMessage]) -> String {
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 async fn cached(origin: &Origin, tweak: impl FnOnce(&mut pgwarp::config::Config)) -> Pgwarp {
@@ -33,14 +23,6 @@ async fn cached(origin: &Origin, tweak: impl FnOnce(&mut pgwarp::config::Config)
         tweak(c);
     })
     .await
-}
-
-/// Waits until the catalog is loaded (the first cacheable read starts the load).
-async fn warm(client: &tokio_postgres::Client, sql: &str) {
-    for _ in 0..50 {
-        client.simple_query(sql).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn setup(origin: &Origin) {

@@ -10,26 +10,9 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio_postgres::SimpleQueryMessage;
-
-fn first(msgs: &[SimpleQueryMessage]) -> String {
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
 
 async fn cached(origin: &Origin) -> Pgwarp {
     Pgwarp::start(origin, |c| c.cache.enabled = true).await
-}
-
-async fn warm(client: &tokio_postgres::Client, sql: &str) {
-    for _ in 0..50 {
-        client.simple_query(sql).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn q(client: &tokio_postgres::Client, sql: &str) -> String {

@@ -113,6 +113,26 @@ impl Drop for Pgwarp {
     }
 }
 
+/// The first column of the first row of a simple query's answer ("NULL" for null, "" when no
+/// row came back).
+pub fn first(msgs: &[tokio_postgres::SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `sql` 50 times, 20 ms apart: long enough for the cache's catalog to load (the first
+/// cacheable read starts the load) and for the answer to be stored.
+pub async fn warm(client: &tokio_postgres::Client, sql: &str) {
+    for _ in 0..50 {
+        client.simple_query(sql).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs psql (-X -A -t plus `args`) on the blocking pool, so the in-process pgwarp keeps running.
 pub async fn psql(origin: &Origin, args: Vec<String>) -> std::process::Output {
     let bin = origin.cluster.bin("psql");
