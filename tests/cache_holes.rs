@@ -372,3 +372,27 @@ async fn a_writing_function_called_by_attribute_notation_is_a_write() {
     let via = q(&client, "SELECT n FROM counters").await;
     assert_eq!((got.join(","), via), ("1,2,3".to_string(), truth), "writes through attribute notation");
 }
+
+/// A setting changed inside a user function (the usual "set tenant" helper) does not reach the
+/// next client: the cache's catalog knows the function may write, so it may set settings too,
+/// and the connection is read back and reset before anyone else uses it. (The client itself
+/// keeps it only on that connection: its name was never seen.)
+#[tokio::test]
+async fn a_setting_changed_inside_a_user_function_does_not_reach_the_next_client() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE items (id int); GRANT ALL ON items TO app; \
+         CREATE FUNCTION public.set_tenant(t text) RETURNS text LANGUAGE sql \
+         AS $$ SELECT pg_catalog.set_config('app.tenant', t, false) $$",
+    );
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.cache.enabled = true;
+        c.pool_size = 1;
+    })
+    .await;
+    let a = pgwarp.client().await;
+    warm(&a, "SELECT count(*) FROM items").await;
+    a.simple_query("SELECT public.set_tenant('tenant_a')").await.unwrap();
+    let b = pgwarp.client().await;
+    assert_eq!(q(&b, "SELECT coalesce(current_setting('app.tenant', true), '')").await, "");
+}

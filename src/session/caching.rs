@@ -271,6 +271,12 @@ impl Session {
             };
             let Some(sql) = sql else { continue };
             if let Verdict::Write(scope) = &db.classify(&catalog, sql).verdict {
+                // A write not pinned to tables may run user code (a VOLATILE function), which
+                // may change settings with set_config where pgwarp cannot see it: read them
+                // back after the transaction, so they neither leak nor get lost.
+                if *scope == WriteScope::Database {
+                    self.settings_dirty = true;
+                }
                 self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope.clone()));
             }
         }
