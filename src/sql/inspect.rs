@@ -12,7 +12,9 @@ pub struct SessionHints {
 }
 
 /// Both questions at once, for the hot path: one pass over the text, and the tokenizer only
-/// for the rare statement that mentions a word of interest.
+/// for the rare statement that mentions a word of interest. Not quite pure: custom setting
+/// names it sees in SET, RESET and set_config are remembered (`settings::remember_custom`, a
+/// capped, process-wide list) so that read-backs of settings ask for them.
 pub fn session_hints(sql: &str) -> SessionHints {
     let found = mentions(sql);
     let calls_set_config = (found & SET_CONFIG != 0 && readings(sql).iter().any(|t| calls_any(t, &["set_config"])))
