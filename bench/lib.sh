@@ -419,6 +419,7 @@ pgbench_compare() {
                     log "$title: $target -M $mode -c $clients run $run/$runs"
                     if result=$(pgbench_once "${TARGET_PORT[$target]}" "$user" "$password" "$db" \
                         "$secs" -M "$mode" -c "$clients" -j "$jobs" "$@"); then
+                        log "$title: $target -M $mode -c $clients: tps ${result% *}, latency ${result#* } ms"
                         tps[$key]+="${result% *} "
                         lat[$key]+="${result#* } "
                     elif [[ " ${EXPECTED_FAILURES:-} " == *" $target|$mode "* ]]; then

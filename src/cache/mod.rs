@@ -326,6 +326,46 @@ pub struct DatabaseCache {
     verdicts: Mutex<Verdicts>,
 }
 
+/// The verdicts a session reached lately, by exact text: a client repeats its statements (a
+/// prepared statement is Bound again and again), and finding one here needs no hashing, no
+/// lock and, for a text with literals, no tokenizing (the shared memory of
+/// [`DatabaseCache::classify`] keeps those only by shape). Each names the catalog snapshot it
+/// was made with and counts only while that snapshot is the one asked about. The name is a
+/// `Weak`: an idle session does not keep old snapshots alive, and while the `Weak` exists the
+/// snapshot's address cannot be reused by a newer one.
+#[derive(Debug, Default)]
+pub struct RecentVerdicts {
+    entries: Vec<(Box<str>, std::sync::Weak<Catalog>, Arc<Classified>)>,
+    next: usize,
+}
+
+/// Texts a session remembers; longer ones are not remembered (their classification dwarfs
+/// the look-up anyway).
+const RECENT_VERDICTS: usize = 8;
+const RECENT_MAX_TEXT: usize = 2048;
+
+impl RecentVerdicts {
+    /// The verdict for `sql` under `catalog`, from this session's recent ones or from `db`.
+    pub fn classify(&mut self, db: &DatabaseCache, catalog: &Arc<Catalog>, sql: &str) -> Arc<Classified> {
+        if let Some((_, _, c)) =
+            self.entries.iter().find(|(text, at, _)| std::ptr::eq(at.as_ptr(), Arc::as_ptr(catalog)) && **text == *sql)
+        {
+            return c.clone();
+        }
+        let classified = db.classify(catalog, sql);
+        if sql.len() <= RECENT_MAX_TEXT {
+            let entry = (sql.into(), Arc::downgrade(catalog), classified.clone());
+            if self.entries.len() < RECENT_VERDICTS {
+                self.entries.push(entry);
+            } else {
+                self.entries[self.next] = entry;
+                self.next = (self.next + 1) % RECENT_VERDICTS;
+            }
+        }
+        classified
+    }
+}
+
 /// Classified SQL, remembered per text and per shape ([`classify::shape`]). A text with
 /// literals is remembered only by its shape: its exact text rarely comes again, and remembering
 /// each would evict the texts that do.
@@ -803,6 +843,36 @@ mod tests {
         assert!(db.catalog(|| {}).is_none());
         db.set_catalog(Some(Catalog::default()), db.catalog_epoch());
         assert!(db.catalog(|| {}).is_some());
+    }
+
+    #[test]
+    fn a_session_reuses_its_recent_verdicts_only_under_the_catalog_they_were_made_with() {
+        let c = cache();
+        let db = c.database("db");
+        let mut installed = Catalog::default();
+        installed.relations.insert("t".into(), classify::Relation { table: true, opaque_writes: false });
+        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
+        let catalog = db.catalog(|| {}).unwrap();
+        let mut recent = RecentVerdicts::default();
+        let write = "update t set n = n + 1 where id = $1";
+        let first = recent.classify(&db, &catalog, write);
+        assert!(matches!(first.verdict, Verdict::Write(_)));
+        assert!(Arc::ptr_eq(&first, &recent.classify(&db, &catalog, write)), "found by its text");
+        // A text with literals, which the database remembers only by shape, is found by text.
+        let read = recent.classify(&db, &catalog, "select * from t where id = 1");
+        assert!(Arc::ptr_eq(&read, &recent.classify(&db, &catalog, "select * from t where id = 1")));
+        // A newer snapshot (DDL, a reload) classifies again: the table may be a view by now.
+        let mut changed = installed;
+        changed.relations.insert("t".into(), classify::Relation { table: false, opaque_writes: true });
+        db.set_catalog(Some(changed), db.catalog_epoch());
+        let newer = db.catalog(|| {}).unwrap();
+        assert!(!Arc::ptr_eq(&first, &recent.classify(&db, &newer, write)));
+        // Only the latest few texts are kept.
+        for i in 0..RECENT_VERDICTS * 2 {
+            recent.classify(&db, &newer, &format!("select {i} from t"));
+        }
+        assert_eq!(recent.entries.len(), RECENT_VERDICTS);
+        assert!(recent.entries.iter().all(|(text, _, _)| **text != *write));
     }
 
     #[test]

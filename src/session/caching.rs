@@ -113,7 +113,7 @@ impl Session {
         };
         let mut tables: Vec<Arc<Table>> = Vec::new();
         for sql in sql {
-            let classified = db.classify(&catalog, sql);
+            let classified = self.recent_verdicts.classify(db, &catalog, sql);
             match &classified.verdict {
                 Verdict::Read { .. } => tables.extend(classified.reads().iter().cloned()),
                 Verdict::Uncacheable(reason) => {
@@ -270,7 +270,7 @@ impl Session {
                 _ => None,
             };
             let Some(sql) = sql else { continue };
-            if let Verdict::Write(scope) = &db.classify(&catalog, sql).verdict {
+            if let Verdict::Write(scope) = &self.recent_verdicts.classify(&db, &catalog, sql).verdict {
                 // A write not pinned to tables may run user code (a VOLATILE function), which
                 // may change settings with set_config where pgwarp cannot see it: read them
                 // back after the transaction, so they neither leak nor get lost.

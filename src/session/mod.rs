@@ -122,6 +122,8 @@ pub struct Session {
     key_prefix: Option<(Arc<Settings>, Vec<u8>)>,
     /// Where batch keys are built, reused from batch to batch (about 100 bytes, kept while idle).
     key_scratch: Vec<u8>,
+    /// Verdicts on SQL this client sent lately (empty, and unallocated, until the cache is used).
+    recent_verdicts: crate::cache::RecentVerdicts,
     /// The answer being recorded for the cache, on a cacheable miss.
     capture: Option<Box<caching::Capture>>,
     /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
@@ -159,6 +161,7 @@ impl Session {
             database: e.database.into(),
             key_prefix: None,
             key_scratch: Vec::new(),
+            recent_verdicts: Default::default(),
             capture: None,
             pending_write: None,
             cancel,
