@@ -1,12 +1,16 @@
 //! Real client drivers, with the default settings that make them prepare statements, through the
 //! built pgwarp binary: 24 clients on a pool of 3 origin connections, so a statement a client
-//! prepared on one origin connection is reused on another.
+//! prepared on one origin connection is reused on another. Python (asyncpg, psycopg), Node.js
+//! (postgres.js, node-postgres), Java (pgjdbc), Go (pgx v4) and pgbench; tokio-postgres runs
+//! through the other test files.
 //!
 //! Each driver has a script in tests/drivers/ that takes the pgwarp URL, runs 24 concurrent
 //! clients with exactly checked results and exits non-zero on any wrong result or error (such as
 //! "prepared statement ... does not exist"). The scripts need their packages installed:
 //! `python3 -m pip install -r tests/drivers/requirements.txt` and `npm ci --prefix tests/drivers`
-//! (.ci/run does both). A missing package fails the test with that advice; nothing is skipped.
+//! (.ci/run does both); the Java and Go checks are compiled by the tests, against Debian's
+//! libpostgresql-jdbc-java and golang-github-jackc-pgx-v4-dev (.ci/run installs them). A
+//! missing package fails the test with that advice; nothing is skipped.
 //! `pgbench -M prepared` is checked the same way, with its own reports of failed transactions.
 
 mod common;
@@ -244,6 +248,84 @@ fn postgres_js_default_prepare_with_24_clients_on_pool_of_3() {
 #[test]
 fn node_postgres_named_queries_with_24_clients_on_pool_of_3() {
     check_driver(Runtime::Node, "pg", "node_pg_check.mjs", "node-postgres");
+}
+
+/// Where pgjdbc's jar is: Debian's libpostgresql-jdbc-java, or PGWARP_PGJDBC_JAR.
+fn pgjdbc_jar() -> PathBuf {
+    std::env::var_os("PGWARP_PGJDBC_JAR").map_or_else(|| PathBuf::from("/usr/share/java/postgresql.jar"), PathBuf::from)
+}
+
+/// Where Go finds pgx v4 in GOPATH mode: Debian's golang-github-jackc-pgx-v4-dev, or
+/// PGWARP_GOPATH.
+fn pgx_gopath() -> PathBuf {
+    std::env::var_os("PGWARP_GOPATH").map_or_else(|| PathBuf::from("/usr/share/gocode"), PathBuf::from)
+}
+
+/// A directory of this test process's own for a compiled driver check.
+fn build_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgwarp-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
+    dir
+}
+
+/// Builds a driver check with `command`; a missing toolchain or library fails the test with
+/// how to install it (never a skip).
+fn build_check(what: &str, command: &mut Command, install: &str) {
+    let built = run(command);
+    let place =
+        if std::env::var_os("CI").is_some() { "CI must provide it (.ci/run installs it)" } else { "install it" };
+    assert!(built.succeeded(), "cannot build the {what} check; {place}: `{install}`:\n{}", built.describe());
+}
+
+/// Runs a built check against a fresh origin and pgwarp, as `check_driver` does.
+fn run_check(mut command: Command, label: &str) {
+    let stack = Stack::start();
+    command.arg(&stack.url).arg(CLIENTS.to_string()).arg(ITERATIONS.to_string());
+    let outcome = run(&mut command);
+    let summary = format!("{label}: {CLIENTS} clients x {ITERATIONS} iterations ok");
+    assert!(
+        outcome.succeeded() && outcome.stdout.contains(&summary),
+        "the {label} check through pgwarp failed: {}\n--- pgwarp log (tail) ---\n{}",
+        outcome.describe(),
+        stack.pgwarp_log_tail()
+    );
+    stack.assert_pool_stayed_small();
+    println!("{} [{:.1?}]", outcome.stdout.trim(), outcome.elapsed);
+}
+
+/// pgjdbc names a statement from its fifth execution (prepareThreshold 5; half the clients
+/// use 1): the JDBC driver PgBouncer before 1.21 breaks with "prepared statement S_1 already
+/// exists / does not exist".
+#[test]
+fn pgjdbc_default_prepare_threshold_with_24_clients_on_pool_of_3() {
+    let classes = build_dir("pgjdbc");
+    let jar = pgjdbc_jar();
+    let mut javac = Command::new("javac");
+    javac.arg("-cp").arg(&jar).arg("-d").arg(&classes).arg(drivers_dir().join("PgjdbcCheck.java"));
+    build_check("pgjdbc", &mut javac, "apt-get install default-jdk-headless libpostgresql-jdbc-java");
+    let mut java = Command::new("java");
+    java.arg("-cp").arg(format!("{}:{}", classes.display(), jar.display())).arg("PgjdbcCheck");
+    run_check(java, "pgjdbc");
+    let _ = std::fs::remove_dir_all(&classes);
+}
+
+/// pgx prepares every query under a name of its own by default (its statement cache).
+#[test]
+fn pgx_default_statement_cache_with_24_clients_on_pool_of_3() {
+    let dir = build_dir("pgx");
+    let binary = dir.join("pgx_check");
+    let mut go = Command::new("go");
+    go.args(["build", "-o"])
+        .arg(&binary)
+        .arg("pgx_check.go")
+        .current_dir(drivers_dir())
+        .env("GO111MODULE", "off")
+        .env("GOPATH", pgx_gopath())
+        .env("GOCACHE", dir.join("cache"))
+        .env("GOFLAGS", "");
+    build_check("pgx", &mut go, "apt-get install golang-go golang-github-jackc-pgx-v4-dev");
+    run_check(Command::new(&binary), "pgx");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs pgbench with `args` and then the pgwarp URL; asserts it succeeded with no failed
