@@ -375,3 +375,157 @@ fn pgbench_prepared_select_only_and_tpcb_with_24_clients_on_pool_of_3() {
     }
     stack.assert_pool_stayed_small();
 }
+
+/// sqlx (Rust) prepares every query under a name of its own by default ("sqlx_s_N", cached
+/// per connection): Parse/Describe/Sync, then Bind/Execute/Sync, later only Bind. Each client
+/// is its own PgConnection; per iteration: a reused parameterized SELECT, one failing with
+/// division by zero every other time, a transaction of INSERTs and an INSERT ... RETURNING read
+/// back exactly, a rolled-back and an aborted transaction now and then, an unprepared
+/// (`persistent(false)`, unnamed statement) query and one whose text changes.
+#[test]
+fn sqlx_default_statement_cache_with_24_clients_on_pool_of_3() {
+    use sqlx::{Connection, Row};
+
+    async fn count(conn: &mut sqlx::PgConnection, client: i32, it: i32) -> Result<(i64, i64), sqlx::Error> {
+        let row =
+            sqlx::query("SELECT count(*), coalesce(sum(k), 0)::int8 FROM sqlx_items WHERE client = $1 AND iter = $2")
+                .bind(client)
+                .bind(it)
+                .fetch_one(conn)
+                .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    fn code(result: Result<impl std::fmt::Debug, sqlx::Error>) -> String {
+        match result {
+            Err(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()).unwrap_or_default(),
+            other => format!("not a database error: {other:?}"),
+        }
+    }
+
+    async fn client(url: String, client: i32) -> Result<(), String> {
+        let mut conn = sqlx::PgConnection::connect(&url).await.map_err(|e| format!("connect: {e}"))?;
+        for it in 0..ITERATIONS as i32 {
+            let at = |what: &str, e: &dyn std::fmt::Debug| format!("client {client} iteration {it}: {what}: {e:?}");
+            let row = sqlx::query("SELECT $1::int + $2::int, $3::text || 'x'")
+                .bind(client)
+                .bind(it)
+                .bind(format!("c{client}"))
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| at("sum", &e))?;
+            let (sum, text): (i32, String) = (row.get(0), row.get(1));
+            if sum != client + it || text != format!("c{client}x") {
+                return Err(at("sum", &(sum, text)));
+            }
+            if it % 2 == 0 {
+                let got = code(sqlx::query("SELECT 10 / $1::int").bind(0).fetch_one(&mut conn).await);
+                if got != "22012" {
+                    return Err(at("division by zero", &got));
+                }
+            } else {
+                let row = sqlx::query("SELECT 10 / $1::int").bind(5).fetch_one(&mut conn).await;
+                let q: i32 = row.map_err(|e| at("division", &e))?.get(0);
+                if q != 2 {
+                    return Err(at("division", &q));
+                }
+            }
+            let mut tx = conn.begin().await.map_err(|e| at("begin", &e))?;
+            for k in 0..3 {
+                sqlx::query("INSERT INTO sqlx_items (client, iter, k, payload) VALUES ($1, $2, $3, $4)")
+                    .bind(client)
+                    .bind(it)
+                    .bind(k)
+                    .bind(format!("p{k}"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| at("insert", &e))?;
+            }
+            let row = sqlx::query(
+                "INSERT INTO sqlx_items (client, iter, k, payload) VALUES ($1, $2, 100, $3) RETURNING k, payload",
+            )
+            .bind(client)
+            .bind(it)
+            .bind(format!("r{it}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| at("returning", &e))?;
+            let (k, payload): (i32, String) = (row.get(0), row.get(1));
+            if k != 100 || payload != format!("r{it}") {
+                return Err(at("returning", &(k, payload)));
+            }
+            tx.commit().await.map_err(|e| at("commit", &e))?;
+            let got = count(&mut conn, client, it).await.map_err(|e| at("count", &e))?;
+            if got != (4, 103) {
+                return Err(at("after commit", &got));
+            }
+            if it % 5 == 4 {
+                let mut tx = conn.begin().await.map_err(|e| at("begin", &e))?;
+                sqlx::query("INSERT INTO sqlx_items (client, iter, k, payload) VALUES ($1, $2, 50, 'gone')")
+                    .bind(client)
+                    .bind(it)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| at("insert", &e))?;
+                let inside = count(&mut tx, client, it).await.map_err(|e| at("count", &e))?;
+                tx.rollback().await.map_err(|e| at("rollback", &e))?;
+                let after = count(&mut conn, client, it).await.map_err(|e| at("count", &e))?;
+                if inside != (5, 153) || after != (4, 103) {
+                    return Err(at("rolled back", &(inside, after)));
+                }
+            }
+            if it % 7 == 6 {
+                let mut tx = conn.begin().await.map_err(|e| at("begin", &e))?;
+                let duplicate = code(
+                    sqlx::query("INSERT INTO sqlx_items (client, iter, k, payload) VALUES ($1, $2, 0, 'dup')")
+                        .bind(client)
+                        .bind(it)
+                        .execute(&mut *tx)
+                        .await,
+                );
+                let aborted = code(count(&mut tx, client, it).await);
+                tx.rollback().await.map_err(|e| at("rollback", &e))?;
+                let after = count(&mut conn, client, it).await.map_err(|e| at("count", &e))?;
+                if duplicate != "23505" || aborted != "25P02" || after != (4, 103) {
+                    return Err(at("aborted transaction", &(duplicate, aborted, after)));
+                }
+            }
+            let row = sqlx::query("SELECT $1::int * 3").bind(it).persistent(false).fetch_one(&mut conn).await;
+            let unnamed: i32 = row.map_err(|e| at("unprepared", &e))?.get(0);
+            let shape = format!("SELECT $1::int * {} + {client}", it % 9);
+            let row = sqlx::query(&shape).bind(it).fetch_one(&mut conn).await;
+            let shaped: i32 = row.map_err(|e| at("shape", &e))?.get(0);
+            if unnamed != it * 3 || shaped != it * (it % 9) + client {
+                return Err(at("unprepared and shape", &(unnamed, shaped)));
+            }
+        }
+        conn.close().await.map_err(|e| format!("close: {e}"))
+    }
+
+    let stack = Stack::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let url = stack.url.clone();
+    let outcome = runtime.block_on(async move {
+        let mut setup = sqlx::PgConnection::connect(&url).await.map_err(|e| format!("connect: {e}"))?;
+        for sql in [
+            "DROP TABLE IF EXISTS sqlx_items",
+            "CREATE TABLE sqlx_items (client int, iter int, k int, payload text, PRIMARY KEY (client, iter, k))",
+        ] {
+            sqlx::query(sql).execute(&mut setup).await.map_err(|e| format!("{sql}: {e}"))?;
+        }
+        let clients: Vec<_> = (0..CLIENTS as i32).map(|c| tokio::spawn(client(url.clone(), c))).collect();
+        for c in clients {
+            tokio::time::timeout(RUN_TIMEOUT, c)
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| e.to_string())??;
+        }
+        Ok::<(), String>(())
+    });
+    assert!(
+        outcome.is_ok(),
+        "sqlx through pgwarp failed: {outcome:?}\n--- pgwarp log (tail) ---\n{}",
+        stack.pgwarp_log_tail()
+    );
+    stack.assert_pool_stayed_small();
+}
