@@ -512,3 +512,49 @@ async fn a_custom_setting_set_behind_a_comment_follows_its_client() {
     assert_ne!(row.get::<_, i32>(1), pid, "a must be on the other connection");
     assert_eq!(row.get::<_, String>(0), "a");
 }
+
+/// In an aborted transaction Postgres refuses PREPARE, EXECUTE and DEALLOCATE with 25P02
+/// before it looks at a name, and changes nothing: pgwarp must not answer them from its own
+/// statement map (a DEALLOCATE there would drop a statement Postgres keeps; a PREPARE would
+/// create one Postgres never made).
+#[tokio::test]
+async fn prepared_statement_commands_in_an_aborted_transaction_match_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let cases = [
+        "EXECUTE nosuch",
+        "EXECUTE kept",
+        "DEALLOCATE kept",
+        "DEALLOCATE nosuch",
+        "PREPARE kept AS SELECT 2",
+        "PREPARE fresh AS SELECT 3",
+        "DEALLOCATE ALL",
+    ];
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&query("PREPARE kept AS SELECT 1")).await;
+        raw.until_ready().await;
+        raw.send(&query("BEGIN")).await;
+        raw.until_ready().await;
+        raw.send(&query("SELECT 1/0")).await;
+        raw.until_ready().await;
+        let mut seen = Vec::new();
+        for case in cases {
+            raw.send(&query(case)).await;
+            let msgs = raw.until_ready().await;
+            seen.push((case, tags(&msgs), error_code(&msgs), msgs.last().unwrap().body()[0] as char));
+        }
+        raw.send(&query("ROLLBACK")).await;
+        raw.until_ready().await;
+        // Afterwards: what the aborted commands left behind.
+        for case in ["EXECUTE kept", "EXECUTE fresh"] {
+            raw.send(&query(case)).await;
+            let msgs = raw.until_ready().await;
+            seen.push((case, tags(&msgs), error_code(&msgs), msgs.last().unwrap().body()[0] as char));
+        }
+        results.push(seen);
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp (command, tags, SQLSTATE, status)");
+    assert!(results[0].iter().take(cases.len()).all(|r| r.2.as_deref() == Some("25P02")), "{:?}", results[0]);
+}

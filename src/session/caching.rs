@@ -372,6 +372,7 @@ impl Refresh {
             out: &mut conn_ref.out,
             skip_until_sync: &mut skip,
             needs_sync: &mut needs_sync,
+            aborted: false,
         }
         .plan(&batch);
         if planned.is_err() {

@@ -363,6 +363,9 @@ impl Session {
             return Ok(());
         };
         let conn = &mut **conn;
+        // The status the client last saw is the transaction's only when nothing it sent before
+        // is still unanswered (a pipelined ROLLBACK may be on its way).
+        let aborted = self.status == b'E' && conn.queue.is_empty();
         let notes = Planner {
             statements: &mut self.statements,
             server: &mut conn.statements,
@@ -370,6 +373,7 @@ impl Session {
             out: &mut conn.out,
             skip_until_sync: &mut self.skip_until_sync,
             needs_sync: &mut conn.needs_sync,
+            aborted,
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;

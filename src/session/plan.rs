@@ -49,6 +49,9 @@ pub struct Planner<'a> {
     pub skip_until_sync: &'a mut bool,
     /// Extended-protocol messages were sent since the last Sync.
     pub needs_sync: &'a mut bool,
+    /// The client's transaction is aborted (ReadyForQuery `E`): Postgres refuses PREPARE,
+    /// EXECUTE and DEALLOCATE with 25P02 before it looks at any name, and changes nothing.
+    pub aborted: bool,
 }
 
 impl Planner<'_> {
@@ -105,8 +108,10 @@ impl Planner<'_> {
                     self.server.unnamed = None;
                     *self.needs_sync = false;
                     match command {
-                        Some(command) => self.prepared_command(command),
-                        None => {
+                        // In an aborted transaction the origin refuses the command as it is,
+                        // with the client's own names: nothing to look up, rename or record.
+                        Some(command) if !self.aborted => self.prepared_command(command),
+                        _ => {
                             self.out.extend_from_slice(msg.frame());
                             self.push(Expect::query(Owner::Client));
                         }

@@ -82,6 +82,7 @@ impl World {
             out: &mut out,
             skip_until_sync: &mut self.skip,
             needs_sync: &mut self.needs_sync,
+            aborted: false,
         }
         .plan(batch)
         .unwrap();
