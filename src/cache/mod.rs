@@ -689,6 +689,16 @@ mod tests {
         QueryCache::new(CacheConfig::default())
     }
 
+    /// A database whose installed catalog knows one table, `t`.
+    fn database_with_table_t(c: &QueryCache) -> (Arc<DatabaseCache>, Catalog, Arc<Catalog>) {
+        let db = c.database("db");
+        let mut installed = Catalog::default();
+        installed.relations.insert("t".into(), classify::Relation { table: true, opaque_writes: false });
+        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
+        let catalog = db.catalog(|| {}).unwrap();
+        (db, installed, catalog)
+    }
+
     fn reads(db: &DatabaseCache, tables: &[&str]) -> Generations {
         let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
         db.generations(&db.tables(&names))
@@ -809,11 +819,7 @@ mod tests {
     #[test]
     fn texts_that_differ_only_in_literals_are_classified_once_and_not_remembered_by_text() {
         let c = cache();
-        let db = c.database("db");
-        let mut installed = Catalog::default();
-        installed.relations.insert("t".into(), classify::Relation { table: true, opaque_writes: false });
-        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
-        let catalog = db.catalog(|| {}).unwrap();
+        let (db, installed, catalog) = database_with_table_t(&c);
         let one = db.classify(&catalog, "select * from t where id = 1");
         let two = db.classify(&catalog, "select * from t where id = 2");
         assert!(Arc::ptr_eq(&one, &two));
@@ -848,11 +854,7 @@ mod tests {
     #[test]
     fn a_session_reuses_its_recent_verdicts_only_under_the_catalog_they_were_made_with() {
         let c = cache();
-        let db = c.database("db");
-        let mut installed = Catalog::default();
-        installed.relations.insert("t".into(), classify::Relation { table: true, opaque_writes: false });
-        db.set_catalog(Some(installed.clone()), db.catalog_epoch());
-        let catalog = db.catalog(|| {}).unwrap();
+        let (db, installed, catalog) = database_with_table_t(&c);
         let mut recent = RecentVerdicts::default();
         let write = "update t set n = n + 1 where id = $1";
         let first = recent.classify(&db, &catalog, write);
