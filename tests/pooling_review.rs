@@ -132,8 +132,9 @@ async fn unnamed_statement_is_replayed_after_rollback_of_a_vanished_client() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Client B: Parse on the other connection while A's old one is held, then Bind on A's old one.
     let mut b = pgwarp.raw().await;
-    let mut holder = pgwarp.raw().await; // same (empty) startup settings as B: no settings query
-                                         // Holders use named statements only, so they leave the unnamed slot alone.
+    // Same (empty) startup settings as B, so no settings query. Holders use named statements
+    // only, so they leave the unnamed slot alone.
+    let mut holder = pgwarp.raw().await;
     let begin = batch(&[
         parse("b", "BEGIN", &[]),
         bind("", "b", &[]),
