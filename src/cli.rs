@@ -38,8 +38,9 @@ pub struct TunnelArgs {
     /// Address to accept WebSocket upgrades on.
     #[arg(long, value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
-    /// The Postgres server, host:port.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The Postgres server: host:port, or the path of its Unix-domain socket
+    /// (e.g. /var/run/postgresql/.s.PGSQL.5432) when the tunnel runs on the database's host.
+    #[arg(long, value_name = "HOST:PORT|SOCKET")]
     pub target: String,
     /// Service token id callers must send as CF-Access-Client-Id.
     #[arg(long, value_name = "ID", env = "PGWARP_TUNNEL_CLIENT_ID")]

@@ -63,12 +63,12 @@ struct RunningTunnel {
 }
 
 impl RunningTunnel {
-    async fn start(target_port: u16, max_sessions: usize, tls: Option<(PathBuf, PathBuf)>) -> RunningTunnel {
+    async fn start(target: String, max_sessions: usize, tls: Option<(PathBuf, PathBuf)>) -> RunningTunnel {
         // The tunnel's log, shown with a failing test's output.
         let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("pgwarp=debug").try_init();
         let config = TunnelConfig {
             listen: "127.0.0.1:0".parse().expect("listen address"),
-            target: format!("127.0.0.1:{target_port}"),
+            target,
             client_id: CLIENT_ID.to_string(),
             client_secret: CLIENT_SECRET.to_string(),
             tls,
@@ -115,6 +115,11 @@ async fn start_bridge(url: String, headers: Vec<(String, String)>, config: WsCon
     (port, task)
 }
 
+/// A TCP target on this machine.
+fn tcp(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
 fn db_url(port: u16) -> String {
     common::postgres_url(port, DB_USER, DB_PASSWORD, DB_NAME)
 }
@@ -156,7 +161,7 @@ async fn run_postgres_session(port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_session_runs_through_the_tunnel() {
     let cluster = start_cluster();
-    let tunnel = RunningTunnel::start(cluster.port(), 16, None).await;
+    let tunnel = RunningTunnel::start(tcp(cluster.port()), 16, None).await;
     let (port, bridge) =
         start_bridge(tunnel.ws_url(), access_headers(CLIENT_ID, CLIENT_SECRET), WsConfig::default()).await;
 
@@ -169,9 +174,27 @@ async fn postgres_session_runs_through_the_tunnel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_target_carries_a_postgres_session() {
+    let cluster = start_cluster();
+    let socket = cluster.socket_path();
+    let tunnel = RunningTunnel::start(socket.display().to_string(), 16, None).await;
+    let (port, bridge) =
+        start_bridge(tunnel.ws_url(), access_headers(CLIENT_ID, CLIENT_SECRET), WsConfig::default()).await;
+
+    let tcp_before = cluster.log().matches("connection received: host=127.0.0.1").count();
+    run_postgres_session(port).await;
+    let log = cluster.log();
+    assert!(log.contains("connection received: host=[local]"), "no connection over the socket:\n{log}");
+    assert_eq!(log.matches("connection received: host=127.0.0.1").count(), tcp_before, "the tunnel used TCP");
+
+    bridge.abort();
+    tunnel.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_or_missing_token_gets_403_and_never_reaches_the_database() {
     let cluster = start_cluster();
-    let tunnel = RunningTunnel::start(cluster.port(), 16, None).await;
+    let tunnel = RunningTunnel::start(tcp(cluster.port()), 16, None).await;
     let before = connections_received(&cluster);
 
     let attempts: Vec<(&str, Vec<(String, String)>)> = vec![
@@ -214,7 +237,7 @@ async fn wrong_or_missing_token_gets_403_and_never_reaches_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_over_the_limit_get_503_until_one_ends() {
     let cluster = start_cluster();
-    let tunnel = RunningTunnel::start(cluster.port(), 1, None).await;
+    let tunnel = RunningTunnel::start(tcp(cluster.port()), 1, None).await;
     let headers = access_headers(CLIENT_ID, CLIENT_SECRET);
 
     let first = connect(&tunnel.ws_url(), &headers, WsConfig::default()).await.expect("first session");
@@ -250,7 +273,7 @@ async fn unreachable_database_closes_the_websocket() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("address").port()
     };
-    let tunnel = RunningTunnel::start(closed_port, 4, None).await;
+    let tunnel = RunningTunnel::start(tcp(closed_port), 4, None).await;
     let mut ws = connect(&tunnel.ws_url(), &access_headers(CLIENT_ID, CLIENT_SECRET), WsConfig::default())
         .await
         .expect("the upgrade is admitted");
@@ -328,7 +351,7 @@ async fn wss_with_a_private_ca_carries_a_postgres_session() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = make_pki(dir.path());
-    let tunnel = RunningTunnel::start(cluster.port(), 16, Some((pki.cert.clone(), pki.key.clone()))).await;
+    let tunnel = RunningTunnel::start(tcp(cluster.port()), 16, Some((pki.cert.clone(), pki.key.clone()))).await;
     let port = tunnel.addr.port();
     let trusting = WsConfig { ca_file: Some(pki.ca.clone()), ..WsConfig::default() };
     let headers = access_headers(CLIENT_ID, CLIENT_SECRET);
@@ -461,7 +484,7 @@ async fn python_websockets_client_interoperates() {
         return;
     }
     let cluster = start_cluster();
-    let tunnel = RunningTunnel::start(cluster.port(), 16, None).await;
+    let tunnel = RunningTunnel::start(tcp(cluster.port()), 16, None).await;
     let url = tunnel.ws_url();
 
     // Refusals are well-formed HTTP answers to a standard client.

@@ -2,7 +2,7 @@
 //!
 //! It accepts WebSocket connections (optionally over TLS), admits only upgrade requests that carry
 //! the configured service token (`CF-Access-Client-Id` / `CF-Access-Client-Secret`), and for each
-//! admitted one opens a TCP connection to the Postgres server and pipes raw bytes both ways. It
+//! admitted one opens a connection to the Postgres server (TCP, or its Unix-domain socket) and pipes raw bytes both ways. It
 //! does not look inside the Postgres protocol: Postgres authentication (and Postgres TLS, if the
 //! origin wants it) runs end to end between pgwarp and the database. A semaphore caps concurrent
 //! sessions; over the cap an upgrade is answered with HTTP 503. Cancelling the shutdown token stops
@@ -38,7 +38,8 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub struct TunnelConfig {
     /// Address the WebSocket listener binds.
     pub listen: SocketAddr,
-    /// The Postgres server, as host:port, reached over TCP for each admitted session.
+    /// The Postgres server, reached for each admitted session: host:port over TCP, or a path
+    /// (starting with `/`) to its Unix-domain socket.
     pub target: String,
     /// The service token's id callers must send in `CF-Access-Client-Id`. Must not be empty.
     pub client_id: String,

@@ -2,7 +2,7 @@
 //!
 //! The order matters for what a caller without the token can reach: TLS (if configured), then the
 //! WebSocket upgrade request, whose headers must carry the service token (else HTTP 403) and which
-//! must find a free session slot (else HTTP 503). Only an admitted upgrade opens a TCP connection
+//! must find a free session slot (else HTTP 503). Only an admitted upgrade opens a connection
 //! to the database; then bytes are piped both ways until either side closes. Unauthenticated
 //! connections never hold a session slot, and every step before admission has a deadline.
 
@@ -17,7 +17,7 @@ use boring::ssl::SslAcceptor;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response};
@@ -33,7 +33,7 @@ use crate::transport::websocket::WsStream;
 
 /// Deadline for the TLS handshake and, separately, for the WebSocket upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for the TCP connection to the database.
+/// Deadline for connecting to the database.
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every session of one tunnel shares.
@@ -145,8 +145,19 @@ where
             return Err(SessionError::Target { target: shared.target.clone(), source });
         }
     };
-    let mut client = Metered { inner: WsStream::new(ws), bytes_read: &traffic.from_client };
-    let mut db = Metered { inner: db, bytes_read: &traffic.to_client };
+    let client = Metered { inner: WsStream::new(ws), bytes_read: &traffic.from_client };
+    match db {
+        Database::Tcp(db) => pipe(client, Metered { inner: db, bytes_read: &traffic.to_client }).await,
+        Database::Unix(db) => pipe(client, Metered { inner: db, bytes_read: &traffic.to_client }).await,
+    }
+}
+
+/// Copies bytes both ways until either side closes.
+async fn pipe<C, D>(mut client: C, mut db: D) -> Result<(), SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::io::copy_bidirectional(&mut client, &mut db).await?;
     Ok(())
 }
@@ -197,12 +208,23 @@ fn refusal_response(refusal: Refusal) -> ErrorResponse {
     response
 }
 
-async fn connect_target(target: &str) -> io::Result<TcpStream> {
-    let db = timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+/// The connection to the database: TCP, or the server's Unix-domain socket when the tunnel runs
+/// on the database's own host.
+enum Database {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Connects to `target`: a path (starting with `/`) is a Unix-domain socket, anything else host:port.
+async fn connect_target(target: &str) -> io::Result<Database> {
+    let timed_out = |_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    if target.starts_with('/') {
+        let db = timeout(TARGET_CONNECT_TIMEOUT, UnixStream::connect(target)).await.map_err(timed_out)??;
+        return Ok(Database::Unix(db));
+    }
+    let db = timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await.map_err(timed_out)??;
     db.set_nodelay(true)?;
-    Ok(db)
+    Ok(Database::Tcp(db))
 }
 
 /// Tells the client the session cannot start (close code 1011), without waiting long for it.

@@ -315,6 +315,11 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// The server's Unix-domain socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join(format!(".s.PGSQL.{}", self.port))
+    }
+
     /// The TCP port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
