@@ -31,6 +31,6 @@ RUN apt-get update \
 COPY --from=build /src/target/release/pgwarp /usr/local/bin/pgwarp
 COPY configs/pgwarp.toml /etc/pgwarp/pgwarp.example.toml
 USER 10001
-ENV PGWARP_LISTEN=0.0.0.0:6432
-EXPOSE 6432
+ENV PGWARP_LISTEN=0.0.0.0:6432 PGWARP_ADMIN_LISTEN=0.0.0.0:9930
+EXPOSE 6432 9930
 ENTRYPOINT ["/usr/local/bin/pgwarp"]

@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// PGWARP_LISTEN=0.0.0.0:6432].
     #[arg(long, value_name = "ADDR", env = "PGWARP_LISTEN")]
     pub listen: Option<String>,
+    /// Serve /metrics (Prometheus) and /healthz over HTTP on this address, e.g. 127.0.0.1:9930
+    /// [default: off; the container image sets PGWARP_ADMIN_LISTEN=0.0.0.0:9930].
+    #[arg(long, value_name = "ADDR", env = "PGWARP_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Origin database URL, postgres://user:password@host:port/database [env: DATABASE_URL].
     /// Its user and password are also what clients log in with.
     #[arg(long, value_name = "URL")]
@@ -140,6 +144,9 @@ impl RunArgs {
         }
         if let Some(v) = self.origin {
             c.origin = Some(v);
+        }
+        if let Some(v) = self.admin_listen {
+            c.admin_listen = Some(v);
         }
         if let Some(v) = self.pool_size {
             c.pool_size = v;

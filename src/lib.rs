@@ -2,6 +2,7 @@
 //! statements that survive pooling. See DESIGN.md for the layers: protocol and transport at the
 //! bottom, then origin, pool, session, and server on top.
 
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod cancel;

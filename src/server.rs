@@ -5,16 +5,19 @@
 //! everyone that is left. Clients hear both through their slot in the cancel registry
 //! (`cancel::Stop`), which costs them nothing per transaction.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{AdminError, AdminListener};
 use crate::auth::UserDirectory;
 use crate::cache::QueryCache;
 use crate::cancel::{CancelRegistry, Stop};
@@ -39,6 +42,44 @@ pub struct ServerContext {
     pub tls: Option<ClientTls>,
     /// Stops the accept loop.
     pub drain: CancellationToken,
+    /// Logins and refusals so far.
+    pub clients: ClientStats,
+    /// When the server was bound.
+    pub started: Instant,
+}
+
+impl ServerContext {
+    /// Clients logged in or logging in right now.
+    pub fn connected_clients(&self) -> usize {
+        self.config.max_client_conn.saturating_sub(self.client_slots.available_permits())
+    }
+}
+
+/// Client logins and refusals, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    logins: AtomicU64,
+    /// Refused connections by the SQLSTATE they were sent (a handful of codes; rare events).
+    refusals: Mutex<BTreeMap<String, u64>>,
+}
+
+impl ClientStats {
+    pub fn logged_in(&self) {
+        self.logins.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, sqlstate: &str) {
+        *self.refusals.lock().unwrap_or_else(|e| e.into_inner()).entry(sqlstate.to_owned()).or_default() += 1;
+    }
+
+    pub fn logins(&self) -> u64 {
+        self.logins.load(Ordering::Relaxed)
+    }
+
+    /// Refusals so far, by SQLSTATE.
+    pub fn refusals(&self) -> Vec<(String, u64)> {
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +92,17 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Triggers shutdown from outside (signals, tests).
@@ -87,6 +139,8 @@ pub struct Server {
     ctx: Arc<ServerContext>,
     listener: TcpListener,
     workers: Workers,
+    /// The admin endpoint, when `admin_listen` is set.
+    admin: Option<AdminListener>,
 }
 
 impl Server {
@@ -132,6 +186,10 @@ impl Server {
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| ServerError::Listen { addr: config.listen.clone(), source })?;
+        let admin = match &config.admin_listen {
+            Some(addr) => Some(AdminListener::bind(addr).await?),
+            None => None,
+        };
         let ctx = Arc::new(ServerContext {
             users,
             pools,
@@ -140,13 +198,20 @@ impl Server {
             cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
             tls,
             drain: CancellationToken::new(),
+            clients: ClientStats::default(),
+            started: Instant::now(),
             config,
         });
-        Ok(Server { ctx, listener, workers })
+        Ok(Server { ctx, listener, workers, admin })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where the admin endpoint listens, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -163,9 +228,16 @@ impl Server {
 
     /// Accepts clients until shutdown, then drains them.
     pub async fn run(self) {
-        let Server { ctx, listener, workers } = self;
+        let Server { ctx, listener, workers, admin } = self;
         let tracker = TaskTracker::new();
         tracing::info!(listen = %ctx.config.listen, workers = workers.len(), "pgwarp accepting clients");
+        // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
+        let _admin = admin.map(|admin| {
+            if let Ok(addr) = admin.local_addr() {
+                tracing::info!(admin = %addr, "serving /metrics and /healthz");
+            }
+            AbortOnDrop(tokio::spawn(admin.run(ctx.clone())))
+        });
         loop {
             tokio::select! {
                 _ = ctx.drain.cancelled() => break,

@@ -28,6 +28,7 @@ fn help_explains_every_flag() {
         "--pool-timeout",
         "--idle-timeout",
         "--log-level",
+        "--admin-listen",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
@@ -41,6 +42,7 @@ fn bad_values_are_one_line_errors_with_exit_code_2() {
         &["--origin", "mysql://a:b@h/db"],
         &["--origin", "postgres://a:b@h/db", "--pool-size", "0"],
         &["--origin", "postgres://a:b@h/db", "--listen", "nowhere"],
+        &["--origin", "postgres://a:b@h/db", "--admin-listen", "nowhere"],
         &[],
         &["--config", "/nonexistent/pgwarp.toml"],
     ];

@@ -659,6 +659,41 @@ impl QueryCache {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
+
+    /// Entries and counters now, for the metrics endpoint and the admin console.
+    pub fn snapshot(&self) -> CacheSnapshot {
+        self.entries.run_pending_tasks();
+        let s = &self.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheSnapshot {
+            entries: self.entries.entry_count(),
+            bytes: self.entries.weighted_size(),
+            max_bytes: self.config.max_size as u64,
+            hits: load(&s.hits),
+            misses: load(&s.misses),
+            stale: load(&s.stale),
+            stores: load(&s.stores),
+            invalidations: load(&s.invalidations),
+            uncacheable: Reason::ALL.iter().map(|&r| (r.label(), s.uncacheable_count(r))).collect(),
+        }
+    }
+}
+
+/// The cache's size and counters at one moment (see `QueryCache::snapshot`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheSnapshot {
+    pub entries: u64,
+    /// Bytes held, as the capacity counts them (keys, answers and a fixed overhead per entry).
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Stale answers served while a refresh ran.
+    pub stale: u64,
+    pub stores: u64,
+    pub invalidations: u64,
+    /// Batches sent to the origin uncached, by reason.
+    pub uncacheable: Vec<(&'static str, u64)>,
 }
 
 /// Held by the one client fetching a key; others wait until it is dropped.

@@ -119,6 +119,9 @@ pub struct Config {
     pub tunnel_client_secret: Option<String>,
     /// For wss:// tunnels with a private CA: the CA certificates (PEM) to trust.
     pub tunnel_ca_file: Option<std::path::PathBuf>,
+    /// Address of the admin HTTP endpoint (`/metrics` for Prometheus, `/healthz`), e.g.
+    /// 127.0.0.1:9930. Default: off. It needs no password: keep it on a private address.
+    pub admin_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -147,6 +150,7 @@ impl Default for Config {
             tunnel_client_id: None,
             tunnel_client_secret: None,
             tunnel_ca_file: None,
+            admin_listen: None,
         }
     }
 }
@@ -174,6 +178,14 @@ impl Config {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("listen", "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6432");
+        }
+        if let Some(admin) = &self.admin_listen {
+            if admin.parse::<std::net::SocketAddr>().is_err() {
+                return invalid("admin_listen", "expected HOST:PORT with an IP address, e.g. 127.0.0.1:9930");
+            }
+            if *admin == self.listen {
+                return invalid("admin_listen", "must differ from listen");
+            }
         }
         if self.pool_size == 0 {
             return invalid("pool_size", "must be at least 1");
@@ -235,6 +247,17 @@ mod tests {
         assert!(config.users.contains_key("reporting"));
         assert!(config.cache.enabled);
         assert_eq!(config.cache.max_age, Duration::from_secs(60));
+        assert_eq!(config.admin_listen.as_deref(), Some("127.0.0.1:9930"));
+    }
+
+    #[test]
+    fn admin_listen_must_be_an_address_other_than_listen() {
+        let c = Config { origin: Some("postgres://u:p@h/db".into()), ..Config::default() };
+        for bad in ["localhost:9930", "9930", "127.0.0.1:6432"] {
+            let c = Config { admin_listen: Some(bad.into()), ..c.clone() };
+            assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "admin_listen", .. })), "{bad}");
+        }
+        Config { admin_listen: Some("0.0.0.0:9930".into()), ..c }.validate().unwrap();
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,9 @@ const OWN_SHARD_GRACE: Duration = Duration::from_millis(10);
 /// Caps the per-pool cache of startup parameter sets (one per distinct client settings).
 const MAX_CACHED_PARAM_SETS: usize = 1024;
 
-/// One worker's part of a pool.
+/// One worker's part of a pool. Aligned to a cache line, so that counting one worker's
+/// checkouts does not slow down another's.
+#[repr(align(64))]
 struct Shard {
     // Boxed on purpose: checkout and checkin move a pointer, and a session holding a
     // connection stays small.
@@ -72,6 +75,58 @@ struct Shard {
     idle: Mutex<Vec<Box<OriginConn>>>,
     permits: Arc<Semaphore>,
     size: usize,
+    /// Connections handed out from this shard.
+    checkouts: AtomicU64,
+}
+
+/// What happened in a pool besides checkouts, for the metrics endpoint (rare events: shared
+/// counters are fine).
+#[derive(Debug, Default)]
+struct PoolCounters {
+    /// Clients waiting for a slot right now.
+    waiting: AtomicUsize,
+    /// Checkouts that had to wait for a slot, and how long they waited in all.
+    waits: AtomicU64,
+    wait_micros: AtomicU64,
+    /// Clients that gave up after pool_timeout.
+    timeouts: AtomicU64,
+    /// Origin connections opened, and attempts that failed.
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+}
+
+/// One client counted as waiting, for as long as this lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Waiting<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A pool's state and counters at one moment (see `Pool::snapshot`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolSnapshot {
+    /// The origin role and database this pool's connections log in as.
+    pub user: String,
+    pub database: String,
+    pub size: usize,
+    pub active: usize,
+    pub idle: usize,
+    pub waiting: usize,
+    pub checkouts: u64,
+    pub waits: u64,
+    pub wait_seconds: f64,
+    pub timeouts: u64,
+    pub connects: u64,
+    pub connect_failures: u64,
 }
 
 /// A right to one connection of shard `shard`.
@@ -85,6 +140,7 @@ pub struct Pool {
     creds: Credentials,
     config: PoolConfig,
     shards: Vec<Shard>,
+    counters: PoolCounters,
     startup_params: Mutex<HashMap<Arc<Settings>, StartupParams>>,
     /// What a fresh connection reports, before any client settings.
     base_params: Mutex<Option<BTreeMap<String, String>>>,
@@ -104,7 +160,12 @@ impl Pool {
         let shards = (0..n)
             .map(|i| {
                 let size = share(config.size, i, n);
-                Shard { idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(size)), size }
+                Shard {
+                    idle: Mutex::new(Vec::new()),
+                    permits: Arc::new(Semaphore::new(size)),
+                    size,
+                    checkouts: AtomicU64::new(0),
+                }
             })
             .collect();
         let pool = Arc::new(Pool {
@@ -112,6 +173,7 @@ impl Pool {
             creds,
             config,
             shards,
+            counters: PoolCounters::default(),
             startup_params: Mutex::new(HashMap::new()),
             base_params: Mutex::new(None),
         });
@@ -151,8 +213,30 @@ impl Pool {
         Box::pin(self.wait_for_slot()).await
     }
 
+    /// Waits for a slot, counted in the pool's metrics.
     async fn wait_for_slot(&self) -> Result<Slot, PoolError> {
+        let counters = &self.counters;
         let started = Instant::now();
+        let result = {
+            // Counted until the wait ends, also when the client leaves while waiting.
+            let _waiting = Waiting::new(&counters.waiting);
+            self.wait_in_queues(started).await
+        };
+        match &result {
+            Ok(_) => {
+                counters.waits.fetch_add(1, Ordering::Relaxed);
+                let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                counters.wait_micros.fetch_add(waited, Ordering::Relaxed);
+            }
+            Err(PoolError::Timeout(_)) => {
+                counters.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn wait_in_queues(&self, started: Instant) -> Result<Slot, PoolError> {
         let shard = self.own_shard();
         let timeout = self.config.pool_timeout;
         // First in this worker's own queue: when every shard is busy, its clients are served by
@@ -181,6 +265,7 @@ impl Pool {
     }
 
     async fn checkout_with(self: &Arc<Self>, slot: Slot) -> Result<PooledConn, PoolError> {
+        self.shards[slot.shard].checkouts.fetch_add(1, Ordering::Relaxed);
         while let Some(mut conn) = self.pop_idle(slot.shard) {
             // One non-blocking read: cheap, and it catches an origin that restarted even a
             // moment ago (it sends FATAL 57P01 to idle connections and closes them).
@@ -196,15 +281,16 @@ impl Pool {
         }
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
-        let conn = Box::new(
-            Box::pin(OriginConn::connect(
-                &self.target,
-                &self.creds,
-                self.config.statement_cache,
-                self.config.connect_timeout,
-            ))
-            .await?,
-        );
+        let connected = Box::pin(OriginConn::connect(
+            &self.target,
+            &self.creds,
+            self.config.statement_cache,
+            self.config.connect_timeout,
+        ))
+        .await;
+        let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let conn = Box::new(connected?);
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
         Ok(PooledConn { conn: Some(conn), shard: slot.shard, _permit: slot.permit, pool: self.clone() })
@@ -246,6 +332,26 @@ impl Pool {
     /// Connections checked out right now.
     pub fn active_count(&self) -> usize {
         self.shards.iter().map(|s| s.size - s.permits.available_permits()).sum()
+    }
+
+    /// The pool's state and counters now, for the metrics endpoint and the admin console.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PoolSnapshot {
+            user: self.creds.user.clone(),
+            database: self.creds.database.clone(),
+            size: self.config.size,
+            active: self.active_count(),
+            idle: self.idle_count(),
+            waiting: c.waiting.load(Ordering::Relaxed),
+            checkouts: self.shards.iter().map(|s| load(&s.checkouts)).sum(),
+            waits: load(&c.waits),
+            wait_seconds: load(&c.wait_micros) as f64 / 1e6,
+            timeouts: load(&c.timeouts),
+            connects: load(&c.connects),
+            connect_failures: load(&c.connect_failures),
+        }
     }
 
     /// The ParameterStatus values for a client with these settings, and whether the origin has

@@ -40,10 +40,14 @@ impl Refusal {
 
 pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream) -> Option<Session> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, run(&ctx, &mut stream)).await {
-        Ok(Ok(Some(parts))) => Some(Session::new(ctx, stream, parts)),
+        Ok(Ok(Some(parts))) => {
+            ctx.clients.logged_in();
+            Some(Session::new(ctx, stream, parts))
+        }
         Ok(Ok(None)) => None,
         Ok(Err(refusal)) => {
             tracing::info!(code = %refusal.code, "refused client: {}", refusal.message);
+            ctx.clients.refused(&refusal.code);
             let msg = build::error_with_code(Severity::Fatal, &refusal.code, &refusal.message);
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 let _ = stream.write_all(&msg).await;

@@ -1,0 +1,215 @@
+//! The admin endpoint (`--admin-listen`) as an operator and Prometheus meet it: the `pgwarp`
+//! binary in front of a real Postgres, scraped over plain HTTP while real clients work.
+
+mod common;
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{free_port, PgwarpProcess};
+use support::*;
+
+/// pgwarp (the binary) in front of `origin`, with its admin endpoint on a free port.
+fn start(origin: &Origin, extra: &[&str]) -> (PgwarpProcess, u16) {
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let url = origin.url();
+    let mut args = vec!["--origin", url.as_str(), "--admin-listen", admin.as_str(), "--log-level", "warn"];
+    args.extend_from_slice(extra);
+    let process = PgwarpProcess::start(&args);
+    // The admin listener is bound right after the Postgres one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+        assert!(Instant::now() < deadline, "admin endpoint not listening; log:\n{}", process.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (process, admin_port)
+}
+
+/// One HTTP exchange: the status code, the headers (lower-cased names) and the body.
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+fn send(port: u16, request: &[u8]) -> Reply {
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin endpoint");
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    socket.write_all(request).expect("send the request");
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).expect("read the reply to its end (the server closes)");
+    let raw = String::from_utf8(raw).expect("utf-8 reply");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a reply head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect::<BTreeMap<_, _>>();
+    if !request.starts_with(b"HEAD ") {
+        assert_eq!(headers.get("content-length").map(String::as_str), Some(body.len().to_string().as_str()), "{raw}");
+    }
+    Reply { status, headers, body: body.to_owned() }
+}
+
+fn get(port: u16, path: &str) -> Reply {
+    send(port, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+}
+
+/// The samples of a scrape, by `name{labels}`.
+fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let reply = get(port, "/metrics");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.headers["content-type"].starts_with("application/openmetrics-text"), "{:?}", reply.headers);
+    assert!(reply.body.ends_with("# EOF\n"), "{}", reply.body);
+    reply
+        .body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {l:?}"));
+            (name.to_owned(), value.parse().unwrap_or_else(|_| panic!("value in {l:?}")))
+        })
+        .collect()
+}
+
+fn sample(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    *samples.get(name).unwrap_or_else(|| panic!("no {name} in {samples:#?}"))
+}
+
+fn pool(metric: &str) -> String {
+    format!("pgwarp_{metric}{{database=\"{APP_DB}\",user=\"{APP_USER}\"}}")
+}
+
+#[tokio::test]
+async fn metrics_count_logins_refusals_checkouts_and_cache_answers() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE seen (v int); INSERT INTO seen VALUES (1); GRANT ALL ON seen TO app");
+    let (process, admin) = start(&origin, &["--pool-size", "2"]);
+
+    let before = scrape(admin);
+    assert_eq!(sample(&before, "pgwarp_clients"), 0.0);
+    assert_eq!(sample(&before, "pgwarp_client_logins_total"), 0.0);
+    assert_eq!(sample(&before, "pgwarp_draining"), 0.0);
+    assert_eq!(sample(&before, "pgwarp_cache_hits_total"), 0.0);
+
+    match common::connect(&process.url(APP_USER, "not the password", APP_DB)).await {
+        Err(e) => assert_eq!(code(&e), "28P01"),
+        Ok(_) => panic!("a wrong password is refused"),
+    }
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    warm(&client, "SELECT v FROM seen").await;
+    let warmed = scrape(admin);
+    for _ in 0..10 {
+        assert_eq!(first(&client.simple_query("SELECT v FROM seen").await.unwrap()), "1");
+    }
+    client.simple_query("INSERT INTO seen VALUES (2)").await.unwrap();
+
+    let after = scrape(admin);
+    assert_eq!(sample(&after, "pgwarp_clients"), 1.0, "one client is connected");
+    assert_eq!(sample(&after, "pgwarp_client_logins_total"), 1.0);
+    assert_eq!(sample(&after, "pgwarp_client_refusals_total{sqlstate=\"28P01\"}"), 1.0);
+    assert_eq!(sample(&after, &pool("pool_size")), 2.0);
+    assert_eq!(sample(&after, &pool("pool_active_connections")), 0.0, "nothing is checked out between queries");
+    assert!(sample(&after, &pool("pool_idle_connections")) >= 1.0);
+    assert!(sample(&after, &pool("origin_connects_total")) >= 1.0);
+    assert_eq!(sample(&after, &pool("origin_connect_failures_total")), 0.0);
+    // The ten repeated reads were answered from the cache, without a checkout; the write was not.
+    let hits = sample(&after, "pgwarp_cache_hits_total") - sample(&warmed, "pgwarp_cache_hits_total");
+    assert_eq!(hits, 10.0);
+    let checkouts = sample(&after, &pool("pool_checkouts_total")) - sample(&warmed, &pool("pool_checkouts_total"));
+    assert_eq!(checkouts, 1.0, "only the INSERT went to the origin");
+    assert_eq!(sample(&after, "pgwarp_cache_uncacheable_total{reason=\"write\"}"), 1.0);
+    assert!(sample(&after, "pgwarp_cache_entries") >= 1.0);
+    assert!(sample(&after, "pgwarp_cache_invalidations_total") >= 1.0);
+
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(&scrape(admin), "pgwarp_clients") != 0.0 {
+        assert!(Instant::now() < deadline, "the gauge goes back to 0 when the client leaves");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_show_clients_waiting_for_a_busy_pool_and_their_timeouts() {
+    let origin = Origin::start();
+    let (process, admin) = start(&origin, &["--pool-size", "1", "--pool-timeout", "3s", "--no-cache"]);
+    let url = process.url(APP_USER, APP_PASSWORD, APP_DB);
+    let holder = common::connect(&url).await.unwrap();
+    let waiter = common::connect(&url).await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let waiting = tokio::spawn(async move { waiter.query_one("SELECT 2", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(&scrape(admin), &pool("pool_waiting_clients")) != 1.0 {
+        assert!(Instant::now() < deadline, "the waiting client shows up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let busy = scrape(admin);
+    assert_eq!(sample(&busy, &pool("pool_active_connections")), 1.0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), 2);
+
+    let served = scrape(admin);
+    assert_eq!(sample(&served, &pool("pool_waiting_clients")), 0.0);
+    assert_eq!(sample(&served, &pool("pool_waits_total")), 1.0);
+    assert!(sample(&served, &pool("pool_wait_seconds_total")) >= 0.2, "{served:#?}");
+    assert_eq!(sample(&served, &pool("pool_timeouts_total")), 0.0);
+
+    // A wait that outlasts pool_timeout is counted as a timeout.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let late = common::connect(&url).await.unwrap();
+    let err = late.query_one("SELECT 3", &[]).await.unwrap_err();
+    assert_eq!(code(&err), "53300");
+    let timed_out = scrape(admin);
+    assert_eq!(sample(&timed_out, &pool("pool_timeouts_total")), 1.0);
+    assert_eq!(sample(&timed_out, &pool("pool_waits_total")), 1.0);
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn healthz_turns_503_while_shutdown_drains_and_bad_requests_get_http_errors() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgwarp.toml");
+    std::fs::write(&config, "shutdown_timeout = \"20s\"\n").unwrap();
+    let (mut process, admin) = start(&origin, &["--config", config.to_str().unwrap()]);
+
+    let ok = get(admin, "/healthz");
+    assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
+    let head = send(admin, b"HEAD /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!((head.status, head.body.as_str(), head.headers["content-length"].as_str()), (200, "", "3"));
+    assert_eq!(get(admin, "/nowhere").status, 404);
+    assert_eq!(send(admin, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").status, 405);
+    assert_eq!(send(admin, b"\x16\x03\x01 garbage\r\n\r\n").status, 400);
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+    huge.resize(64 * 1024, b'x');
+    assert_eq!(send(admin, &huge).status, 431);
+
+    // Clients are unaffected by all that.
+    let url = process.url(APP_USER, APP_PASSWORD, APP_DB);
+    let busy = common::connect(&url).await.unwrap();
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    process.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = get(admin, "/healthz");
+        if reply.status == 503 {
+            assert_eq!(reply.body, "draining\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "healthz still says {} {:?}", reply.status, reply.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sample(&scrape(admin), "pgwarp_draining"), 1.0);
+    busy.batch_execute("COMMIT").await.unwrap();
+    let status = tokio::task::spawn_blocking(move || process.wait_exit(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(TcpStream::connect(("127.0.0.1", admin)).is_err(), "the admin endpoint closes with pgwarp");
+}
