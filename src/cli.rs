@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// [default: off; the container image sets PGWARP_ADMIN_LISTEN=0.0.0.0:9930].
     #[arg(long, value_name = "ADDR", env = "PGWARP_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Users (comma-separated) who may open the admin console: database `pgwarp`, then SHOW HELP.
+    #[arg(long, value_name = "USERS", value_delimiter = ',')]
+    pub admin_users: Option<Vec<String>>,
     /// Origin database URL, postgres://user:password@host:port/database [env: DATABASE_URL].
     /// Its user and password are also what clients log in with.
     #[arg(long, value_name = "URL")]
@@ -147,6 +150,9 @@ impl RunArgs {
         }
         if let Some(v) = self.admin_listen {
             c.admin_listen = Some(v);
+        }
+        if let Some(v) = self.admin_users {
+            c.admin_users = v;
         }
         if let Some(v) = self.pool_size {
             c.pool_size = v;

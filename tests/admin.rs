@@ -213,3 +213,58 @@ async fn healthz_turns_503_while_shutdown_drains_and_bad_requests_get_http_error
     assert_eq!(status.and_then(|s| s.code()), Some(0));
     assert!(TcpStream::connect(("127.0.0.1", admin)).is_err(), "the admin endpoint closes with pgwarp");
 }
+
+#[tokio::test]
+async fn admin_console_answers_show_commands_to_admin_users_only() {
+    let origin = Origin::start();
+    let (process, _) = start(&origin, &["--admin-users", "ops,app", "--pool-size", "3"]);
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    for _ in 0..5 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+
+    // psql, as an operator would run it.
+    let psql =
+        psql(&origin, vec!["-c".into(), "SHOW POOLS".into(), process.url(APP_USER, APP_PASSWORD, "pgwarp")]).await;
+    let out = String::from_utf8_lossy(&psql.stdout);
+    assert!(psql.status.success(), "{out}{}", String::from_utf8_lossy(&psql.stderr));
+    let row: Vec<&str> = out.trim().split('|').collect();
+    assert_eq!(&row[..3], &[APP_DB, APP_USER, "3"], "{out}");
+    assert!(row[6].parse::<u64>().unwrap() >= 5, "checkouts: {out}");
+
+    let console = common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await.unwrap();
+    let stats = console.simple_query("show stats;").await.unwrap();
+    let rows: BTreeMap<String, String> = stats
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((r.get(0)?.to_owned(), r.get(1)?.to_owned())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows["clients"], "2", "the client and this console (psql has left): {rows:?}");
+    assert_eq!(rows["logins"], "3", "{rows:?}");
+    let version = first(&console.simple_query("SHOW VERSION").await.unwrap());
+    assert!(version.starts_with("pgwarp "), "{version}");
+    let config = console.simple_query("SHOW CONFIG").await.unwrap();
+    assert!(!format!("{config:?}").contains(APP_PASSWORD), "SHOW CONFIG leaks no password");
+
+    // Mistakes get errors and leave the console usable.
+    let err = console.simple_query("SELECT * FROM accounts").await.unwrap_err();
+    assert_eq!(code(&err), "42601");
+    let err = console.query("SHOW POOLS", &[]).await.unwrap_err();
+    assert_eq!(code(&err), "0A000", "extended protocol is refused: {err}");
+    assert!(first(&console.simple_query("SHOW HELP").await.unwrap()).starts_with("SHOW "));
+
+    // A user not in admin_users is refused after proving its password; the origin was never asked
+    // for a database called pgwarp.
+    let (process, _) = start(&origin, &["--admin-users", "ops"]);
+    match common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await {
+        Err(e) => assert_eq!(code(&e), "28000", "{e}"),
+        Ok(_) => panic!("only admin users reach the console"),
+    }
+    match common::connect(&process.url(APP_USER, "wrong", "pgwarp")).await {
+        Err(e) => assert_eq!(code(&e), "28P01", "{e}"),
+        Ok(_) => panic!("a wrong password is refused first"),
+    }
+    assert!(!origin.cluster.log().contains("database \"pgwarp\" does not exist"));
+}

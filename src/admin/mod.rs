@@ -10,6 +10,7 @@
 //! are served at once, so a slow or hostile scraper cannot hold resources the pooler needs. The
 //! listener runs until the server's `run` ends, so health checks see the drain.
 
+pub mod console;
 pub mod http;
 pub mod metrics;
 

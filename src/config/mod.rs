@@ -122,6 +122,10 @@ pub struct Config {
     /// Address of the admin HTTP endpoint (`/metrics` for Prometheus, `/healthz`), e.g.
     /// 127.0.0.1:9930. Default: off. It needs no password: keep it on a private address.
     pub admin_listen: Option<String>,
+    /// Users who may log in to the admin console: database `pgwarp`, with their usual password,
+    /// then `SHOW HELP`. Default: none, and the console is off (`pgwarp` is then an ordinary
+    /// database name, passed to the origin).
+    pub admin_users: Vec<String>,
 }
 
 impl Default for Config {
@@ -151,6 +155,7 @@ impl Default for Config {
             tunnel_client_secret: None,
             tunnel_ca_file: None,
             admin_listen: None,
+            admin_users: Vec::new(),
         }
     }
 }

@@ -117,6 +117,33 @@ pub fn close_complete() -> Bytes {
     frame(b'3', |_| {})
 }
 
+/// A RowDescription of text-format columns, each `(name, type oid)`.
+pub fn row_description_into(out: &mut BytesMut, columns: &[(&str, u32)]) {
+    frame_into(out, b'T', |b| {
+        b.put_i16(columns.len().min(i16::MAX as usize) as i16);
+        for (name, oid) in columns {
+            put_cstr(b, name);
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_u32(*oid);
+            b.put_i16(-1); // type size: variable
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// A DataRow of text values.
+pub fn data_row_into(out: &mut BytesMut, values: &[String]) {
+    frame_into(out, b'D', |b| {
+        b.put_i16(values.len().min(i16::MAX as usize) as i16);
+        for v in values {
+            b.put_i32(v.len() as i32);
+            b.put_slice(v.as_bytes());
+        }
+    });
+}
+
 pub fn command_complete(tag: &str) -> Bytes {
     frame(b'C', |b| put_cstr(b, tag))
 }

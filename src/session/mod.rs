@@ -49,11 +49,13 @@ pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: s
     let span = tracing::info_span!("client", %peer);
     async move {
         // Boxed so the handshake's state is freed once it is done: idle clients stay small.
-        let Some(session) = Box::pin(startup::handshake(ctx, stream)).await else {
-            return;
-        };
-        // The session lives on the heap; this task's own state is only what an idle wait needs.
-        Box::new(session).run().await;
+        match Box::pin(startup::handshake(ctx, stream)).await {
+            Some(startup::Admitted::Session(session)) => session.run().await,
+            Some(startup::Admitted::Console { ctx, mut stream, reader, _permit }) => {
+                Box::pin(crate::admin::console::serve(&ctx, &mut stream, reader)).await
+            }
+            None => {}
+        }
     }
     .instrument(span)
     .await

@@ -7,7 +7,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::Session;
+use crate::admin::console;
 use crate::auth::{random_bytes, ClientSecret};
 use crate::config::AuthMethod;
 use crate::origin::settings::{is_reserved, Settings};
@@ -38,11 +41,23 @@ impl Refusal {
     }
 }
 
-pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream) -> Option<Session> {
+/// What a successful handshake leads to.
+pub enum Admitted {
+    /// On the heap: the task's own state stays what an idle wait needs.
+    Session(Box<Session>),
+    /// An admin user asked for the admin console's database.
+    Console { ctx: Arc<ServerContext>, stream: ClientStream, reader: MessageReader, _permit: OwnedSemaphorePermit },
+}
+
+pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream) -> Option<Admitted> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, run(&ctx, &mut stream)).await {
-        Ok(Ok(Some(parts))) => {
+        Ok(Ok(Some(Login::Pooled(parts)))) => {
             ctx.clients.logged_in();
-            Some(Session::new(ctx, stream, parts))
+            Some(Admitted::Session(Box::new(Session::new(ctx, stream, parts))))
+        }
+        Ok(Ok(Some(Login::Console { reader, permit }))) => {
+            ctx.clients.logged_in();
+            Some(Admitted::Console { ctx, stream, reader, _permit: permit })
         }
         Ok(Ok(None)) => None,
         Ok(Err(refusal)) => {
@@ -76,7 +91,13 @@ pub struct Established {
     pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Option<Established>, Refusal> {
+/// A login that passed: to the pool, or to the admin console.
+enum Login {
+    Pooled(Established),
+    Console { reader: MessageReader, permit: OwnedSemaphorePermit },
+}
+
+async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Option<Login>, Refusal> {
     let protocol_error =
         |e: &dyn std::fmt::Display| Refusal::new(SqlState::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
     let mut negotiations = 0;
@@ -143,7 +164,17 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     let entry = ctx.users.get(&startup.user);
     authenticate(ctx, stream, &mut reader, &startup.user, entry.as_ref().map(|e| &e.secret)).await?;
     let entry = entry.ok_or_else(|| password_failed(&startup.user))?;
+    let console = startup.database == console::DATABASE && !ctx.config.admin_users.is_empty();
+    if console && !ctx.config.admin_users.contains(&startup.user) {
+        let message = format!("user \"{}\" may not use the admin console (see admin_users)", startup.user);
+        return Err(Refusal::new(SqlState::INVALID_AUTHORIZATION, message));
+    }
     stream.write_all(&build::auth_ok()).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
+    if console {
+        let reader = MessageReader::with_buffered(MAX_AUTH_MESSAGE, reader.into_buffer());
+        tracing::info!(user = %startup.user, "admin console login");
+        return Ok(Some(Login::Console { reader, permit }));
+    }
 
     let creds = Credentials {
         user: entry.origin_user.clone(),
@@ -174,7 +205,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     let leftover = reader.into_buffer();
     let reader = MessageReader::with_buffered(ctx.config.max_message_size, leftover);
     tracing::debug!(user = %startup.user, database = %startup.database, "client logged in");
-    Ok(Some(Established {
+    Ok(Some(Login::Pooled(Established {
         user: startup.user,
         database: startup.database,
         creds,
@@ -182,7 +213,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         settings_validated: validated,
         reader,
         permit,
-    }))
+    })))
 }
 
 fn password_failed(user: &str) -> Refusal {
