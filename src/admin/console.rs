@@ -223,7 +223,16 @@ pub async fn serve(ctx: &ServerContext, stream: &mut ClientStream, mut reader: M
             return;
         }
         out.clear();
-        let msg = match reader.read(stream).await {
+        let read = tokio::select! {
+            read = reader.read(stream) => read,
+            // Shutdown closes an idle console as it closes idle clients.
+            () = ctx.drain.cancelled() => {
+                let bye = build::error(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down");
+                let _ = stream.write_all(&bye).await;
+                return;
+            }
+        };
+        let msg = match read {
             Ok(Some(msg)) => msg,
             Ok(None) => return,
             Err(e) => {
