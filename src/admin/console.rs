@@ -134,22 +134,23 @@ pub fn answer(command: Command, snapshot: &Snapshot, config: &Config) -> Table {
                 .collect(),
         },
         Command::Stats => {
-            let mut rows = vec![
+            let rows = vec![
                 ("clients", snapshot.clients.to_string()),
                 ("max_clients", snapshot.max_clients.to_string()),
                 ("logins", snapshot.logins.to_string()),
                 ("uptime_seconds", format!("{:.0}", snapshot.uptime_seconds)),
                 ("draining", snapshot.draining.to_string()),
             ];
-            let refusals: Vec<(String, String)> =
-                snapshot.refusals.iter().map(|(code, n)| (format!("refusals_{code}"), n.to_string())).collect();
-            rows.extend(refusals.iter().map(|(k, v)| (k.as_str(), v.clone())));
-            Table::settings(rows)
+            let mut table = Table::settings(rows);
+            table
+                .rows
+                .extend(snapshot.refusals.iter().map(|(code, n)| vec![format!("refusals_{code}"), n.to_string()]));
+            table
         }
         Command::Cache => match &snapshot.cache {
             None => Table::settings(vec![("enabled", "false".to_owned())]),
             Some(c) => {
-                let mut rows = vec![
+                let rows = vec![
                     ("enabled", "true".to_owned()),
                     ("entries", c.entries.to_string()),
                     ("bytes", c.bytes.to_string()),
@@ -160,10 +161,9 @@ pub fn answer(command: Command, snapshot: &Snapshot, config: &Config) -> Table {
                     ("stores", c.stores.to_string()),
                     ("invalidations", c.invalidations.to_string()),
                 ];
-                let reasons: Vec<(String, String)> =
-                    c.uncacheable.iter().map(|(r, n)| (format!("uncacheable_{r}"), n.to_string())).collect();
-                rows.extend(reasons.iter().map(|(k, v)| (k.as_str(), v.clone())));
-                Table::settings(rows)
+                let mut table = Table::settings(rows);
+                table.rows.extend(c.uncacheable.iter().map(|(r, n)| vec![format!("uncacheable_{r}"), n.to_string()]));
+                table
             }
         },
         Command::Config => Table::settings(config_rows(config)),
