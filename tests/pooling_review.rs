@@ -559,3 +559,34 @@ async fn prepared_statement_commands_in_an_aborted_transaction_match_postgres() 
     assert_eq!(results[0], results[1], "direct vs pgwarp (command, tags, SQLSTATE, status)");
     assert!(results[0].iter().take(cases.len()).all(|r| r.2.as_deref() == Some("25P02")), "{:?}", results[0]);
 }
+
+/// Answers pgwarp makes itself (a Close of a statement, a Parse the connection already has)
+/// come out in their place between answers forwarded from the origin, also when the origin's
+/// answers before and after them arrive in one read and are forwarded as one run.
+#[tokio::test]
+async fn pgwarps_own_answers_stay_in_order_between_forwarded_rows() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        raw.send(&batch(&[parse("s1", "SELECT 1", &[]), parse("s2", "SELECT $1::int", &[]), sync()])).await;
+        let prepared = raw.until_ready().await;
+        raw.send(&batch(&[
+            parse("", "SELECT generate_series(1, 3)", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            close(b'S', "s1"),
+            describe(b'S', "s2"),
+            parse("s1", "SELECT 1", &[]),
+            bind("", "s1", &[]),
+            execute("", 0),
+            sync(),
+        ]))
+        .await;
+        let answer = raw.until_ready().await;
+        results.push((tags(&prepared), tags(&answer), first_column(&answer)));
+    }
+    assert_eq!(results[0].1, "12DDDC3tT12DCZ", "direct");
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+}

@@ -18,7 +18,7 @@ use super::OriginError;
 use crate::protocol::backend::{self as be, AuthRequest};
 use crate::protocol::codec::{FrameError, HARD_MAX_MESSAGE};
 use crate::protocol::error::ErrorFields;
-use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader};
+use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader, Run};
 use crate::transport::{self, OriginStream, OriginTarget};
 
 /// Who pgwarp logs in to the origin as.
@@ -222,7 +222,23 @@ impl OriginConn {
         self.reader.try_next().map_err(|e| OriginError::Protocol(e.to_string()))
     }
 
-    /// One step of full-duplex I/O: writes what it can of `self.out`, then reads if `want_read`.
+    /// Moves the run of buffered answers that `decide` lets through into `out` in one copy
+    /// (`MessageReader::forward_run`); `decide` sees the response queue to move it along.
+    pub fn forward_run(
+        &mut self,
+        out: &mut BytesMut,
+        limit: usize,
+        mut decide: impl FnMut(&mut ResponseQueue, u8, &[u8]) -> Run,
+    ) -> Result<(), OriginError> {
+        let queue = &mut self.queue;
+        self.reader
+            .forward_run(out, limit, |tag, body| decide(queue, tag, body))
+            .map_err(|e| OriginError::Protocol(e.to_string()))
+    }
+
+    /// One step of full-duplex I/O: writes what it can of `self.out`, then reads if `want_read`
+    /// until a whole message is buffered (`Duplex::Buffered`: take it with `forward_run` or
+    /// `try_read`).
     pub fn poll_io(
         &mut self,
         cx: &mut std::task::Context<'_>,

@@ -213,6 +213,39 @@ impl ResponseQueue {
         }
     }
 
+    /// The common case of `on_message`, decided without building a `Decision`: an answer to the
+    /// client's own message that only moves the queue along (no error, status, COPY or
+    /// asynchronous message). Returns false, changing nothing, for anything else: the caller
+    /// then hands the message to `on_message`.
+    pub fn pass(&mut self, tag: u8) -> bool {
+        let Some(head) = self.entries.front() else {
+            return false;
+        };
+        let done = match (head, tag) {
+            (Expect::Execute, be::DATA_ROW | be::COPY_DATA) => false,
+            (Expect::Execute, be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED) => true,
+            (Expect::ParseComplete { owner: Owner::Client, .. }, be::PARSE_COMPLETE) => true,
+            (Expect::BindComplete { .. }, be::BIND_COMPLETE) => true,
+            (Expect::CloseComplete { owner: Owner::Client }, be::CLOSE_COMPLETE) => true,
+            (Expect::DescribeStatement, be::PARAMETER_DESCRIPTION) => false,
+            (Expect::DescribeStatement | Expect::DescribePortal, be::ROW_DESCRIPTION | be::NO_DATA) => true,
+            (
+                Expect::Query { owner: Owner::Client, .. },
+                be::ROW_DESCRIPTION | be::DATA_ROW | be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::COPY_DATA,
+            ) => false,
+            _ => return false,
+        };
+        if done {
+            self.entries.pop_front();
+        }
+        true
+    }
+
+    /// An answer pgwarp made itself is next in line (`drain_synthetic` sends it).
+    pub fn synthetic_due(&self) -> bool {
+        matches!(self.entries.front(), Some(Expect::Synthetic { .. }))
+    }
+
     /// Decides what to do with one message from the origin.
     pub fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<Decision, QueueError> {
         let head_owner = self.entries.front().map(Expect::owner);
@@ -410,6 +443,51 @@ mod tests {
         assert!(ds.iter().all(|d| d.forward));
         assert_eq!(ds.last().unwrap().ready, Some(b'T'));
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn pass_takes_plain_answers_and_leaves_the_rest_to_on_message() {
+        let mut q = ResponseQueue::new();
+        for e in [
+            Expect::ParseComplete { owner: Owner::Client, undo: None },
+            Expect::BindComplete { statement: None },
+            Expect::DescribePortal,
+            Expect::Execute,
+            Expect::Synthetic { message: build::close_complete(), undo: None },
+            Expect::Sync { owner: Owner::Client },
+        ] {
+            q.push(e);
+        }
+        for tag in [b'1', b'2', b'T', b'D', b'D'] {
+            assert!(q.pass(tag), "{}", tag as char);
+        }
+        assert!(!q.pass(be::ERROR_RESPONSE) && !q.pass(be::NOTICE_RESPONSE) && !q.pass(be::PARAMETER_STATUS));
+        assert!(!q.synthetic_due());
+        assert!(q.pass(b'C'));
+        assert!(q.synthetic_due());
+        let mut out = BytesMut::new();
+        q.drain_synthetic(&mut out);
+        assert_eq!(&out[..], &build::close_complete()[..]);
+        assert!(!q.pass(be::READY_FOR_QUERY));
+        assert_eq!(q.on_message(be::READY_FOR_QUERY, b"I").unwrap().ready, Some(b'I'));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn pass_leaves_hidden_internal_and_copy_answers_to_on_message() {
+        let mut q = ResponseQueue::new();
+        q.push(Expect::ParseComplete { owner: Owner::Hidden, undo: None });
+        assert!(!q.pass(be::PARSE_COMPLETE));
+        let mut q = ResponseQueue::new();
+        q.push(Expect::query(Owner::Internal));
+        assert!(!q.pass(be::DATA_ROW));
+        let mut q = ResponseQueue::new();
+        q.push(Expect::Execute);
+        assert!(!q.pass(be::COPY_IN_RESPONSE) && !q.pass(be::COPY_OUT_RESPONSE));
+        let mut q = ResponseQueue::new();
+        q.push(Expect::Abort);
+        assert!(!q.pass(be::NO_DATA));
+        assert!(!ResponseQueue::new().pass(be::DATA_ROW));
     }
 
     #[test]

@@ -93,6 +93,39 @@ impl MessageReader {
         Ok(Some(Message { bytes: frame }))
     }
 
+    /// Moves the run of complete messages at the head of the buffer that `decide` lets through
+    /// into `out` with one copy, without framing each as a `Message`: the fast path for answers
+    /// forwarded unchanged. Stops before a message `decide` stops at, after one it marks
+    /// `Last`, at an incomplete message, or before `out` would exceed `limit` bytes.
+    pub fn forward_run(
+        &mut self,
+        out: &mut BytesMut,
+        limit: usize,
+        mut decide: impl FnMut(u8, &[u8]) -> Run,
+    ) -> Result<(), FrameError> {
+        let mut end = 0;
+        let room = limit.saturating_sub(out.len());
+        while let Some(len) = Self::frame_len(&self.buf[end..], self.max_len)? {
+            let frame_end = end + 1 + len;
+            if frame_end > self.buf.len() || frame_end > room {
+                break;
+            }
+            let run = decide(self.buf[end], &self.buf[end + 5..frame_end]);
+            if run == Run::Stop {
+                break;
+            }
+            end = frame_end;
+            if run == Run::Last {
+                break;
+            }
+        }
+        if end > 0 {
+            out.extend_from_slice(&self.buf[..end]);
+            self.buf.advance(end);
+        }
+        Ok(())
+    }
+
     /// Whether a complete message is waiting in the buffer.
     pub fn has_message(&self) -> bool {
         matches!(self.pending_len(), Ok(Some(len)) if self.buf.len() > len)
@@ -114,16 +147,21 @@ impl MessageReader {
     /// The length field of the message at the head of the buffer, once its header is complete,
     /// checked against the limit.
     fn pending_len(&self) -> Result<Option<usize>, FrameError> {
-        if self.buf.len() < 5 {
+        Self::frame_len(&self.buf, self.max_len)
+    }
+
+    /// The checked length field of the frame `bytes` starts with, once its header is complete.
+    fn frame_len(bytes: &[u8], max_len: usize) -> Result<Option<usize>, FrameError> {
+        let Some(header) = bytes.get(..5) else {
             return Ok(None);
-        }
-        let raw = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        };
+        let raw = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
         if raw < 4 {
             return Err(FrameError::BadLength { len: raw.into() });
         }
         let len = raw as usize;
-        if len > self.max_len {
-            return Err(FrameError::TooLong { len, max: self.max_len });
+        if len > max_len {
+            return Err(FrameError::TooLong { len, max: max_len });
         }
         Ok(Some(len))
     }
@@ -135,15 +173,28 @@ impl MessageReader {
         std::future::poll_fn(|cx| self.poll_read_message(cx, stream)).await
     }
 
-    /// Polls for one complete message; the building block of `read` and `poll_duplex`.
+    /// Polls for one complete message; the building block of `read`.
     pub fn poll_read_message<R: AsyncRead + Unpin + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         stream: &mut R,
     ) -> Poll<Result<Option<Message>, FrameError>> {
+        match ready!(self.poll_fill(cx, stream))? {
+            true => Poll::Ready(self.try_next()),
+            false => Poll::Ready(Ok(None)),
+        }
+    }
+
+    /// Polls until one complete message is buffered (true) or the stream ends cleanly between
+    /// messages (false). Cancel safe, like `read`.
+    pub fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut R,
+    ) -> Poll<Result<bool, FrameError>> {
         loop {
-            if let Some(msg) = self.try_next()? {
-                return Poll::Ready(Ok(Some(msg)));
+            if self.has_message() {
+                return Poll::Ready(Ok(true));
             }
             let want = match self.pending_len()? {
                 Some(len) => (len + 1 - self.buf.len()).min(READ_CHUNK),
@@ -155,7 +206,7 @@ impl MessageReader {
             self.buf.reserve(want.max(4096));
             let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut self.buf))?;
             if n == 0 {
-                return Poll::Ready(if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) });
+                return Poll::Ready(if self.buf.is_empty() { Ok(false) } else { Err(FrameError::Truncated) });
             }
         }
     }
@@ -172,10 +223,23 @@ impl MessageReader {
     }
 }
 
+/// `MessageReader::forward_run`'s verdict on one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// Forward it and go on.
+    Take,
+    /// Forward it, then stop.
+    Last,
+    /// Leave it (and everything after it) in the buffer.
+    Stop,
+}
+
 /// What one step of full-duplex I/O produced.
 #[derive(Debug)]
 pub enum Duplex {
-    Message(Message),
+    /// A complete message is in the reader's buffer: take it with `MessageReader::try_next` or
+    /// `forward_run`.
+    Buffered,
     /// The peer closed the stream cleanly between messages.
     Eof,
     /// Everything pending was written.
@@ -220,7 +284,7 @@ pub fn poll_duplex<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
         return Poll::Ready(Ok(Duplex::Flushed));
     }
     if want_read {
-        return reader.poll_read_message(cx, stream).map(|r| r.map(|m| m.map_or(Duplex::Eof, Duplex::Message)));
+        return reader.poll_fill(cx, stream).map(|r| r.map(|more| if more { Duplex::Buffered } else { Duplex::Eof }));
     }
     if flushed {
         Poll::Ready(Ok(Duplex::Flushed))
@@ -238,6 +302,61 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn forward_run_copies_whole_messages_until_told_to_stop() {
+        let mut data = frame(b'D', b"row1");
+        data.extend(frame(b'D', b"row2"));
+        data.extend(frame(b'C', b"SELECT 2\0"));
+        data.extend(frame(b'Z', b"I"));
+        let mut r = MessageReader::with_buffered(1024, BytesMut::from(&data[..]));
+        let mut out = BytesMut::new();
+        let mut seen = Vec::new();
+        r.forward_run(&mut out, 1 << 20, |tag, body| {
+            seen.push((tag, body.to_vec()));
+            if tag == b'Z' {
+                Run::Stop
+            } else {
+                Run::Take
+            }
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[1], (b'D', b"row2".to_vec()));
+        assert_eq!(&out[..], &data[..data.len() - 6]);
+        assert_eq!(r.try_next().unwrap().unwrap().tag(), b'Z');
+    }
+
+    #[test]
+    fn forward_run_stops_after_last_before_limit_and_at_a_partial_message() {
+        let mut data = frame(b'1', b"");
+        data.extend(frame(b'2', b""));
+        let mut r = MessageReader::with_buffered(1024, BytesMut::from(&data[..]));
+        let mut out = BytesMut::new();
+        r.forward_run(&mut out, 1 << 20, |_, _| Run::Last).unwrap();
+        assert_eq!(&out[..], &frame(b'1', b"")[..]);
+
+        // The limit counts what `out` holds already: 4 + 5 bytes would exceed 8.
+        let mut out = BytesMut::from(&b"xxxx"[..]);
+        r.forward_run(&mut out, 8, |_, _| Run::Take).unwrap();
+        assert_eq!(&out[..], b"xxxx");
+        r.forward_run(&mut out, 9, |_, _| Run::Take).unwrap();
+        assert_eq!(&out[4..], &frame(b'2', b"")[..]);
+
+        let mut r = MessageReader::with_buffered(1024, BytesMut::from(&frame(b'D', b"abc")[..6]));
+        let mut out = BytesMut::new();
+        r.forward_run(&mut out, 1 << 20, |_, _| Run::Take).unwrap();
+        assert!(out.is_empty() && r.has_bytes());
+    }
+
+    #[test]
+    fn forward_run_refuses_an_over_long_message() {
+        let mut data = frame(b'D', b"ok");
+        data.extend(frame(b'D', &[0; 64]));
+        let mut r = MessageReader::with_buffered(32, BytesMut::from(&data[..]));
+        let mut out = BytesMut::new();
+        assert!(matches!(r.forward_run(&mut out, 1 << 20, |_, _| Run::Take), Err(FrameError::TooLong { .. })));
     }
 
     #[tokio::test]
@@ -306,7 +425,8 @@ mod tests {
             got
         });
         let first = std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, true)).await.unwrap();
-        assert!(matches!(first, Duplex::Message(ref m) if m.tag() == b'Z'));
+        assert!(matches!(first, Duplex::Buffered));
+        assert_eq!(reader.try_next().unwrap().unwrap().tag(), b'Z');
         while !out.is_empty() {
             let step =
                 std::future::poll_fn(|cx| poll_duplex(cx, &mut near, &mut reader, &mut out, false)).await.unwrap();

@@ -15,7 +15,7 @@ pub mod scram;
 pub mod spare;
 pub mod startup;
 
-pub use codec::{poll_duplex, Duplex, Message, MessageReader};
+pub use codec::{poll_duplex, Duplex, Message, MessageReader, Run};
 pub use error::SqlState;
 
 /// Errors decoding the body of a message whose frame was already accepted.

@@ -29,7 +29,7 @@ use crate::protocol::backend as be;
 use crate::protocol::codec::FrameError;
 use crate::protocol::error::{ErrorFields, Severity, SqlState};
 use crate::protocol::frontend as fe;
-use crate::protocol::{build, poll_duplex, spare, Duplex, Message, MessageReader};
+use crate::protocol::{build, poll_duplex, spare, Duplex, Message, MessageReader, Run};
 use crate::server::ServerContext;
 use crate::sql::inspect;
 use crate::transport::ClientStream;
@@ -224,7 +224,7 @@ impl Session {
                     Some(a) => a.poll_io(cx, read_origin),
                     None => std::task::Poll::Pending,
                 }), if origin_active => match r {
-                    Ok(Duplex::Message(msg)) => self.on_origin(msg).await?,
+                    Ok(Duplex::Buffered) => self.on_origin().await?,
                     // The last bytes for the origin went out: if they were all it was waiting
                     // for (a Flush with no answer due), the connection may be free now.
                     Ok(Duplex::Flushed) => {
@@ -237,7 +237,7 @@ impl Session {
                 },
                 r = std::future::poll_fn(|cx| poll_duplex(cx, &mut self.client, &mut self.reader, &mut self.to_client, read_client)),
                     if client_active => match r {
-                    Ok(Duplex::Message(msg)) => self.on_client(msg).await?,
+                    Ok(Duplex::Buffered) => self.on_client().await?,
                     Ok(Duplex::Flushed) => {}
                     Ok(Duplex::Eof) => return Err(End::ClientGone),
                     Err(FrameError::Io(_)) | Err(FrameError::Truncated) => return Err(End::ClientGone),
@@ -259,8 +259,7 @@ impl Session {
 
     // ---- client -> origin ----
 
-    async fn on_client(&mut self, first: Message) -> Result<(), End> {
-        self.intake(first).await?;
+    async fn on_client(&mut self) -> Result<(), End> {
         while let Some(msg) = self.reader.try_next().map_err(|e| End::Protocol(e.to_string()))? {
             self.intake(msg).await?;
             if self.origin.as_ref().is_some_and(|a| a.out.len() >= HIGH_WATER) {
@@ -466,9 +465,9 @@ impl Session {
 
     // ---- origin -> client ----
 
-    async fn on_origin(&mut self, first: Message) -> Result<(), End> {
-        self.route(first)?;
+    async fn on_origin(&mut self) -> Result<(), End> {
         loop {
+            self.forward_plain()?;
             if self.to_client.len() >= HIGH_WATER {
                 break;
             }
@@ -488,6 +487,31 @@ impl Session {
             return self.dispatch().await;
         }
         self.maybe_release().await
+    }
+
+    /// Forwards the buffered answers that need nothing from `route` (`ResponseQueue::pass`) in
+    /// one copy: most of a response, such as a result's rows. Not while the answer is being
+    /// recorded for the cache, and not past a command that changes settings or statements.
+    fn forward_plain(&mut self) -> Result<(), End> {
+        if self.capture.is_some() {
+            return Ok(());
+        }
+        let Some(att) = self.origin.as_mut() else {
+            return Ok(());
+        };
+        let run = att.forward_run(&mut self.to_client, HIGH_WATER, |queue, tag, body| {
+            if tag == be::COMMAND_COMPLETE && !be::command_tag(body).is_ok_and(inspect::tag_is_plain) {
+                return Run::Stop;
+            }
+            match queue.pass(tag) {
+                false => Run::Stop,
+                // pgwarp's own answer goes next, before any further origin message.
+                true if queue.synthetic_due() => Run::Last,
+                true => Run::Take,
+            }
+        });
+        att.queue.drain_synthetic(&mut self.to_client);
+        run.map_err(|e| self.origin_lost(&e))
     }
 
     /// Carries out the response queue's decision for one origin message.

@@ -273,6 +273,12 @@ pub fn tag_changes_settings(tag: &str) -> bool {
     tag == "SET" || tag == "RESET" || tag.starts_with("DISCARD")
 }
 
+/// Whether a CommandComplete tag needs no bookkeeping: it neither changes settings nor drops
+/// prepared statements.
+pub fn tag_is_plain(tag: &str) -> bool {
+    !tag_changes_settings(tag) && !tag_drops_all_statements(tag)
+}
+
 /// Whether a CommandComplete tag means every prepared statement on the connection is gone.
 pub fn tag_drops_all_statements(tag: &str) -> bool {
     tag == "DISCARD ALL" || tag == "DEALLOCATE ALL"
