@@ -167,22 +167,20 @@ impl Planner<'_> {
 
     /// False: not planned, it must wait.
     fn parse(&mut self, msg: &Message, notes: &mut PlanNotes) -> Result<bool, DecodeError> {
+        // The unnamed statement parsed again byte for byte, as drivers that do not prepare
+        // send it for every query: nothing to decode.
+        if let Some(stmt) = self.statements.get("").filter(|s| s.is_unnamed_parse(msg.frame())) {
+            let stmt = stmt.clone();
+            self.parse_unnamed(msg, stmt, notes);
+            return Ok(true);
+        }
         let p = Parse::decode(msg.body())?;
         if p.name.is_empty() {
             let stmt = match self.statements.get("") {
                 Some(s) if s.same_content(p.sql, &p.param_types) => s.clone(),
                 _ => Arc::new(Statement::new(false, p.sql, &p.param_types)),
             };
-            note_hints(notes, stmt.hints);
-            if let Err(e) = self.statements.insert("", stmt.clone()) {
-                self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
-                return Ok(true);
-            }
-            self.out.extend_from_slice(msg.frame());
-            self.server.unnamed = Some(stmt.id.clone());
-            let undo =
-                Undo { client_statement: Some((String::new(), stmt.id.clone())), unnamed: true, ..Undo::default() };
-            self.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo) });
+            self.parse_unnamed(msg, stmt, notes);
             return Ok(true);
         }
         if self.statements.contains(p.name) {
@@ -209,6 +207,18 @@ impl Planner<'_> {
             self.prepare_on_server(&stmt, Owner::Client, client_statement);
         }
         Ok(true)
+    }
+
+    /// Sends the client's Parse of the unnamed statement, which is `stmt`.
+    fn parse_unnamed(&mut self, msg: &Message, stmt: Arc<Statement>, notes: &mut PlanNotes) {
+        note_hints(notes, stmt.hints);
+        if let Err(e) = self.statements.insert("", stmt.clone()) {
+            return self.fail(SqlState::OUT_OF_MEMORY, &e.to_string());
+        }
+        self.out.extend_from_slice(msg.frame());
+        self.server.unnamed = Some(stmt.id.clone());
+        let undo = Undo { client_statement: Some((String::new(), stmt.id.clone())), unnamed: true, ..Undo::default() };
+        self.push(Expect::ParseComplete { owner: Owner::Client, undo: Some(undo) });
     }
 
     /// Creates a named statement on the connection (its saved Parse, or its SQL PREPARE),

@@ -63,6 +63,11 @@ impl Statement {
         }
     }
 
+    /// Whether `frame` is this unnamed statement's own Parse, byte for byte.
+    pub fn is_unnamed_parse(&self, frame: &[u8]) -> bool {
+        matches!(&self.replay, Replay::Parse(parse) if parse[..] == *frame)
+    }
+
     pub fn same_content(&self, sql: &str, param_types: &[u32]) -> bool {
         &*self.sql == sql && &*self.param_types == param_types
     }

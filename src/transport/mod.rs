@@ -199,11 +199,13 @@ impl ClientStream {
     /// Waits until a read would make progress, without holding a buffer while waiting: idle
     /// clients then cost no read-buffer memory.
     pub async fn readable(&self) -> io::Result<()> {
+        // `poll_read_ready` parks in the socket's one reader slot, which the session's reads use
+        // too: cheaper than `readable()`'s waiter list, and only this task ever waits on it.
         match self {
-            ClientStream::Tcp(s) => s.readable().await,
+            ClientStream::Tcp(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
             // Decrypted bytes may already be waiting inside the TLS layer.
             ClientStream::Tls(s) if s.ssl().pending() > 0 => Ok(()),
-            ClientStream::Tls(s) => s.get_ref().readable().await,
+            ClientStream::Tls(s) => std::future::poll_fn(|cx| s.get_ref().poll_read_ready(cx)).await,
             ClientStream::Detached => Err(detached()),
         }
     }

@@ -437,3 +437,26 @@ fn reparse_in_the_same_segment_is_a_duplicate_at_once() {
     assert_eq!(notes.wait_at, None);
     assert_eq!(w.answer(b"1EZ"), vec!['1', 'E', 'Z'], "pgwarp's error in place, the origin's hidden");
 }
+
+#[test]
+fn a_repeated_unnamed_parse_reuses_the_saved_statement() {
+    let mut w = World::new(8);
+    w.run(&[parse("", "select 1"), bind(""), execute(), sync()]);
+    let first = w.statements.get("").cloned().unwrap();
+    w.answer(b"12DCZ");
+    let (sent, synthetic) = w.run(&[parse("", "select 1"), bind(""), execute(), sync()]);
+    assert_eq!(sent, vec![('P', String::new()), ('B', String::new()), ('E', String::new()), ('S', String::new())]);
+    assert!(synthetic.is_empty());
+    assert!(Arc::ptr_eq(&first, w.statements.get("").unwrap()), "the same statement, not a copy");
+    assert_eq!(w.server.unnamed.as_ref(), Some(&first.id));
+
+    // Other text, or other parameter types, is a new statement.
+    w.answer(b"12DCZ");
+    w.run(&[parse("", "select 2"), sync()]);
+    assert_eq!(&*w.statements.get("").unwrap().sql, "select 2");
+    w.answer(b"1Z");
+    let mut typed = BytesMut::new();
+    build::parse_into(&mut typed, "", "select 2", &[23]);
+    w.run(&[Message::from_frame(typed.freeze()), sync()]);
+    assert_eq!(&*w.statements.get("").unwrap().param_types, &[23]);
+}
