@@ -29,6 +29,25 @@ pub(super) struct Capture {
     failed: bool,
 }
 
+impl Capture {
+    /// Appends whole messages of the answer, unless that takes it over the entry size cap.
+    fn record(&mut self, cache: Option<&QueryCache>, messages: &[u8]) {
+        if self.failed {
+            return;
+        }
+        let limit = cache.map_or(0, |c| c.config.max_entry_size);
+        if self.bytes.len() + messages.len() > limit {
+            self.failed = true;
+            if let Some(cache) = cache {
+                cache.stats.uncacheable(Reason::TooLarge);
+            }
+            spare::give(std::mem::take(&mut self.bytes));
+            return;
+        }
+        self.bytes.extend_from_slice(messages);
+    }
+}
+
 /// What became of a batch at the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum CacheAnswer {
@@ -214,19 +233,17 @@ impl Session {
             c.failed = true;
         }
         // ParameterStatus from pgwarp's settings query is about the connection, not the answer.
-        if c.failed || tag == be::PARAMETER_STATUS {
-            return;
+        if tag != be::PARAMETER_STATUS {
+            c.record(self.ctx.cache.as_deref(), frame);
         }
-        let limit = self.ctx.cache.as_ref().map_or(0, |c| c.config.max_entry_size);
-        if c.bytes.len() + frame.len() > limit {
-            c.failed = true;
-            if let Some(cache) = &self.ctx.cache {
-                cache.stats.uncacheable(Reason::TooLarge);
-            }
-            spare::give(std::mem::take(&mut c.bytes));
-            return;
+    }
+
+    /// Records the output from `start` to `end`: answers forwarded as they came, which hold
+    /// no error and no ParameterStatus (`forward_plain`).
+    pub(super) fn capture_forwarded(&mut self, start: usize, end: usize) {
+        if let Some(c) = self.capture.as_mut() {
+            c.record(self.ctx.cache.as_deref(), &self.to_client[start..end]);
         }
-        c.bytes.extend_from_slice(frame);
     }
 
     /// Stores the captured answer once its ReadyForQuery went out.

@@ -490,15 +490,13 @@ impl Session {
     }
 
     /// Forwards the buffered answers that need nothing from `route` (`ResponseQueue::pass`) in
-    /// one copy: most of a response, such as a result's rows. Not while the answer is being
-    /// recorded for the cache, and not past a command that changes settings or statements.
+    /// one copy: most of a response, such as a result's rows. Not past a command that changes
+    /// settings or statements.
     fn forward_plain(&mut self) -> Result<(), End> {
-        if self.capture.is_some() {
-            return Ok(());
-        }
         let Some(att) = self.origin.as_mut() else {
             return Ok(());
         };
+        let start = self.to_client.len();
         let run = att.forward_run(&mut self.to_client, HIGH_WATER, |queue, tag, body| {
             if tag == be::COMMAND_COMPLETE && !be::command_tag(body).is_ok_and(inspect::tag_is_plain) {
                 return Run::Stop;
@@ -510,7 +508,12 @@ impl Session {
                 true => Run::Take,
             }
         });
+        let forwarded = self.to_client.len();
         att.queue.drain_synthetic(&mut self.to_client);
+        if self.capture.is_some() {
+            self.capture_forwarded(start, forwarded);
+            self.capture_synthetic(forwarded);
+        }
         run.map_err(|e| self.origin_lost(&e))
     }
 
