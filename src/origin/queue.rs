@@ -402,6 +402,14 @@ mod tests {
         v
     }
 
+    fn queue_of<const N: usize>(entries: [Expect; N]) -> ResponseQueue {
+        let mut q = ResponseQueue::new();
+        for e in entries {
+            q.push(e);
+        }
+        q
+    }
+
     fn forwarded(ds: &[Decision]) -> Vec<bool> {
         ds.iter().map(|d| d.forward).collect()
     }
@@ -418,16 +426,13 @@ mod tests {
 
     #[test]
     fn extended_sequence_completes_each_entry() {
-        let mut q = ResponseQueue::new();
-        for e in [
+        let mut q = queue_of([
             Expect::ParseComplete { owner: Owner::Client, undo: None },
             Expect::BindComplete { statement: None },
             Expect::DescribePortal,
             Expect::Execute,
             Expect::Sync { owner: Owner::Client },
-        ] {
-            q.push(e);
-        }
+        ]);
         let ds = feed(
             &mut q,
             &[
@@ -447,17 +452,14 @@ mod tests {
 
     #[test]
     fn pass_takes_plain_answers_and_leaves_the_rest_to_on_message() {
-        let mut q = ResponseQueue::new();
-        for e in [
+        let mut q = queue_of([
             Expect::ParseComplete { owner: Owner::Client, undo: None },
             Expect::BindComplete { statement: None },
             Expect::DescribePortal,
             Expect::Execute,
             Expect::Synthetic { message: build::close_complete(), undo: None },
             Expect::Sync { owner: Owner::Client },
-        ] {
-            q.push(e);
-        }
+        ]);
         for tag in [b'1', b'2', b'T', b'D', b'D'] {
             assert!(q.pass(tag), "{}", tag as char);
         }
@@ -475,18 +477,11 @@ mod tests {
 
     #[test]
     fn pass_leaves_hidden_internal_and_copy_answers_to_on_message() {
-        let mut q = ResponseQueue::new();
-        q.push(Expect::ParseComplete { owner: Owner::Hidden, undo: None });
-        assert!(!q.pass(be::PARSE_COMPLETE));
-        let mut q = ResponseQueue::new();
-        q.push(Expect::query(Owner::Internal));
-        assert!(!q.pass(be::DATA_ROW));
-        let mut q = ResponseQueue::new();
-        q.push(Expect::Execute);
+        assert!(!queue_of([Expect::ParseComplete { owner: Owner::Hidden, undo: None }]).pass(be::PARSE_COMPLETE));
+        assert!(!queue_of([Expect::query(Owner::Internal)]).pass(be::DATA_ROW));
+        let mut q = queue_of([Expect::Execute]);
         assert!(!q.pass(be::COPY_IN_RESPONSE) && !q.pass(be::COPY_OUT_RESPONSE));
-        let mut q = ResponseQueue::new();
-        q.push(Expect::Abort);
-        assert!(!q.pass(be::NO_DATA));
+        assert!(!queue_of([Expect::Abort]).pass(be::NO_DATA));
         assert!(!ResponseQueue::new().pass(be::DATA_ROW));
     }
 
