@@ -3,14 +3,15 @@
 # freshly started PostgreSQL. Run from the repository root:
 #
 #   bash bench/run.sh [--quick] [--skip-pgwarp] [--runs N] [--secs S] [--idle-clients N]
-#                     [--only BENCH[,BENCH...]]
+#                     [--far-delay-us US] [--only BENCH[,BENCH...]]
 #
 # Benches (each is a bench_<name> function below; add new ones the same way and list them in
 # ALL_BENCHES): select_only (pgbench -S, simple and extended protocol, 1 and 32 clients),
 # prepared (pgbench -S -M prepared vs -M extended at 32 clients), cache (hot point selects
-# with and without updates, cache on vs off vs direct), tunnel (pgwarp over pgwarp tunnel vs
-# over TCP) and
-# idle_memory (resident memory per idle authenticated client, pgwarp vs PgBouncer).
+# with and without updates, cache on vs off vs direct), far_origin (the same hot reads with
+# PostgreSQL behind a delay proxy, as if it were in another data centre), tunnel (pgwarp over
+# pgwarp tunnel vs over TCP) and idle_memory (resident memory per idle authenticated client,
+# pgwarp vs PgBouncer).
 #
 # The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
 # Exits non-zero if any measurement failed.
@@ -20,13 +21,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-ALL_BENCHES=(select_only prepared cache tunnel idle_memory)
+ALL_BENCHES=(select_only prepared cache far_origin tunnel idle_memory)
 # Median TPS of every pgbench_compare run, keyed "title|target|mode|clients".
 declare -A MEDIAN_TPS=()
 
 RUNS=3
 SECS=10
 IDLE_CLIENTS=5000
+FAR_DELAY_US=1000
 SKIP_PGWARP=0
 ONLY=""
 SCALE=10
@@ -58,6 +60,10 @@ while [[ $# -gt 0 ]]; do
         ;;
     --idle-clients)
         IDLE_CLIENTS=$2
+        shift
+        ;;
+    --far-delay-us)
+        FAR_DELAY_US=$2
         shift
         ;;
     --only)
@@ -103,10 +109,17 @@ bench_cache() {
     local read=$BENCH_DIR/cache-read.sql write=$BENCH_DIR/cache-write.sql
     printf '\\set aid random(1, 1000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' >"$read"
     printf '\\set aid random(1, 1000)\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n' >"$write"
-    # The round trip with next to no server work: what any answer on loopback costs at least.
-    local floor=$BENCH_DIR/cache-floor.sql floor_lat=""
+    # The round trip with next to no server work: Postgres answering SELECT 1, and a stand-in
+    # server that answers the same point select from a canned row (bench/canned_server.rs). No
+    # server, pooler or cache answers a client on this machine faster than the latter.
+    local floor=$BENCH_DIR/cache-floor.sql floor_lat="" canned_lat="" canned_port canned_log=$BENCH_DIR/canned.log
     printf 'SELECT 1;\n' >"$floor"
-    local plain_port=$PGWARP_PORT
+    free_port canned_port
+    target/release/examples/canned_server --listen "127.0.0.1:$canned_port" >"$canned_log" 2>&1 </dev/null &
+    local canned_pid=$!
+    on_exit "stop_pid $canned_pid"
+    wait_for_port "$canned_port" "$canned_pid" 15 canned_server "$canned_log"
+    local plain_port=${TARGET_PORT[pgwarp]}
     start_pgwarp target/release/pgwarp \
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
     local -A port=([direct]=$PG_PORT [nocache]=$plain_port [cache]=$PGWARP_PORT)
@@ -145,6 +158,13 @@ bench_cache() {
                     else
                         FAILURES=$((FAILURES + 1))
                     fi
+                    log "cache: canned-answer server -c 1 run $run/$RUNS"
+                    if result=$(pgbench_once "$canned_port" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
+                        "$SECS" -M prepared -c 1 -j 1 -f "$read"); then
+                        canned_lat+="${result#* } "
+                    else
+                        FAILURES=$((FAILURES + 1))
+                    fi
                 fi
             done
         done
@@ -176,15 +196,75 @@ bench_cache() {
         done
     done
     # shellcheck disable=SC2086
-    report "loopback round-trip floor: direct SELECT 1 at 1 client, median latency $(median $floor_lat) ms"
+    report "loopback round-trip floor at 1 client, median latency: direct SELECT 1 $(median $floor_lat) ms;" \
+        "a canned-answer server (no work at all) $(median $canned_lat) ms, $(percent "$(median $canned_lat)" "${ml[read-only|1|direct]}") of direct"
     report "targets: read-only cache/direct >= 2x at 32 clients; read-only latency cache/direct <= 50% at 1 client"
+}
+
+# The cache where it is meant to be used: PostgreSQL far away. A delay proxy
+# (bench/delay_proxy.rs) holds every chunk FAR_DELAY_US each way between the clients, or pgwarp,
+# and PostgreSQL; pgwarp runs next to the clients. Hot point selects (read-only), directly over
+# the proxy, through pgwarp without the cache and with it. A miss pays the long round trip; a
+# hit does not.
+bench_far_origin() {
+    ((SKIP_PGWARP)) && return 0
+    local read=$BENCH_DIR/far-read.sql proxy_port proxy_log=$BENCH_DIR/delay-proxy.log
+    printf '\\set aid random(1, 1000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' >"$read"
+    free_port proxy_port
+    target/release/examples/delay_proxy --listen "127.0.0.1:$proxy_port" --target "127.0.0.1:$PG_PORT" \
+        --delay-us "$FAR_DELAY_US" >"$proxy_log" 2>&1 </dev/null &
+    local proxy_pid=$!
+    on_exit "stop_pid $proxy_pid"
+    wait_for_port "$proxy_port" "$proxy_pid" 15 delay_proxy "$proxy_log"
+    local origin="postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$proxy_port/$BENCH_DB"
+    start_pgwarp target/release/pgwarp "$origin" "$POOL_SIZE" --no-cache
+    local nocache_port=$PGWARP_PORT
+    start_pgwarp target/release/pgwarp "$origin" "$POOL_SIZE"
+    local -A port=([direct]=$proxy_port [nocache]=$nocache_port [cache]=$PGWARP_PORT)
+    local -A tps=() lat=()
+    local targets=(direct nocache cache) clients run target key result
+    # Warm the cache untimed: every hot key once, at the far round trip.
+    pgbench_once "${port[cache]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 5 -M prepared -c 16 -j 2 \
+        -f "$read" >/dev/null || true
+    for clients in 1 32; do
+        for ((run = 1; run <= RUNS; run++)); do
+            for target in "${targets[@]}"; do
+                key="$clients|$target"
+                log "far origin: $target -c $clients run $run/$RUNS"
+                if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
+                    "$SECS" -M prepared -c "$clients" -j "$((clients > 1 ? 2 : 1))" -f "$read"); then
+                    tps[$key]+="${result% *} "
+                    lat[$key]+="${result#* } "
+                else
+                    FAILURES=$((FAILURES + 1))
+                fi
+            done
+        done
+    done
+    report ""
+    report "== far origin: PostgreSQL behind a ${FAR_DELAY_US}us-each-way delay proxy, point selects over 1000 hot keys, pgbench -M prepared (median of $RUNS runs x ${SECS}s) =="
+    reportf '%7s %-8s %12s %10s\n' clients target tps lat_ms
+    local -A mt=() ml=()
+    for clients in 1 32; do
+        for target in "${targets[@]}"; do
+            key="$clients|$target"
+            # shellcheck disable=SC2086
+            mt[$key]=$(median ${tps[$key]:-})
+            # shellcheck disable=SC2086
+            ml[$key]=$(median ${lat[$key]:-})
+            reportf '%7s %-8s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
+        done
+    done
+    for clients in 1 32; do
+        report "far origin, $clients clients: cache/direct TPS $(ratio "${mt[$clients|cache]}" "${mt[$clients|direct]}"), latency cache/direct $(percent "${ml[$clients|cache]}" "${ml[$clients|direct]}")"
+    done
 }
 
 # The WebSocket tunnel: pgbench -S through pgwarp over `pgwarp tunnel` (ws://, loopback) against
 # pgwarp over plain TCP. Target: the tunnel costs <= 15% TPS at 32 clients.
 bench_tunnel() {
     ((SKIP_PGWARP)) && return 0
-    local plain_port=$PGWARP_PORT tunnel_port log=$BENCH_DIR/tunnel.log
+    local plain_port=${TARGET_PORT[pgwarp]} tunnel_port log=$BENCH_DIR/tunnel.log
     free_port tunnel_port
     target/release/pgwarp tunnel --listen "127.0.0.1:$tunnel_port" --target "127.0.0.1:$PG_PORT" \
         --client-id bench --client-secret bench-secret --log-level warn >"$log" 2>&1 </dev/null &
@@ -248,7 +328,8 @@ build() {
     if ((SKIP_PGWARP)); then
         cargo build --release --quiet --example idle_clients
     else
-        cargo build --release --quiet --bin pgwarp --example idle_clients
+        cargo build --release --quiet --bin pgwarp --example idle_clients --example canned_server \
+            --example delay_proxy
     fi
 }
 
