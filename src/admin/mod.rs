@@ -12,6 +12,7 @@
 
 pub mod console;
 pub mod http;
+pub mod listing;
 pub mod metrics;
 
 use std::net::SocketAddr;
