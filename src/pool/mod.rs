@@ -622,6 +622,32 @@ fn share(total: usize, shard: usize, shards: usize) -> usize {
     total / shards + usize::from(shard < total % shards)
 }
 
+/// A pool set whose origin is never reached (for tests of slots, not connections).
+#[cfg(test)]
+pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Duration) -> PoolSet {
+    use crate::config::SslMode;
+    use crate::transport::tls::OriginTls;
+    let target = OriginTarget {
+        host: "127.0.0.1".into(),
+        port: 1,
+        tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap_or_else(|e| panic!("{e}"))),
+        tunnel: None,
+    };
+    let config = PoolConfig {
+        size,
+        pool_timeout,
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(600),
+        statement_cache: 10,
+    };
+    PoolSet::new(target, config, workers)
+}
+
+#[cfg(test)]
+pub(crate) fn test_creds() -> Credentials {
+    Credentials { user: "app".into(), password: None, database: "shop".into() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::share;

@@ -127,3 +127,60 @@ impl PoolSet {
         self.paused.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::{test_creds, unreachable_pools, PoolError};
+
+    #[tokio::test]
+    async fn pause_waits_for_slots_in_use_and_holds_back_new_checkouts_until_resume() {
+        let pools = unreachable_pools(2, 2, Duration::from_millis(100));
+        let pool = pools.get(&test_creds());
+        let in_use = pool.acquire_slot().await.unwrap();
+        assert_eq!(pool.active_count(), 1);
+
+        let done = tokio::spawn(pools.pause().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!done.is_finished(), "a slot is still in use");
+        assert!(pools.is_paused());
+        assert_eq!(pools.pause().err(), Some(PauseError::AlreadyPaused));
+        // A new transaction finds no slot and times out as in a busy pool.
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+
+        drop(in_use);
+        assert!(tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap(), "PAUSE completes");
+        assert_eq!((pool.active_count(), pool.held_total()), (0, 2), "held slots are not counted as active");
+
+        // A pool created while paused starts paused.
+        let other = pools.get(&crate::origin::Credentials { database: "other".into(), ..test_creds() });
+        assert_eq!(other.held_total(), 2);
+
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire_slot().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pools.resume().unwrap();
+        waiting.await.unwrap().expect("RESUME lets a waiting client go");
+        assert_eq!((pool.held_total(), other.held_total()), (0, 0));
+        assert_eq!(pools.resume(), Err(PauseError::NotPaused));
+    }
+
+    #[tokio::test]
+    async fn resume_before_every_slot_is_back_cancels_the_pause() {
+        let pools = unreachable_pools(1, 1, Duration::from_secs(5));
+        let pool = pools.get(&test_creds());
+        let in_use = pool.acquire_slot().await.unwrap();
+        let done = tokio::spawn(pools.pause().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pools.resume().unwrap();
+        assert!(!tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap());
+        drop(in_use);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.held_total(), 0, "a slot given back after RESUME is not kept");
+        assert!(pool.try_slot().is_some());
+    }
+}

@@ -108,3 +108,57 @@ impl PoolSet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::pool::{test_creds, unreachable_pools, PoolConfig, PoolError};
+
+    fn config(size: usize) -> PoolConfig {
+        PoolConfig {
+            size,
+            pool_timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(600),
+            statement_cache: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn growing_adds_slots_and_shrinking_retires_them_as_they_come_back() {
+        let pools = unreachable_pools(2, 2, Duration::from_millis(50));
+        let pool = pools.get(&test_creds());
+        let a = pool.acquire_slot().await.unwrap();
+        let b = pool.acquire_slot().await.unwrap();
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+
+        pools.reconfigure(config(3));
+        assert_eq!(pool.snapshot().size, 3);
+        let c = pool.acquire_slot().await.expect("a third slot");
+        assert_eq!(pool.active_count(), 3);
+
+        // Down to 1 with all three in use: nothing is taken away from anyone.
+        pools.reconfigure(config(1));
+        assert_eq!((pool.snapshot().size, pool.active_count()), (1, 3));
+        drop((a, b));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.active_count(), 1, "two slots retired as they came back");
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))), "the one slot is in use");
+        drop(c);
+        let again = pool.acquire_slot().await.expect("the one slot");
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+
+        // Growing while a shrink is still owed pays the debt first.
+        pools.reconfigure(config(3));
+        let (x, y) = (pool.acquire_slot().await.unwrap(), pool.acquire_slot().await.unwrap());
+        pools.reconfigure(config(1));
+        pools.reconfigure(config(2));
+        drop((again, x, y));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let slots: Vec<_> = futures_util::future::join_all((0..2).map(|_| pool.acquire_slot())).await;
+        assert!(slots.iter().all(Result::is_ok), "two slots");
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))), "no more than two");
+        assert_eq!(pool.live.pool_timeout(), Duration::from_millis(50));
+    }
+}
