@@ -490,3 +490,40 @@ async fn reload_applies_the_file_keeps_flags_and_restart_only_settings_and_survi
     assert_eq!(first(&client.simple_query("SELECT 7").await.unwrap()), "7");
     assert!(common::connect(&process.url("carol", "carols", APP_DB)).await.is_err(), "carol is gone from the file");
 }
+
+#[tokio::test]
+async fn readyz_turns_503_while_the_origin_is_down_and_healthz_stays_200() {
+    let origin = Origin::start();
+    let (process, admin) = start(&origin, &["--no-cache"]);
+    // Before any client: a probe connects.
+    let ready = get(admin, "/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ok\n"));
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(get(admin, "/readyz").status, 200, "a connection was just used");
+
+    origin.cluster.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let down = loop {
+        let reply = get(admin, "/readyz");
+        if reply.status == 503 {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "readyz still says {} {:?}", reply.status, reply.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(down.body.starts_with("origin unreachable: "), "{}", down.body);
+    assert_eq!(down.body.lines().count(), 1, "one line: {}", down.body);
+    assert!(!down.body.contains(APP_PASSWORD));
+    let live = get(admin, "/healthz");
+    assert_eq!((live.status, live.body.as_str()), (200, "ok\n"), "liveness does not depend on the origin");
+
+    origin.cluster.start_again();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(admin, "/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "readyz comes back with the origin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first(&client.simple_query("SELECT 2").await.unwrap()), "2");
+    assert_eq!(send(admin, b"POST /readyz HTTP/1.1\r\nContent-Length: 0\r\n\r\n").status, 405);
+}

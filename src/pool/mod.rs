@@ -611,6 +611,11 @@ impl PoolSet {
         pool
     }
 
+    /// Where the origin is.
+    pub fn target(&self) -> &Arc<OriginTarget> {
+        &self.target
+    }
+
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
