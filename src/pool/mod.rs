@@ -278,7 +278,13 @@ impl Pool {
         // First in this worker's own queue: when every shard is busy, its clients are served by
         // its connections, without crossing threads.
         let mut own = Box::pin(self.shards[shard].permits.clone().acquire_owned());
-        let grace = if self.shards.len() > 1 { OWN_SHARD_GRACE.min(timeout) } else { timeout };
+        // A shard left with no slots (RELOAD made the pool smaller than the number of shards)
+        // has nothing to wait for.
+        let grace = match (self.shards.len(), self.shards[shard].size()) {
+            (1, _) => timeout,
+            (_, 0) => Duration::ZERO,
+            _ => OWN_SHARD_GRACE.min(timeout),
+        };
         match tokio::time::timeout(grace, &mut own).await {
             Ok(Ok(permit)) => return Ok(Slot { shard, permit }),
             Ok(Err(_)) => return Err(PoolError::Closed),
