@@ -135,44 +135,7 @@ pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Confi
                 .collect(),
         ),
         Show::Version => Table::text(vec![("version", TEXT)], vec![vec![format!("pgwarp {}", snapshot.version)]]),
-        Show::Pools => Table::text(
-            vec![
-                ("database", TEXT),
-                ("user", TEXT),
-                ("size", INT8),
-                ("active", INT8),
-                ("idle", INT8),
-                ("waiting", INT8),
-                ("checkouts", INT8),
-                ("waits", INT8),
-                ("wait_seconds", FLOAT8),
-                ("timeouts", INT8),
-                ("connects", INT8),
-                ("connect_failures", INT8),
-                ("paused", BOOL),
-            ],
-            snapshot
-                .pools
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.database.clone(),
-                        p.user.clone(),
-                        p.size.to_string(),
-                        p.active.to_string(),
-                        p.idle.to_string(),
-                        p.waiting.to_string(),
-                        p.checkouts.to_string(),
-                        p.waits.to_string(),
-                        format!("{:.6}", p.wait_seconds),
-                        p.timeouts.to_string(),
-                        p.connects.to_string(),
-                        p.connect_failures.to_string(),
-                        if snapshot.paused { "t" } else { "f" }.to_owned(),
-                    ]
-                })
-                .collect(),
-        ),
+        Show::Pools => pools_table(snapshot),
         Show::Clients => listing.clients_table(),
         Show::Servers => listing.servers_table(),
         Show::Stats => {
@@ -213,6 +176,48 @@ pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Confi
         },
         Show::Config => Table::settings(config_rows(config)),
     }
+}
+
+/// `SHOW POOLS`.
+fn pools_table(snapshot: &Snapshot) -> Table {
+    Table::text(
+        vec![
+            ("database", TEXT),
+            ("user", TEXT),
+            ("size", INT8),
+            ("active", INT8),
+            ("idle", INT8),
+            ("waiting", INT8),
+            ("checkouts", INT8),
+            ("waits", INT8),
+            ("wait_seconds", FLOAT8),
+            ("timeouts", INT8),
+            ("connects", INT8),
+            ("connect_failures", INT8),
+            ("paused", BOOL),
+        ],
+        snapshot
+            .pools
+            .iter()
+            .map(|p| {
+                vec![
+                    p.database.clone(),
+                    p.user.clone(),
+                    p.size.to_string(),
+                    p.active.to_string(),
+                    p.idle.to_string(),
+                    p.waiting.to_string(),
+                    p.checkouts.to_string(),
+                    p.waits.to_string(),
+                    format!("{:.6}", p.wait_seconds),
+                    p.timeouts.to_string(),
+                    p.connects.to_string(),
+                    p.connect_failures.to_string(),
+                    if snapshot.paused { "t" } else { "f" }.to_owned(),
+                ]
+            })
+            .collect(),
+    )
 }
 
 /// The settings worth seeing, without passwords or tokens.
@@ -284,39 +289,11 @@ pub async fn serve(ctx: &Arc<ServerContext>, stream: &mut ClientStream, mut read
                     .map_err(|e| e.to_string())
                     .and_then(|sql| parse(sql).map_err(|e| e.to_string()));
                 match command {
-                    Ok(Command::Show(show)) => {
-                        let listing = if matches!(show, Show::Clients | Show::Servers) {
-                            Listing::take(ctx)
-                        } else {
-                            Listing::default()
-                        };
-                        answer(show, &Snapshot::take(ctx), &listing, &ctx.config()).encode_into(&mut out);
-                    }
-                    Ok(Command::Pause) => match pause(ctx, stream, &mut reader, &mut backlog).await {
-                        Some(answer) => out.extend_from_slice(&answer),
-                        None => return,
-                    },
-                    Ok(Command::Resume) => match ctx.pools.resume() {
-                        Ok(()) => out.extend_from_slice(&build::command_complete("RESUME")),
-                        Err(e) => out.extend_from_slice(&build::error(
-                            Severity::Error,
-                            SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                            &e.to_string(),
-                        )),
-                    },
-                    Ok(Command::Reload) => match crate::server::reload(ctx).await {
-                        Ok(notices) => {
-                            for notice in notices {
-                                out.extend_from_slice(&build::notice(&notice));
-                            }
-                            out.extend_from_slice(&build::command_complete("RELOAD"));
+                    Ok(command) => {
+                        if !run(ctx, command, stream, &mut reader, &mut backlog, &mut out).await {
+                            return;
                         }
-                        Err(e) => out.extend_from_slice(&build::error(
-                            Severity::Error,
-                            SqlState::CONFIG_FILE_ERROR,
-                            &format!("{e}; nothing was changed"),
-                        )),
-                    },
+                    }
                     Err(e) => out.extend_from_slice(&build::error(Severity::Error, SqlState::SYNTAX_ERROR, &e)),
                 }
                 out.extend_from_slice(&build::ready_for_query(b'I'));
@@ -333,6 +310,49 @@ pub async fn serve(ctx: &Arc<ServerContext>, stream: &mut ClientStream, mut read
             }
         }
     }
+}
+
+/// Carries out `command`, adding its answer to `out`. False: the console went away meanwhile.
+async fn run(
+    ctx: &Arc<ServerContext>,
+    command: Command,
+    stream: &mut ClientStream,
+    reader: &mut MessageReader,
+    backlog: &mut VecDeque<Message>,
+    out: &mut BytesMut,
+) -> bool {
+    let refused = |e: &dyn std::fmt::Display| {
+        build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string())
+    };
+    match command {
+        Command::Show(show) => {
+            let listing =
+                if matches!(show, Show::Clients | Show::Servers) { Listing::take(ctx) } else { Listing::default() };
+            answer(show, &Snapshot::take(ctx), &listing, &ctx.config()).encode_into(out);
+        }
+        Command::Pause => match pause(ctx, stream, reader, backlog).await {
+            Some(answer) => out.extend_from_slice(&answer),
+            None => return false,
+        },
+        Command::Resume => match ctx.pools.resume() {
+            Ok(()) => out.extend_from_slice(&build::command_complete("RESUME")),
+            Err(e) => out.extend_from_slice(&refused(&e)),
+        },
+        Command::Reload => match crate::server::reload(ctx).await {
+            Ok(notices) => {
+                for notice in notices {
+                    out.extend_from_slice(&build::notice(&notice));
+                }
+                out.extend_from_slice(&build::command_complete("RELOAD"));
+            }
+            Err(e) => out.extend_from_slice(&build::error(
+                Severity::Error,
+                SqlState::CONFIG_FILE_ERROR,
+                &format!("{e}; nothing was changed"),
+            )),
+        },
+    }
+    true
 }
 
 /// The client's next message; `None` when the console should end (the client left or broke
