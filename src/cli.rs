@@ -65,7 +65,7 @@ pub struct TunnelArgs {
     pub log_level: String,
 }
 
-#[derive(Debug, Default, Args)]
+#[derive(Clone, Debug, Default, Args)]
 pub struct RunArgs {
     /// TOML config file; flags given here override its values (see configs/pgwarp.toml).
     #[arg(long, value_name = "FILE")]
@@ -130,6 +130,31 @@ pub struct RunArgs {
     /// CA certificates (PEM) to trust for a wss:// tunnel with a private CA.
     #[arg(long, value_name = "FILE")]
     pub tunnel_ca_file: Option<PathBuf>,
+}
+
+/// Where the settings come from: the flags and `DATABASE_URL` pgwarp was started with, and the
+/// config file they name, re-read on each `load` (RELOAD and SIGHUP), with the same precedence
+/// as at start-up.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    args: RunArgs,
+    database_url: Option<String>,
+}
+
+impl ConfigSource {
+    pub fn new(args: RunArgs, database_url: Option<String>) -> ConfigSource {
+        ConfigSource { args, database_url }
+    }
+
+    /// Merges and validates the settings as they stand now.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        self.args.clone().into_config(self.database_url.clone())
+    }
+
+    /// The config file, if one was given.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.args.config.as_deref()
+    }
 }
 
 impl RunArgs {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod origin;
 pub mod pool;
 pub mod protocol;
+pub mod roster;
 pub mod server;
 pub mod session;
 pub mod sql;

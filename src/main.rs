@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgwarp::cli::{Cli, Command, TunnelArgs};
+use pgwarp::cli::{Cli, Command, ConfigSource, TunnelArgs};
 use pgwarp::server::{ReloadHandle, Server, ShutdownHandle};
 
 fn main() -> ExitCode {
@@ -11,7 +11,8 @@ fn main() -> ExitCode {
     if let Some(Command::Tunnel(args)) = cli.command {
         return run_tunnel(args);
     }
-    let config = match cli.run.into_config(std::env::var("DATABASE_URL").ok()) {
+    let source = ConfigSource::new(cli.run, std::env::var("DATABASE_URL").ok());
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pgwarp: {e}");
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
     let Some(runtime) = start(&config.log_level) else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let server = match Server::bind(config).await {
-            Ok(s) => s,
+            Ok(s) => s.with_source(source),
             Err(e) => {
                 eprintln!("pgwarp: {e}");
                 return ExitCode::from(2);
@@ -98,9 +99,8 @@ async fn reload_on_sighup(handle: ReloadHandle) {
         return;
     };
     while hup.recv().await.is_some() {
-        // Reading certificate files is blocking I/O: keep it off the async workers.
-        let handle = handle.clone();
-        let _ = tokio::task::spawn_blocking(move || handle.reload()).await;
+        tracing::info!("SIGHUP: reloading the configuration");
+        handle.reload().await;
     }
 }
 

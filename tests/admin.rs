@@ -272,3 +272,258 @@ async fn admin_console_answers_show_commands_to_admin_users_only() {
     }
     assert!(!origin.cluster.log().contains("database \"pgwarp\" does not exist"));
 }
+
+/// The rows of a simple query's answer, each as column name -> value (`None` for NULL).
+fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<BTreeMap<String, Option<String>>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).map(str::to_owned)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn show(console: &tokio_postgres::Client, what: &str) -> Vec<BTreeMap<String, Option<String>>> {
+    rows(&console.simple_query(&format!("SHOW {what}")).await.unwrap())
+}
+
+/// The row whose `column` is `value`.
+fn row_where<'a>(
+    rows: &'a [BTreeMap<String, Option<String>>],
+    column: &str,
+    value: &str,
+) -> &'a BTreeMap<String, Option<String>> {
+    rows.iter()
+        .find(|r| r[column].as_deref() == Some(value))
+        .unwrap_or_else(|| panic!("no {column} = {value} in {rows:#?}"))
+}
+
+fn cell<'a>(row: &'a BTreeMap<String, Option<String>>, column: &str) -> Option<&'a str> {
+    row.get(column).unwrap_or_else(|| panic!("no column {column} in {row:?}")).as_deref()
+}
+
+/// Polls `SHOW what` until `check` holds, for up to 5 s.
+async fn until_shown(
+    console: &tokio_postgres::Client,
+    what: &str,
+    check: impl Fn(&[BTreeMap<String, Option<String>>]) -> bool,
+) -> Vec<BTreeMap<String, Option<String>>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let shown = show(console, what).await;
+        if check(&shown) {
+            return shown;
+        }
+        assert!(Instant::now() < deadline, "SHOW {what} never got there: {shown:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn show_clients_and_servers_say_who_holds_which_origin_connection() {
+    let origin = Origin::start();
+    let (process, _) = start(&origin, &["--admin-users", APP_USER, "--pool-size", "1", "--no-cache"]);
+    let url = |app: &str| format!("{}?application_name={app}", process.url(APP_USER, APP_PASSWORD, APP_DB));
+    let holder = common::connect(&url("holder")).await.unwrap();
+    let waiter = common::connect(&url("waiter")).await.unwrap();
+    // A named statement the waiter keeps (tokio-postgres closes it when `two` drops).
+    let two = waiter.prepare("SELECT 2").await.unwrap();
+    let console = common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await.unwrap();
+
+    // The holder's transaction keeps the pool's one connection.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let origin_pid = first(&holder.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let clients = show(&console, "CLIENTS").await;
+    assert_eq!(clients.len(), 3, "two clients and this console: {clients:#?}");
+    let held = row_where(&clients, "application_name", "holder");
+    assert_eq!(cell(held, "state"), Some("active"), "{held:?}");
+    assert_eq!((cell(held, "user"), cell(held, "database")), (Some(APP_USER), Some(APP_DB)));
+    assert_eq!((cell(held, "addr"), cell(held, "tls")), (Some("127.0.0.1"), Some("f")));
+    assert!(cell(held, "port").unwrap().parse::<u16>().unwrap() > 0);
+    assert!(cell(held, "connect_time").unwrap().ends_with('Z'), "{held:?}");
+    let holder_id = cell(held, "id").unwrap().to_owned();
+    let server_id = cell(held, "server_id").expect("an active client names its connection").to_owned();
+    let idle = row_where(&clients, "application_name", "waiter");
+    assert_eq!((cell(idle, "state"), cell(idle, "server_id")), (Some("idle"), None), "{idle:?}");
+    assert_eq!(cell(row_where(&clients, "database", "pgwarp"), "state"), Some("idle"));
+
+    let servers = show(&console, "SERVERS").await;
+    assert_eq!(servers.len(), 1, "{servers:#?}");
+    let server = row_where(&servers, "id", &server_id);
+    assert_eq!(cell(server, "state"), Some("active"));
+    assert_eq!(cell(server, "client_id"), Some(holder_id.as_str()), "the connection names the holder");
+    assert_eq!(cell(server, "pid"), Some(origin_pid.as_str()), "as pg_stat_activity knows it");
+    assert_eq!(
+        (cell(server, "transport"), cell(server, "user"), cell(server, "database")),
+        (Some("tcp"), Some(APP_USER), Some(APP_DB))
+    );
+
+    // A second client asking for the busy pool waits, and says so.
+    let waiting = tokio::spawn(async move {
+        let answer = waiter.query_one(&two, &[]).await.map(|r| r.get::<_, i32>(0));
+        (waiter, two, answer)
+    });
+    until_shown(&console, "CLIENTS", |c| cell(row_where(c, "application_name", "waiter"), "state") == Some("waiting"))
+        .await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (waiter, _two, answer) = waiting.await.unwrap();
+    assert_eq!(answer.unwrap(), 2);
+
+    // Between transactions nobody holds anything; the connection says how long it has idled.
+    let clients = until_shown(&console, "CLIENTS", |c| c.iter().all(|r| cell(r, "state") == Some("idle"))).await;
+    let waiter_row = row_where(&clients, "application_name", "waiter");
+    assert_eq!(cell(waiter_row, "server_id"), None);
+    assert!(cell(waiter_row, "prepared_statements").unwrap().parse::<u32>().unwrap() >= 1, "{waiter_row:?}");
+    let servers = show(&console, "SERVERS").await;
+    let server = row_where(&servers, "id", &server_id);
+    assert_eq!((cell(server, "state"), cell(server, "client_id")), (Some("idle"), None), "{server:?}");
+    assert!(cell(server, "prepared_statements").unwrap().parse::<u32>().unwrap() >= 1, "{server:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let servers = show(&console, "SERVERS").await;
+    let idled: f64 = cell(row_where(&servers, "id", &server_id), "state_seconds").unwrap().parse().unwrap();
+    assert!(idled >= 0.2, "idle for {idled} s: {servers:#?}");
+
+    // A client that leaves leaves the list.
+    drop(waiter);
+    until_shown(&console, "CLIENTS", |c| !c.iter().any(|r| cell(r, "application_name") == Some("waiter"))).await;
+}
+
+#[tokio::test]
+async fn pause_waits_for_open_transactions_holds_new_ones_and_resume_lets_them_go() {
+    let origin = Origin::start();
+    let (process, _) =
+        start(&origin, &["--admin-users", APP_USER, "--pool-size", "2", "--no-cache", "--pool-timeout", "60s"]);
+    let app = process.url(APP_USER, APP_PASSWORD, APP_DB);
+    let busy = common::connect(&app).await.unwrap();
+    let late = common::connect(&app).await.unwrap();
+    let pauser = common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await.unwrap();
+    let console = common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await.unwrap();
+    late.simple_query("SELECT 1").await.unwrap();
+
+    // PAUSE during an open transaction answers only once it has committed.
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pausing = tokio::spawn(async move { (pauser.simple_query("PAUSE").await, pauser) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!pausing.is_finished(), "PAUSE answered while a transaction was open");
+    let stats = show(&console, "STATS").await;
+    assert_eq!(cell(row_where(&stats, "name", "paused"), "value"), Some("true"));
+    assert_eq!(cell(&show(&console, "POOLS").await[0], "paused"), Some("t"));
+    // The transaction itself carries on.
+    assert_eq!(first(&busy.simple_query("SELECT 41 + 1").await.unwrap()), "42");
+    busy.batch_execute("COMMIT").await.unwrap();
+    let (answer, pauser) = tokio::time::timeout(Duration::from_secs(5), pausing).await.expect("PAUSE answers").unwrap();
+    answer.expect("PAUSE succeeds once every connection is back");
+    let pools = show(&console, "POOLS").await;
+    assert_eq!((cell(&pools[0], "active"), cell(&pools[0], "idle")), (Some("0"), Some("2")), "{pools:#?}");
+    let err = console.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(code(&err), "55000", "{err}");
+
+    // A new transaction waits, as if the pool were busy; meanwhile the origin may restart.
+    let waiting = tokio::spawn(async move { late.query_one("SELECT 2", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    until_shown(&console, "CLIENTS", |c| c.iter().any(|r| cell(r, "state") == Some("waiting"))).await;
+    origin.cluster.restart();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a paused pool lends nothing");
+    pauser.simple_query("RESUME").await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("RESUME lets it go").unwrap();
+    assert_eq!(answer.unwrap(), 2, "served on a fresh connection to the restarted origin");
+    let err = console.simple_query("RESUME").await.unwrap_err();
+    assert_eq!(code(&err), "55000", "{err}");
+    let stats = show(&console, "STATS").await;
+    assert_eq!(cell(row_where(&stats, "name", "paused"), "value"), Some("false"));
+}
+
+#[tokio::test]
+async fn reload_applies_the_file_keeps_flags_and_restart_only_settings_and_survives_a_bad_file() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgwarp.toml");
+    let write = |text: &str| std::fs::write(&file, text).unwrap();
+    write("pool_size = 2\npool_timeout = \"9s\"\nworkers = 2\nadmin_users = [\"app\"]\n");
+    let (process, _) = start(&origin, &["--config", file.to_str().unwrap(), "--pool-timeout", "3s", "--no-cache"]);
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let console = common::connect(&process.url(APP_USER, APP_PASSWORD, "pgwarp")).await.unwrap();
+    let setting = |rows: &[BTreeMap<String, Option<String>>], name: &str| {
+        cell(row_where(rows, "name", name), "value").map(str::to_owned)
+    };
+    assert_eq!(cell(&show(&console, "POOLS").await[0], "size"), Some("2"));
+
+    // A bigger pool, a new login, and a change only a restart can make.
+    write(concat!(
+        "pool_size = 5\npool_timeout = \"9s\"\nworkers = 1\nadmin_users = [\"app\"]\n",
+        "[users.carol]\npassword = \"carols\"\norigin_user = \"app\"\norigin_password = \"secret\"\n",
+    ));
+    let reload = psql(&origin, vec!["-c".into(), "RELOAD".into(), process.url(APP_USER, APP_PASSWORD, "pgwarp")]).await;
+    let stderr = String::from_utf8_lossy(&reload.stderr);
+    assert!(reload.status.success(), "{stderr}");
+    assert!(stderr.contains("NOTICE:  applied: pool_size, users"), "{stderr}");
+    assert!(stderr.contains("NOTICE:  workers changed in the config file but needs a restart"), "{stderr}");
+    assert!(process.log().contains("needs a restart"), "and the log says so too:\n{}", process.log());
+    assert_eq!(cell(&show(&console, "POOLS").await[0], "size"), Some("5"));
+    let config = show(&console, "CONFIG").await;
+    assert_eq!(setting(&config, "pool_size").as_deref(), Some("5"));
+    assert_eq!(setting(&config, "pool_timeout").as_deref(), Some("3s"), "the flag still wins over the file");
+    assert_eq!(setting(&config, "workers").as_deref(), Some("2"), "the running value stays");
+    let carol = common::connect(&process.url("carol", "carols", APP_DB)).await.expect("the new login works");
+    assert_eq!(first(&carol.simple_query("SELECT current_user").await.unwrap()), APP_USER);
+
+    // A file that does not parse changes nothing.
+    write("pool_size = \"many\"\n");
+    let err = console.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(code(&err), "F0000", "{err}");
+    assert_eq!(setting(&show(&console, "CONFIG").await, "pool_size").as_deref(), Some("5"));
+    assert!(common::connect(&process.url("carol", "carols", APP_DB)).await.is_ok(), "logins stay as they were");
+
+    // SIGHUP reloads the same way; a smaller pool shrinks.
+    write("pool_size = 1\nadmin_users = [\"app\"]\n");
+    process.signal("HUP");
+    until_shown(&console, "POOLS", |p| cell(&p[0], "size") == Some("1")).await;
+    let pools = until_shown(&console, "POOLS", |p| cell(&p[0], "idle") == Some("1")).await;
+    assert_eq!(cell(&pools[0], "active"), Some("0"), "{pools:#?}");
+    assert_eq!(first(&client.simple_query("SELECT 7").await.unwrap()), "7");
+    assert!(common::connect(&process.url("carol", "carols", APP_DB)).await.is_err(), "carol is gone from the file");
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_the_origin_is_down_and_healthz_stays_200() {
+    let origin = Origin::start();
+    let (process, admin) = start(&origin, &["--no-cache"]);
+    // Before any client: a probe connects.
+    let ready = get(admin, "/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ok\n"));
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(get(admin, "/readyz").status, 200, "a connection was just used");
+
+    origin.cluster.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let down = loop {
+        let reply = get(admin, "/readyz");
+        if reply.status == 503 {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "readyz still says {} {:?}", reply.status, reply.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(down.body.starts_with("origin unreachable: "), "{}", down.body);
+    assert_eq!(down.body.lines().count(), 1, "one line: {}", down.body);
+    assert!(!down.body.contains(APP_PASSWORD));
+    let live = get(admin, "/healthz");
+    assert_eq!((live.status, live.body.as_str()), (200, "ok\n"), "liveness does not depend on the origin");
+
+    origin.cluster.start_again();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(admin, "/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "readyz comes back with the origin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first(&client.simple_query("SELECT 2").await.unwrap()), "2");
+    assert_eq!(send(admin, b"POST /readyz HTTP/1.1\r\nContent-Length: 0\r\n\r\n").status, 405);
+}

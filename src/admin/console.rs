@@ -3,44 +3,69 @@
 //!
 //! Users named in `admin_users` log in with their usual password; the database name `pgwarp`
 //! then reaches this console instead of the origin. It takes simple queries only, one command
-//! each, and answers from the same snapshot as `/metrics`. `parse` and `answer` are pure; `serve`
-//! owns the socket.
+//! each. `SHOW ...` answers from the same snapshot as `/metrics` (or from the rosters, for
+//! CLIENTS and SERVERS); `PAUSE`, `RESUME` and `RELOAD` act on the server. `parse` and `answer`
+//! are pure; `serve` owns the socket.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use super::listing::Listing;
 use super::metrics::Snapshot;
 use crate::config::Config;
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::{query_text, QUERY, SYNC, TERMINATE};
-use crate::protocol::{build, MessageReader};
+use crate::protocol::{build, Message, MessageReader};
 use crate::server::ServerContext;
 use crate::transport::ClientStream;
 
 /// The database name that reaches the console.
 pub const DATABASE: &str = "pgwarp";
 
-const TEXT: u32 = 25;
-const INT8: u32 = 20;
-const FLOAT8: u32 = 701;
+pub(super) const TEXT: u32 = 25;
+pub(super) const INT8: u32 = 20;
+pub(super) const FLOAT8: u32 = 701;
+pub(super) const BOOL: u32 = 16;
 
+/// What `SHOW` can show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
+pub enum Show {
     Help,
     Version,
     Pools,
+    Clients,
+    Servers,
     Stats,
     Cache,
     Config,
 }
 
-const COMMANDS: [(&str, Command, &str); 6] = [
-    ("HELP", Command::Help, "this list"),
-    ("VERSION", Command::Version, "the pgwarp version"),
-    ("POOLS", Command::Pools, "one row per (database, user) pool: connections, waiting clients, checkouts"),
-    ("STATS", Command::Stats, "clients, logins, refusals by SQLSTATE, uptime"),
-    ("CACHE", Command::Cache, "the query cache: size, hits, misses, reasons for not caching"),
-    ("CONFIG", Command::Config, "the settings in effect (no secrets)"),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Show(Show),
+    Pause,
+    Resume,
+    Reload,
+}
+
+const SHOWS: [(&str, Show, &str); 8] = [
+    ("HELP", Show::Help, "this list"),
+    ("VERSION", Show::Version, "the pgwarp version"),
+    ("POOLS", Show::Pools, "one row per (database, user) pool: connections, waiting clients, checkouts"),
+    ("CLIENTS", Show::Clients, "one row per logged-in client: state (active, waiting, idle), address, connection held"),
+    ("SERVERS", Show::Servers, "one row per origin connection: state (active, idle), transport, client served"),
+    ("STATS", Show::Stats, "clients, logins, refusals by SQLSTATE, uptime, paused"),
+    ("CACHE", Show::Cache, "the query cache: size, hits, misses, reasons for not caching"),
+    ("CONFIG", Show::Config, "the settings in effect (no secrets)"),
+];
+
+const ACTIONS: [(&str, Command, &str); 3] = [
+    ("PAUSE", Command::Pause, "stop lending origin connections; answers once every one is back in its pool"),
+    ("RESUME", Command::Resume, "lend origin connections again after PAUSE"),
+    ("RELOAD", Command::Reload, "re-read the config file and apply what can change without a restart"),
 ];
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,32 +74,43 @@ pub enum ConsoleError {
     Unknown,
 }
 
-/// The command in a simple query: `SHOW <NAME>`, any case, an optional trailing semicolon.
+/// The command in a simple query: `SHOW <NAME>`, `PAUSE`, `RESUME` or `RELOAD`, any case, an
+/// optional trailing semicolon.
 pub fn parse(sql: &str) -> Result<Command, ConsoleError> {
     let sql = sql.trim().trim_end_matches(';').trim_end();
-    let mut words = sql.split_whitespace();
-    let (Some(show), Some(name), None) = (words.next(), words.next(), words.next()) else {
-        return Err(ConsoleError::Unknown);
-    };
-    if !show.eq_ignore_ascii_case("SHOW") {
-        return Err(ConsoleError::Unknown);
+    let words: Vec<&str> = sql.split_whitespace().collect();
+    match words.as_slice() {
+        [show, name] if show.eq_ignore_ascii_case("SHOW") => SHOWS
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, s, _)| Command::Show(*s))
+            .ok_or(ConsoleError::Unknown),
+        [action] => ACTIONS
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(action))
+            .map(|(_, c, _)| *c)
+            .ok_or(ConsoleError::Unknown),
+        _ => Err(ConsoleError::Unknown),
     }
-    COMMANDS.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name)).map(|(_, c, _)| *c).ok_or(ConsoleError::Unknown)
 }
 
-/// A result set: columns `(name, type oid)` and text rows.
+/// A result set: columns `(name, type oid)` and text rows (`None` is NULL).
 #[derive(Debug, PartialEq)]
 pub struct Table {
     pub columns: Vec<(&'static str, u32)>,
-    pub rows: Vec<Vec<String>>,
+    pub rows: Vec<Vec<Option<String>>>,
 }
 
 impl Table {
     fn settings(rows: Vec<(&str, String)>) -> Table {
         Table {
             columns: vec![("name", TEXT), ("value", TEXT)],
-            rows: rows.into_iter().map(|(k, v)| vec![k.to_owned(), v]).collect(),
+            rows: rows.into_iter().map(|(k, v)| vec![Some(k.to_owned()), Some(v)]).collect(),
         }
+    }
+
+    fn text(columns: Vec<(&'static str, u32)>, rows: Vec<Vec<String>>) -> Table {
+        Table { columns, rows: rows.into_iter().map(|r| r.into_iter().map(Some).collect()).collect() }
     }
 
     /// RowDescription, the rows, and CommandComplete `SHOW`.
@@ -87,67 +123,37 @@ impl Table {
     }
 }
 
-/// The answer to `command`.
-pub fn answer(command: Command, snapshot: &Snapshot, config: &Config) -> Table {
-    match command {
-        Command::Help => Table {
-            columns: vec![("command", TEXT), ("shows", TEXT)],
-            rows: COMMANDS.iter().map(|(n, _, what)| vec![format!("SHOW {n}"), (*what).to_owned()]).collect(),
-        },
-        Command::Version => {
-            Table { columns: vec![("version", TEXT)], rows: vec![vec![format!("pgwarp {}", snapshot.version)]] }
-        }
-        Command::Pools => Table {
-            columns: vec![
-                ("database", TEXT),
-                ("user", TEXT),
-                ("size", INT8),
-                ("active", INT8),
-                ("idle", INT8),
-                ("waiting", INT8),
-                ("checkouts", INT8),
-                ("waits", INT8),
-                ("wait_seconds", FLOAT8),
-                ("timeouts", INT8),
-                ("connects", INT8),
-                ("connect_failures", INT8),
-            ],
-            rows: snapshot
-                .pools
+/// The answer to `show`. CLIENTS and SERVERS come from `listing`.
+pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Config) -> Table {
+    match show {
+        Show::Help => Table::text(
+            vec![("command", TEXT), ("does", TEXT)],
+            SHOWS
                 .iter()
-                .map(|p| {
-                    vec![
-                        p.database.clone(),
-                        p.user.clone(),
-                        p.size.to_string(),
-                        p.active.to_string(),
-                        p.idle.to_string(),
-                        p.waiting.to_string(),
-                        p.checkouts.to_string(),
-                        p.waits.to_string(),
-                        format!("{:.6}", p.wait_seconds),
-                        p.timeouts.to_string(),
-                        p.connects.to_string(),
-                        p.connect_failures.to_string(),
-                    ]
-                })
+                .map(|(n, _, what)| vec![format!("SHOW {n}"), (*what).to_owned()])
+                .chain(ACTIONS.iter().map(|(n, _, what)| vec![(*n).to_owned(), (*what).to_owned()]))
                 .collect(),
-        },
-        Command::Stats => {
+        ),
+        Show::Version => Table::text(vec![("version", TEXT)], vec![vec![format!("pgwarp {}", snapshot.version)]]),
+        Show::Pools => pools_table(snapshot),
+        Show::Clients => listing.clients_table(),
+        Show::Servers => listing.servers_table(),
+        Show::Stats => {
             let rows = vec![
                 ("clients", snapshot.clients.to_string()),
                 ("max_clients", snapshot.max_clients.to_string()),
                 ("logins", snapshot.logins.to_string()),
                 ("uptime_seconds", format!("{:.0}", snapshot.uptime_seconds)),
                 ("draining", snapshot.draining.to_string()),
+                ("paused", snapshot.paused.to_string()),
             ];
             let mut table = Table::settings(rows);
-            table
-                .rows
-                .extend(snapshot.refusals.iter().map(|(code, n)| vec![format!("refusals_{code}"), n.to_string()]));
+            table.rows.extend(
+                snapshot.refusals.iter().map(|(code, n)| vec![Some(format!("refusals_{code}")), Some(n.to_string())]),
+            );
             table
         }
-        Command::Cache => match &snapshot.cache {
+        Show::Cache => match &snapshot.cache {
             None => Table::settings(vec![("enabled", "false".to_owned())]),
             Some(c) => {
                 let rows = vec![
@@ -162,12 +168,56 @@ pub fn answer(command: Command, snapshot: &Snapshot, config: &Config) -> Table {
                     ("invalidations", c.invalidations.to_string()),
                 ];
                 let mut table = Table::settings(rows);
-                table.rows.extend(c.uncacheable.iter().map(|(r, n)| vec![format!("uncacheable_{r}"), n.to_string()]));
+                table.rows.extend(
+                    c.uncacheable.iter().map(|(r, n)| vec![Some(format!("uncacheable_{r}")), Some(n.to_string())]),
+                );
                 table
             }
         },
-        Command::Config => Table::settings(config_rows(config)),
+        Show::Config => Table::settings(config_rows(config)),
     }
+}
+
+/// `SHOW POOLS`.
+fn pools_table(snapshot: &Snapshot) -> Table {
+    Table::text(
+        vec![
+            ("database", TEXT),
+            ("user", TEXT),
+            ("size", INT8),
+            ("active", INT8),
+            ("idle", INT8),
+            ("waiting", INT8),
+            ("checkouts", INT8),
+            ("waits", INT8),
+            ("wait_seconds", FLOAT8),
+            ("timeouts", INT8),
+            ("connects", INT8),
+            ("connect_failures", INT8),
+            ("paused", BOOL),
+        ],
+        snapshot
+            .pools
+            .iter()
+            .map(|p| {
+                vec![
+                    p.database.clone(),
+                    p.user.clone(),
+                    p.size.to_string(),
+                    p.active.to_string(),
+                    p.idle.to_string(),
+                    p.waiting.to_string(),
+                    p.checkouts.to_string(),
+                    p.waits.to_string(),
+                    format!("{:.6}", p.wait_seconds),
+                    p.timeouts.to_string(),
+                    p.connects.to_string(),
+                    p.connect_failures.to_string(),
+                    if snapshot.paused { "t" } else { "f" }.to_owned(),
+                ]
+            })
+            .collect(),
+    )
 }
 
 /// The settings worth seeing, without passwords or tokens.
@@ -202,7 +252,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
 
 /// Runs the console for a logged-in admin until it leaves. The login's AuthenticationOk has
 /// been sent; this sends the rest of the greeting.
-pub async fn serve(ctx: &ServerContext, stream: &mut ClientStream, mut reader: MessageReader) {
+pub async fn serve(ctx: &Arc<ServerContext>, stream: &mut ClientStream, mut reader: MessageReader) {
     let mut out = BytesMut::new();
     for (name, value) in [
         ("server_version", format!("{}/pgwarp", env!("CARGO_PKG_VERSION"))),
@@ -218,37 +268,32 @@ pub async fn serve(ctx: &ServerContext, stream: &mut ClientStream, mut reader: M
     out.extend_from_slice(&build::ready_for_query(b'I'));
     // After an extended-protocol message: ignore everything up to the Sync.
     let mut skipping = false;
+    // Messages that arrived while a PAUSE was waiting, to handle after it.
+    let mut backlog = VecDeque::new();
     loop {
         if stream.write_all(&out).await.is_err() {
             return;
         }
         out.clear();
-        let read = tokio::select! {
-            read = reader.read(stream) => read,
-            // Shutdown closes an idle console as it closes idle clients.
-            () = ctx.drain.cancelled() => {
-                let bye = build::error(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down");
-                let _ = stream.write_all(&bye).await;
-                return;
-            }
-        };
-        let msg = match read {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return,
-            Err(e) => {
-                let error = build::error(Severity::Fatal, SqlState::PROTOCOL_VIOLATION, &e.to_string());
-                let _ = stream.write_all(&error).await;
-                return;
-            }
+        let msg = match backlog.pop_front() {
+            Some(msg) => msg,
+            None => match next_message(ctx, stream, &mut reader).await {
+                Some(msg) => msg,
+                None => return,
+            },
         };
         match msg.tag() {
             TERMINATE => return,
             QUERY => {
-                let answer = query_text(msg.body()).map_err(|e| e.to_string()).and_then(|sql| {
-                    parse(sql).map_err(|e| e.to_string()).map(|c| answer(c, &Snapshot::take(ctx), &ctx.config))
-                });
-                match answer {
-                    Ok(table) => table.encode_into(&mut out),
+                let command = query_text(msg.body())
+                    .map_err(|e| e.to_string())
+                    .and_then(|sql| parse(sql).map_err(|e| e.to_string()));
+                match command {
+                    Ok(command) => {
+                        if !run(ctx, command, stream, &mut reader, &mut backlog, &mut out).await {
+                            return;
+                        }
+                    }
                     Err(e) => out.extend_from_slice(&build::error(Severity::Error, SqlState::SYNTAX_ERROR, &e)),
                 }
                 out.extend_from_slice(&build::ready_for_query(b'I'));
@@ -267,18 +312,148 @@ pub async fn serve(ctx: &ServerContext, stream: &mut ClientStream, mut reader: M
     }
 }
 
+/// Carries out `command`, adding its answer to `out`. False: the console went away meanwhile.
+async fn run(
+    ctx: &Arc<ServerContext>,
+    command: Command,
+    stream: &mut ClientStream,
+    reader: &mut MessageReader,
+    backlog: &mut VecDeque<Message>,
+    out: &mut BytesMut,
+) -> bool {
+    let refused = |e: &dyn std::fmt::Display| {
+        build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string())
+    };
+    match command {
+        Command::Show(show) => {
+            let listing =
+                if matches!(show, Show::Clients | Show::Servers) { Listing::take(ctx) } else { Listing::default() };
+            answer(show, &Snapshot::take(ctx), &listing, &ctx.config()).encode_into(out);
+        }
+        Command::Pause => match pause(ctx, stream, reader, backlog).await {
+            Some(answer) => out.extend_from_slice(&answer),
+            None => return false,
+        },
+        Command::Resume => match ctx.pools.resume() {
+            Ok(()) => out.extend_from_slice(&build::command_complete("RESUME")),
+            Err(e) => out.extend_from_slice(&refused(&e)),
+        },
+        Command::Reload => match crate::server::reload(ctx).await {
+            Ok(notices) => {
+                for notice in notices {
+                    out.extend_from_slice(&build::notice(&notice));
+                }
+                out.extend_from_slice(&build::command_complete("RELOAD"));
+            }
+            Err(e) => out.extend_from_slice(&build::error(
+                Severity::Error,
+                SqlState::CONFIG_FILE_ERROR,
+                &format!("{e}; nothing was changed"),
+            )),
+        },
+    }
+    true
+}
+
+/// The client's next message; `None` when the console should end (the client left or broke
+/// the protocol, or shutdown began: those were told why).
+async fn next_message(ctx: &ServerContext, stream: &mut ClientStream, reader: &mut MessageReader) -> Option<Message> {
+    let read = tokio::select! {
+        read = reader.read(stream) => read,
+        // Shutdown closes an idle console as it closes idle clients.
+        () = ctx.drain.cancelled() => {
+            let bye = build::error(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down");
+            let _ = stream.write_all(&bye).await;
+            return None;
+        }
+    };
+    match read {
+        Ok(Some(msg)) => Some(msg),
+        Ok(None) => None,
+        Err(e) => {
+            let error = build::error(Severity::Fatal, SqlState::PROTOCOL_VIOLATION, &e.to_string());
+            let _ = stream.write_all(&error).await;
+            None
+        }
+    }
+}
+
+/// PAUSE: the answer once every origin connection is back in its pool (or why not), or `None`
+/// when the console went away meanwhile (the pause stays in effect). Messages the client sends
+/// while it waits go to `backlog`.
+async fn pause(
+    ctx: &ServerContext,
+    stream: &mut ClientStream,
+    reader: &mut MessageReader,
+    backlog: &mut VecDeque<Message>,
+) -> Option<bytes::Bytes> {
+    let done = match ctx.pools.pause() {
+        Ok(done) => done,
+        Err(e) => {
+            return Some(build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string()))
+        }
+    };
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            held = &mut done => {
+                return Some(if held {
+                    tracing::info!("PAUSE: every origin connection is back in its pool");
+                    build::command_complete("PAUSE")
+                } else {
+                    build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "RESUME came before every origin connection was back")
+                });
+            }
+            msg = next_message(ctx, stream, reader) => match msg {
+                Some(msg) if msg.tag() != TERMINATE => backlog.push_back(msg),
+                _ => {
+                    tracing::warn!("the console that sent PAUSE left before the answer; pgwarp stays paused until RESUME");
+                    return None;
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pool::PoolSnapshot;
 
     #[test]
-    fn show_commands_parse_in_any_case_with_an_optional_semicolon() {
-        assert_eq!(parse("SHOW POOLS"), Ok(Command::Pools));
-        assert_eq!(parse("  show pools ;  "), Ok(Command::Pools));
-        assert_eq!(parse("Show Cache;"), Ok(Command::Cache));
-        for bad in ["", "SHOW", "SHOW NOTHING", "SELECT 1", "SHOW POOLS; SHOW STATS", "SHOW POOLS EXTRA"] {
+    fn commands_parse_in_any_case_with_an_optional_semicolon() {
+        assert_eq!(parse("SHOW POOLS"), Ok(Command::Show(Show::Pools)));
+        assert_eq!(parse("  show pools ;  "), Ok(Command::Show(Show::Pools)));
+        assert_eq!(parse("Show Cache;"), Ok(Command::Show(Show::Cache)));
+        assert_eq!(parse("show clients"), Ok(Command::Show(Show::Clients)));
+        assert_eq!(parse("SHOW SERVERS;"), Ok(Command::Show(Show::Servers)));
+        assert_eq!(parse("pause;"), Ok(Command::Pause));
+        assert_eq!(parse(" Resume "), Ok(Command::Resume));
+        assert_eq!(parse("RELOAD"), Ok(Command::Reload));
+        for bad in [
+            "",
+            "SHOW",
+            "SHOW NOTHING",
+            "SELECT 1",
+            "SHOW POOLS; SHOW STATS",
+            "SHOW POOLS EXTRA",
+            "PAUSE app",
+            "SHOW PAUSE",
+            "RELOAD NOW",
+            "POOLS",
+        ] {
             assert_eq!(parse(bad), Err(ConsoleError::Unknown), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_command() {
+        let help = answer(Show::Help, &Snapshot::default(), &Listing::default(), &Config::default());
+        let names: Vec<&str> = help.rows.iter().filter_map(|r| r[0].as_deref()).collect();
+        for name in ["SHOW CLIENTS", "SHOW SERVERS", "PAUSE", "RESUME", "RELOAD"] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+            let sql = name.to_owned();
+            assert!(parse(&sql).is_ok(), "{sql}");
         }
     }
 
@@ -300,13 +475,15 @@ mod tests {
                 connects: 4,
                 connect_failures: 1,
             }],
+            paused: true,
             ..Snapshot::default()
         };
-        let table = answer(Command::Pools, &snapshot, &Config::default());
+        let table = answer(Show::Pools, &snapshot, &Listing::default(), &Config::default());
         assert_eq!(table.columns.len(), table.rows[0].len());
-        assert_eq!(table.rows, vec![vec!["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1"]]);
-        let version = answer(Command::Version, &snapshot, &Config::default());
-        assert_eq!(version.rows, vec![vec!["pgwarp 9.9.9".to_owned()]]);
+        let row: Vec<&str> = table.rows[0].iter().map(|c| c.as_deref().unwrap_or("NULL")).collect();
+        assert_eq!(row, vec!["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1", "t"]);
+        let version = answer(Show::Version, &snapshot, &Listing::default(), &Config::default());
+        assert_eq!(version.rows, vec![vec![Some("pgwarp 9.9.9".to_owned())]]);
     }
 
     #[test]
@@ -316,7 +493,7 @@ mod tests {
             tunnel_client_secret: Some("token-secret".into()),
             ..Config::default()
         };
-        let table = answer(Command::Config, &Snapshot::default(), &config);
+        let table = answer(Show::Config, &Snapshot::default(), &Listing::default(), &config);
         let text = format!("{:?}", table.rows);
         assert!(text.contains("db:5432") && !text.contains("hunter2") && !text.contains("token-secret"), "{text}");
     }

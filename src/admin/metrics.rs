@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub version: &'static str,
     pub uptime_seconds: f64,
     pub draining: bool,
+    /// PAUSE is in effect.
+    pub paused: bool,
     pub clients: usize,
     pub max_clients: usize,
     pub logins: u64,
@@ -43,8 +45,9 @@ impl Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: ctx.started.elapsed().as_secs_f64(),
             draining: ctx.drain.is_cancelled(),
+            paused: ctx.pools.is_paused(),
             clients: ctx.connected_clients(),
-            max_clients: ctx.config.max_client_conn,
+            max_clients: ctx.max_client_conn(),
             logins: ctx.clients.logins(),
             refusals: ctx.clients.refusals(),
             pools,
@@ -101,6 +104,7 @@ impl Collector for Snapshot {
         one(&mut e, "build", "The running pgwarp version", Info::new(vec![("version", self.version)]))?;
         one(&mut e, "uptime_seconds", "Seconds since pgwarp started", ConstGauge::new(self.uptime_seconds))?;
         one(&mut e, "draining", "1 while shutting down", ConstGauge::new(i64::from(self.draining)))?;
+        one(&mut e, "paused", "1 while PAUSE holds back origin connections", ConstGauge::new(i64::from(self.paused)))?;
 
         one(&mut e, "clients", "Client connections logged in or logging in", ConstGauge::new(self.clients as i64))?;
         one(&mut e, "max_clients", "Client connections accepted at once", ConstGauge::new(self.max_clients as i64))?;
@@ -174,6 +178,7 @@ mod tests {
             version: "1.2.3",
             uptime_seconds: 12.5,
             draining: false,
+            paused: false,
             clients: 7,
             max_clients: 100,
             logins: 40,
@@ -204,6 +209,7 @@ mod tests {
             "pgwarp_build_info{version=\"1.2.3\"} 1",
             "pgwarp_uptime_seconds 12.5",
             "pgwarp_draining 0",
+            "pgwarp_paused 0",
             "pgwarp_clients 7",
             "# TYPE pgwarp_client_logins counter",
             "pgwarp_client_logins_total 40",

@@ -4,7 +4,9 @@
 //! - `GET /metrics`: pools, clients and the query cache in the OpenMetrics text format
 //!   (`metrics`), for Prometheus.
 //! - `GET /healthz`: `200 ok` while pgwarp accepts clients, `503 draining` once shutdown began,
-//!   for container health checks and load balancers.
+//!   for container health checks and load balancers (liveness).
+//! - `GET /readyz`: `200 ok` while the origin is reachable, `503` with the reason when it is
+//!   not (readiness; see `ready`).
 //!
 //! One request per connection, each read with a deadline and a size cap, and a cap on how many
 //! are served at once, so a slow or hostile scraper cannot hold resources the pooler needs. The
@@ -12,7 +14,9 @@
 
 pub mod console;
 pub mod http;
+pub mod listing;
 pub mod metrics;
+pub mod ready;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,16 +59,17 @@ impl AdminListener {
     /// Serves admin requests until the task running it is dropped.
     pub async fn run(self, ctx: Arc<ServerContext>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let readiness = Arc::new(ready::Readiness::default());
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
             match self.listener.accept().await {
                 Ok((socket, _)) => {
-                    let ctx = ctx.clone();
+                    let (ctx, readiness) = (ctx.clone(), readiness.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if tokio::time::timeout(REQUEST_TIMEOUT, serve(&ctx, socket)).await.is_err() {
+                        if tokio::time::timeout(REQUEST_TIMEOUT, serve(&ctx, &readiness, socket)).await.is_err() {
                             tracing::debug!("admin request timed out");
                         }
                     });
@@ -79,8 +84,12 @@ impl AdminListener {
 }
 
 /// Reads one request head, answers it, and closes the connection.
-async fn serve(ctx: &ServerContext, mut socket: TcpStream) {
+async fn serve(ctx: &ServerContext, readiness: &ready::Readiness, mut socket: TcpStream) {
     let (method, response, unread) = match read_head(&mut socket).await {
+        // The one answer that may need I/O (a probe of the origin).
+        Some(Ok(head)) if head.path == "/readyz" && head.method != Method::Other => {
+            (head.method, readiness.check(ctx).await, false)
+        }
         Some(Ok(head)) => (head.method, respond(ctx, &head), false),
         Some(Err(e)) => (Method::Get, e.response(), true),
         None => return,
@@ -121,8 +130,8 @@ fn respond(ctx: &ServerContext, head: &RequestHead) -> Response {
             body: metrics::encode(metrics::Snapshot::take(ctx)).into_bytes(),
         },
         ("/healthz", Method::Get | Method::Head) => health(ctx.drain.is_cancelled()),
-        ("/metrics" | "/healthz", Method::Other) => Response::text(405, "method not allowed\n"),
-        _ => Response::text(404, "not found: try /metrics or /healthz\n"),
+        ("/metrics" | "/healthz" | "/readyz", Method::Other) => Response::text(405, "method not allowed\n"),
+        _ => Response::text(404, "not found: try /metrics, /healthz or /readyz\n"),
     }
 }
 

@@ -205,7 +205,8 @@ pub fn spawn_load(database: Arc<DatabaseCache>, pool: Arc<Pool>) {
 }
 
 async fn load(pool: &Arc<Pool>) -> Result<Catalog, CatalogError> {
-    let mut conn = pool.checkout().await?;
+    // Client 0: pgwarp's own work.
+    let mut conn = pool.checkout(0).await?;
     let out = conn.simple_query(CATALOG_SQL).await?;
     pool.checkin(conn);
     if let Some(e) = out.error {

@@ -528,8 +528,40 @@ impl DatabaseCache {
     }
 }
 
+/// `max_age` and `stale_while_revalidate`, readable on every hit without a lock.
+#[derive(Debug)]
+struct Freshness {
+    max_age_us: AtomicU64,
+    stale_us: AtomicU64,
+}
+
+impl Freshness {
+    fn new(max_age: Duration, stale: Duration) -> Freshness {
+        let f = Freshness { max_age_us: AtomicU64::new(0), stale_us: AtomicU64::new(0) };
+        f.set(max_age, stale);
+        f
+    }
+
+    fn set(&self, max_age: Duration, stale: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.max_age_us.store(us(max_age), Ordering::Relaxed);
+        self.stale_us.store(us(stale), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (Duration, Duration) {
+        (
+            Duration::from_micros(self.max_age_us.load(Ordering::Relaxed)),
+            Duration::from_micros(self.stale_us.load(Ordering::Relaxed)),
+        )
+    }
+}
+
 pub struct QueryCache {
+    /// As built; `max_age` and `stale_while_revalidate` here are the start-time values (RELOAD
+    /// changes `freshness`).
     pub config: CacheConfig,
+    /// How long entries are fresh, then served stale (RELOAD may change these).
+    freshness: Freshness,
     pub stats: CacheStats,
     hasher: foldhash::quality::RandomState,
     entries: moka::sync::Cache<CacheKey, Arc<Entry>, KeyHash>,
@@ -554,6 +586,7 @@ impl QueryCache {
             .time_to_live(config.max_age + config.stale_while_revalidate)
             .build_with_hasher(KeyHash::default());
         Arc::new(QueryCache {
+            freshness: Freshness::new(config.max_age, config.stale_while_revalidate),
             config,
             stats: CacheStats::default(),
             hasher: foldhash::quality::RandomState::default(),
@@ -561,6 +594,14 @@ impl QueryCache {
             databases: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::default()),
         })
+    }
+
+    /// Changes how long entries are fresh and then served stale, for entries old and new.
+    /// Entries still leave memory `max_age + stale_while_revalidate` as built after they were
+    /// stored, so a longer sum than at start takes full effect only after a restart: false then.
+    pub fn set_freshness(&self, max_age: Duration, stale_while_revalidate: Duration) -> bool {
+        self.freshness.set(max_age, stale_while_revalidate);
+        max_age + stale_while_revalidate <= self.config.max_age + self.config.stale_while_revalidate
     }
 
     /// The state of one database, created on first use.
@@ -599,9 +640,10 @@ impl QueryCache {
         }
         entry.note_served();
         let age = entry.created.elapsed();
-        if age <= self.config.max_age {
+        let (max_age, stale) = self.freshness.get();
+        if age <= max_age {
             Lookup::Fresh(entry)
-        } else if age <= self.config.max_age + self.config.stale_while_revalidate {
+        } else if age <= max_age + stale {
             let refresh = !entry.refreshing.swap(true, Ordering::AcqRel);
             Lookup::Stale { entry, refresh }
         } else {

@@ -4,6 +4,7 @@
 //! keys are refused so a typo is an error rather than a silent default. Precedence: command-line
 //! flags, then the config file, then `DATABASE_URL` (for the origin only), then the defaults.
 
+pub mod diff;
 mod origin_url;
 mod units;
 

@@ -19,6 +19,7 @@ use crate::protocol::backend::{self as be, AuthRequest};
 use crate::protocol::codec::{FrameError, HARD_MAX_MESSAGE};
 use crate::protocol::error::ErrorFields;
 use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader, Run};
+use crate::roster::{Listed, ServerEntry};
 use crate::transport::{self, OriginStream, OriginTarget};
 
 /// Who pgwarp logs in to the origin as.
@@ -84,6 +85,10 @@ pub struct OriginConn {
     pub out: BytesMut,
     /// Extended-protocol messages were sent since the last Sync.
     pub needs_sync: bool,
+    /// What carries the stream: tcp, tls, websocket or websocket+tls.
+    pub carrier: &'static str,
+    /// Its entry in `SHOW SERVERS`, once the pool has listed it; unlisted when this drops.
+    pub listing: Option<Listed<ServerEntry>>,
 }
 
 impl std::fmt::Debug for OriginConn {
@@ -110,7 +115,7 @@ impl OriginConn {
         creds: &Credentials,
         statement_cache: usize,
     ) -> Result<OriginConn, OriginError> {
-        let mut stream = transport::connect(target).await.map_err(OriginError::Connect)?;
+        let (mut stream, carrier) = transport::connect_telling(target).await.map_err(OriginError::Connect)?;
         let startup = build::startup(&[("user", &creds.user), ("database", &creds.database)]);
         stream.write_all(&startup).await?;
         stream.flush().await?;
@@ -131,6 +136,8 @@ impl OriginConn {
             queue: ResponseQueue::new(),
             out: BytesMut::new(),
             needs_sync: false,
+            carrier,
+            listing: None,
         };
         conn.authenticate(creds).await?;
         loop {

@@ -15,6 +15,16 @@
 //! only ever returned by `checkin`; one that is dropped instead is closed, which is the safe
 //! default for anything whose state pgwarp is unsure of.
 
+mod live;
+mod pause;
+mod resize;
+mod set;
+
+pub use pause::PauseError;
+pub use set::PoolSet;
+#[cfg(test)]
+pub(crate) use set::{test_creds, unreachable_pools};
+
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,9 +33,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use live::LiveSettings;
+
 use crate::origin::settings::{sync_sql, Settings};
 use crate::origin::{Credentials, OriginConn, OriginError};
 use crate::protocol::error::ErrorFields;
+use crate::roster::{Roster, ServerEntry, ServerFacts};
 use crate::transport::OriginTarget;
 
 #[derive(Clone, Debug)]
@@ -74,9 +87,18 @@ struct Shard {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<OriginConn>>>,
     permits: Arc<Semaphore>,
-    size: usize,
+    /// This shard's share of the pool size.
+    size: AtomicUsize,
+    /// Slots to retire as they are given back, after the size shrank (`resize`).
+    owed: AtomicUsize,
     /// Connections handed out from this shard.
     checkouts: AtomicU64,
+}
+
+impl Shard {
+    fn size(&self) -> usize {
+        self.size.load(Ordering::Acquire)
+    }
 }
 
 /// What happened in a pool besides checkouts, for the metrics endpoint (rare events: shared
@@ -138,12 +160,18 @@ struct Slot {
 pub struct Pool {
     target: Arc<OriginTarget>,
     creds: Credentials,
-    config: PoolConfig,
+    /// Most connections lent at once.
+    size: AtomicUsize,
+    live: LiveSettings,
     shards: Vec<Shard>,
+    /// Slots a PAUSE holds, by shard (`pause`).
+    held: Mutex<Vec<Vec<OwnedSemaphorePermit>>>,
     counters: PoolCounters,
     startup_params: Mutex<HashMap<Arc<Settings>, StartupParams>>,
     /// What a fresh connection reports, before any client settings.
     base_params: Mutex<Option<BTreeMap<String, String>>>,
+    /// Where its connections are listed for `SHOW SERVERS`.
+    servers: Arc<Roster<ServerEntry>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -155,7 +183,13 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool for clients running on `workers` worker threads: one shard per worker, or fewer
     /// when `size` is smaller (workers then share shards).
-    pub fn new(target: Arc<OriginTarget>, creds: Credentials, config: PoolConfig, workers: usize) -> Arc<Pool> {
+    pub fn new(
+        target: Arc<OriginTarget>,
+        creds: Credentials,
+        config: PoolConfig,
+        workers: usize,
+        servers: Arc<Roster<ServerEntry>>,
+    ) -> Arc<Pool> {
         let n = workers.clamp(1, config.size.max(1));
         let shards = (0..n)
             .map(|i| {
@@ -163,7 +197,8 @@ impl Pool {
                 Shard {
                     idle: Mutex::new(Vec::new()),
                     permits: Arc::new(Semaphore::new(size)),
-                    size,
+                    size: AtomicUsize::new(size),
+                    owed: AtomicUsize::new(0),
                     checkouts: AtomicU64::new(0),
                 }
             })
@@ -171,13 +206,16 @@ impl Pool {
         let pool = Arc::new(Pool {
             target,
             creds,
-            config,
+            size: AtomicUsize::new(config.size),
+            live: LiveSettings::new(&config),
+            held: Mutex::new((0..n).map(|_| Vec::new()).collect()),
             shards,
             counters: PoolCounters::default(),
             startup_params: Mutex::new(HashMap::new()),
             base_params: Mutex::new(None),
+            servers,
         });
-        spawn_reaper(Arc::downgrade(&pool), pool.config.idle_timeout);
+        spawn_reaper(Arc::downgrade(&pool));
         pool
     }
 
@@ -185,10 +223,11 @@ impl Pool {
         &self.target
     }
 
-    /// Waits (FIFO, up to pool_timeout) for a slot, then reuses an idle connection or opens one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+    /// Waits (FIFO, up to pool_timeout) for a slot, then reuses an idle connection or opens one,
+    /// lent to `client` (its `SHOW CLIENTS` id).
+    pub async fn checkout(self: &Arc<Self>, client: u64) -> Result<PooledConn, PoolError> {
         let slot = self.acquire_slot().await?;
-        self.checkout_with(slot).await
+        self.checkout_with(slot, client).await
     }
 
     fn own_shard(&self) -> usize {
@@ -238,11 +277,17 @@ impl Pool {
 
     async fn wait_in_queues(&self, started: Instant) -> Result<Slot, PoolError> {
         let shard = self.own_shard();
-        let timeout = self.config.pool_timeout;
+        let timeout = self.live.pool_timeout();
         // First in this worker's own queue: when every shard is busy, its clients are served by
         // its connections, without crossing threads.
         let mut own = Box::pin(self.shards[shard].permits.clone().acquire_owned());
-        let grace = if self.shards.len() > 1 { OWN_SHARD_GRACE.min(timeout) } else { timeout };
+        // A shard left with no slots (RELOAD made the pool smaller than the number of shards)
+        // has nothing to wait for.
+        let grace = match (self.shards.len(), self.shards[shard].size()) {
+            (1, _) => timeout,
+            (_, 0) => Duration::ZERO,
+            _ => OWN_SHARD_GRACE.min(timeout),
+        };
         match tokio::time::timeout(grace, &mut own).await {
             Ok(Ok(permit)) => return Ok(Slot { shard, permit }),
             Ok(Err(_)) => return Err(PoolError::Closed),
@@ -264,12 +309,15 @@ impl Pool {
         }
     }
 
-    async fn checkout_with(self: &Arc<Self>, slot: Slot) -> Result<PooledConn, PoolError> {
+    async fn checkout_with(self: &Arc<Self>, slot: Slot, client: u64) -> Result<PooledConn, PoolError> {
         self.shards[slot.shard].checkouts.fetch_add(1, Ordering::Relaxed);
         while let Some(mut conn) = self.pop_idle(slot.shard) {
             // One non-blocking read: cheap, and it catches an origin that restarted even a
             // moment ago (it sends FATAL 57P01 to idle connections and closes them).
             if conn.is_alive() {
+                if let Some(listing) = &conn.listing {
+                    listing.lend(client);
+                }
                 return Ok(PooledConn {
                     conn: Some(conn),
                     shard: slot.shard,
@@ -284,14 +332,23 @@ impl Pool {
         let connected = Box::pin(OriginConn::connect(
             &self.target,
             &self.creds,
-            self.config.statement_cache,
-            self.config.connect_timeout,
+            self.live.statement_cache(),
+            self.live.connect_timeout(),
         ))
         .await;
         let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
         counter.fetch_add(1, Ordering::Relaxed);
-        let conn = Box::new(connected?);
+        let mut conn = Box::new(connected?);
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
+        let listing = self.servers.add(ServerEntry::new(ServerFacts {
+            id: conn.id,
+            user: self.creds.user.clone(),
+            database: self.creds.database.clone(),
+            pid: conn.key.pid,
+            transport: conn.carrier,
+        }));
+        listing.lend(client);
+        conn.listing = Some(listing);
         *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
         Ok(PooledConn { conn: Some(conn), shard: slot.shard, _permit: slot.permit, pool: self.clone() })
     }
@@ -320,6 +377,9 @@ impl Pool {
             conn.out = bytes::BytesMut::new();
         }
         conn.last_used = Instant::now();
+        if let Some(listing) = &conn.listing {
+            listing.returned(conn.statements.len());
+        }
         self.shards[pooled.shard].idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         // The permit drops with `pooled`, after the connection is idle again.
     }
@@ -329,9 +389,15 @@ impl Pool {
         self.shards.iter().map(|s| s.idle.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
     }
 
-    /// Connections checked out right now.
+    /// Connections checked out right now: slots neither free, nor held by a PAUSE, nor owed
+    /// after a shrink.
     pub fn active_count(&self) -> usize {
-        self.shards.iter().map(|s| s.size - s.permits.available_permits()).sum()
+        let taken: usize = self
+            .shards
+            .iter()
+            .map(|s| (s.size() + s.owed.load(Ordering::Acquire)).saturating_sub(s.permits.available_permits()))
+            .sum();
+        taken.saturating_sub(self.held_total())
     }
 
     /// The pool's state and counters now, for the metrics endpoint and the admin console.
@@ -341,7 +407,7 @@ impl Pool {
         PoolSnapshot {
             user: self.creds.user.clone(),
             database: self.creds.database.clone(),
-            size: self.config.size,
+            size: self.size.load(Ordering::Acquire),
             active: self.active_count(),
             idle: self.idle_count(),
             waiting: c.waiting.load(Ordering::Relaxed),
@@ -374,7 +440,8 @@ impl Pool {
             (None, Some(base)) => return Ok((Arc::new(overlay(&base, wanted)), false, Arc::new(wanted.clone()))),
             (None, None) => self.acquire_slot().await?,
         };
-        let mut pooled = self.checkout_with(slot).await?;
+        // Client 0: pgwarp's own work (this login's check), not yet a listed client.
+        let mut pooled = self.checkout_with(slot, 0).await?;
         if let Some(sql) = sync_sql(pooled.applied(), wanted) {
             let outcome = pooled.simple_query(&sql).await.map_err(PoolError::from)?;
             if let Some(err) = outcome.error {
@@ -412,7 +479,7 @@ impl Pool {
         for shard in &self.shards {
             let mut idle = shard.idle.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            let timeout = self.config.idle_timeout;
+            let timeout = self.live.idle_timeout();
             let mut i = 0;
             while i < idle.len() {
                 if now.duration_since(idle[i].last_used) >= timeout || !idle[i].is_alive() {
@@ -452,17 +519,17 @@ fn overlay(base: &BTreeMap<String, String>, wanted: &Settings) -> Vec<(String, S
         .collect()
 }
 
-fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {
-    let period = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+fn spawn_reaper(pool: Weak<Pool>) {
+    let period = |idle_timeout: Duration| (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match pool.upgrade() {
-                Some(p) => p.reap_idle(),
-                None => return,
-            }
+        // The period follows idle_timeout, which RELOAD may change.
+        let mut wait = pool.upgrade().map(|p| period(p.live.idle_timeout()));
+        while let Some(w) = wait {
+            tokio::time::sleep(w).await;
+            wait = pool.upgrade().map(|p| {
+                p.reap_idle();
+                period(p.live.idle_timeout())
+            });
         }
     });
 }
@@ -509,33 +576,6 @@ impl Drop for PooledConn {
                 handle.spawn(conn.close());
             }
         }
-    }
-}
-
-/// All pools, created on first use.
-pub struct PoolSet {
-    target: Arc<OriginTarget>,
-    config: PoolConfig,
-    workers: usize,
-    pools: Mutex<HashMap<Credentials, Arc<Pool>>>,
-}
-
-impl PoolSet {
-    /// Pools for clients running on `workers` worker threads.
-    pub fn new(target: OriginTarget, config: PoolConfig, workers: usize) -> PoolSet {
-        PoolSet { target: Arc::new(target), config, workers, pools: Mutex::new(HashMap::new()) }
-    }
-
-    pub fn get(&self, creds: &Credentials) -> Arc<Pool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .entry(creds.clone())
-            .or_insert_with(|| Pool::new(self.target.clone(), creds.clone(), self.config.clone(), self.workers))
-            .clone()
-    }
-
-    pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 }
 

@@ -133,15 +133,31 @@ pub fn row_description_into(out: &mut BytesMut, columns: &[(&str, u32)]) {
     });
 }
 
-/// A DataRow of text values.
-pub fn data_row_into(out: &mut BytesMut, values: &[String]) {
+/// A DataRow of text values; `None` is NULL.
+pub fn data_row_into(out: &mut BytesMut, values: &[Option<String>]) {
     frame_into(out, b'D', |b| {
         b.put_i16(values.len().min(i16::MAX as usize) as i16);
         for v in values {
-            b.put_i32(v.len() as i32);
-            b.put_slice(v.as_bytes());
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
         }
     });
+}
+
+/// A NoticeResponse (severity NOTICE, SQLSTATE 00000).
+pub fn notice(message: &str) -> Bytes {
+    frame(b'N', |b| {
+        for (field, value) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', message)] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    })
 }
 
 pub fn command_complete(tag: &str) -> Bytes {

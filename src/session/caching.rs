@@ -372,7 +372,8 @@ impl Refresh {
     /// Runs the batch as the client would have, and stores the answer.
     async fn run(self, batch: Vec<Message>, mut statements: StatementMap) {
         let generations = self.database.generations(&self.tables);
-        let Ok(mut conn) = self.pool.checkout().await else { return };
+        // Client 0: pgwarp's own work (a background refresh).
+        let Ok(mut conn) = self.pool.checkout(0).await else { return };
         if let Some(sql) = conn.settings_sql(&self.settings) {
             conn.statements.unnamed = None;
             match conn.simple_query(&sql).await {

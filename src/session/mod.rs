@@ -30,6 +30,7 @@ use crate::protocol::codec::FrameError;
 use crate::protocol::error::{ErrorFields, Severity, SqlState};
 use crate::protocol::frontend as fe;
 use crate::protocol::{build, poll_duplex, spare, Duplex, Message, MessageReader, Run};
+use crate::roster::{ClientEntry, ClientState, Listed};
 use crate::server::ServerContext;
 use crate::sql::inspect;
 use crate::transport::ClientStream;
@@ -49,9 +50,10 @@ pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: s
     let span = tracing::info_span!("client", %peer);
     async move {
         // Boxed so the handshake's state is freed once it is done: idle clients stay small.
-        match Box::pin(startup::handshake(ctx, stream)).await {
+        match Box::pin(startup::handshake(ctx, stream, peer)).await {
             Some(startup::Admitted::Session(session)) => session.run().await,
-            Some(startup::Admitted::Console { ctx, mut stream, reader, _permit }) => {
+            // The console is listed in SHOW CLIENTS for as long as `_listing` lives.
+            Some(startup::Admitted::Console { ctx, mut stream, reader, listing: _listing, _permit }) => {
                 Box::pin(crate::admin::console::serve(&ctx, &mut stream, reader)).await
             }
             None => {}
@@ -131,14 +133,16 @@ pub struct Session {
     /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
     pending_write: Option<crate::cache::classify::WriteScope>,
     cancel: CancelHandle,
+    /// This client in `SHOW CLIENTS`.
+    listing: Listed<ClientEntry>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Session {
-    fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established) -> Session {
+    fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established, listing: Listed<ClientEntry>) -> Session {
         let pool = ctx.pools.get(&e.creds);
         let cancel = ctx.cancels.register(pool.target().clone());
-        let statements = StatementMap::new(ctx.config.max_client_statement_bytes);
+        let statements = StatementMap::new(ctx.config().max_client_statement_bytes);
         Session {
             client,
             reader: e.reader,
@@ -167,6 +171,7 @@ impl Session {
             capture: None,
             pending_write: None,
             cancel,
+            listing,
             _slot: e.permit,
             ctx,
         }
@@ -404,7 +409,15 @@ impl Session {
     /// Checks out a connection and brings its settings in line with this client's, in the same
     /// round trip as the client's first message.
     async fn attach(&mut self) -> Result<PooledConn, AttachError> {
-        let mut att = self.pool.checkout().await?;
+        self.listing.set_state(ClientState::Waiting);
+        let mut att = match self.pool.checkout(self.listing.id).await {
+            Ok(att) => att,
+            Err(e) => {
+                self.listing.set_state(ClientState::Idle);
+                return Err(e.into());
+            }
+        };
+        self.listing.set_state(ClientState::Active);
         if let Some(sql) = att.settings_sql(&self.wanted) {
             // A simple query destroys the unnamed statement.
             att.statements.unnamed = None;
@@ -617,6 +630,7 @@ impl Session {
         let Some(mut att) = self.origin.take() else {
             return Ok(());
         };
+        self.listing.idle(self.statements.named_len());
         let cancel_in_flight = self.cancel.slot.detach();
         if att.broken {
             // Dropping closes it; the client carries on with the next connection.
@@ -656,6 +670,9 @@ impl Session {
                     .collect();
                 let mut wanted = (*self.startup_settings).clone();
                 wanted.extend(captured.clone());
+                if let Some(name) = wanted.get("application_name") {
+                    self.listing.set_application_name(name);
+                }
                 self.wanted = Arc::new(wanted);
                 att.set_applied(captured);
                 Ok(true)

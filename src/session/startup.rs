@@ -1,6 +1,7 @@
 //! A client's first moments: the untagged startup packets, protocol version, password check,
 //! and the ParameterStatus / BackendKeyData / ReadyForQuery that make it a session.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::protocol::frontend::PASSWORD;
 use crate::protocol::scram::ScramExchange;
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{build, Fields, Message, MessageReader};
+use crate::roster::{ClientEntry, ClientFacts, Listed};
 use crate::server::ServerContext;
 use crate::transport::ClientStream;
 
@@ -46,18 +48,38 @@ pub enum Admitted {
     /// On the heap: the task's own state stays what an idle wait needs.
     Session(Box<Session>),
     /// An admin user asked for the admin console's database.
-    Console { ctx: Arc<ServerContext>, stream: ClientStream, reader: MessageReader, _permit: OwnedSemaphorePermit },
+    Console {
+        ctx: Arc<ServerContext>,
+        stream: ClientStream,
+        reader: MessageReader,
+        listing: Listed<ClientEntry>,
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
-pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream) -> Option<Admitted> {
+pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: SocketAddr) -> Option<Admitted> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, run(&ctx, &mut stream)).await {
         Ok(Ok(Some(Login::Pooled(parts)))) => {
             ctx.clients.logged_in();
-            Some(Admitted::Session(Box::new(Session::new(ctx, stream, parts))))
+            let listing = ctx.client_roster.add(ClientEntry::new(ClientFacts {
+                user: parts.user.clone(),
+                database: parts.database.clone(),
+                peer,
+                tls: stream.is_tls(),
+                application_name: parts.settings.get("application_name").cloned().unwrap_or_default(),
+            }));
+            Some(Admitted::Session(Box::new(Session::new(ctx, stream, parts, listing))))
         }
-        Ok(Ok(Some(Login::Console { reader, permit }))) => {
+        Ok(Ok(Some(Login::Console { reader, permit, user, application_name }))) => {
             ctx.clients.logged_in();
-            Some(Admitted::Console { ctx, stream, reader, _permit: permit })
+            let listing = ctx.client_roster.add(ClientEntry::new(ClientFacts {
+                user,
+                database: console::DATABASE.to_owned(),
+                peer,
+                tls: stream.is_tls(),
+                application_name,
+            }));
+            Some(Admitted::Console { ctx, stream, reader, listing, _permit: permit })
         }
         Ok(Ok(None)) => None,
         Ok(Err(refusal)) => {
@@ -94,7 +116,7 @@ pub struct Established {
 /// A login that passed: to the pool, or to the admin console.
 enum Login {
     Pooled(Established),
-    Console { reader: MessageReader, permit: OwnedSemaphorePermit },
+    Console { reader: MessageReader, permit: OwnedSemaphorePermit, user: String, application_name: String },
 }
 
 async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Option<Login>, Refusal> {
@@ -147,7 +169,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
             .await
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     }
-    if ctx.config.tls_required && !stream.is_tls() {
+    if ctx.config().tls_required && !stream.is_tls() {
         return Err(Refusal::new(
             SqlState::INVALID_AUTHORIZATION,
             "pgwarp requires an encrypted connection: connect with sslmode=require",
@@ -161,11 +183,11 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         .map_err(|_| Refusal::new(SqlState::TOO_MANY_CONNECTIONS, "sorry, too many clients already"))?;
 
     let mut reader = MessageReader::new(MAX_AUTH_MESSAGE);
-    let entry = ctx.users.get(&startup.user);
+    let entry = ctx.users().get(&startup.user);
     authenticate(ctx, stream, &mut reader, &startup.user, entry.as_ref().map(|e| &e.secret)).await?;
     let entry = entry.ok_or_else(|| password_failed(&startup.user))?;
-    let console = startup.database == console::DATABASE && !ctx.config.admin_users.is_empty();
-    if console && !ctx.config.admin_users.contains(&startup.user) {
+    let console = startup.database == console::DATABASE && !ctx.config().admin_users.is_empty();
+    if console && !ctx.config().admin_users.contains(&startup.user) {
         let message = format!("user \"{}\" may not use the admin console (see admin_users)", startup.user);
         return Err(Refusal::new(SqlState::INVALID_AUTHORIZATION, message));
     }
@@ -173,7 +195,8 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     if console {
         let reader = MessageReader::with_buffered(MAX_AUTH_MESSAGE, reader.into_buffer());
         tracing::info!(user = %startup.user, "admin console login");
-        return Ok(Some(Login::Console { reader, permit }));
+        let application_name = startup.settings.get("application_name").cloned().unwrap_or_default();
+        return Ok(Some(Login::Console { reader, permit, user: startup.user, application_name }));
     }
 
     let creds = Credentials {
@@ -203,7 +226,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     // BackendKeyData and ReadyForQuery are written by the session, which owns the cancel key.
     stream.write_all(&hello).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     let leftover = reader.into_buffer();
-    let reader = MessageReader::with_buffered(ctx.config.max_message_size, leftover);
+    let reader = MessageReader::with_buffered(ctx.config().max_message_size, leftover);
     tracing::debug!(user = %startup.user, database = %startup.database, "client logged in");
     Ok(Some(Login::Pooled(Established {
         user: startup.user,
@@ -278,7 +301,7 @@ async fn authenticate(
     secret: Option<&ClientSecret>,
 ) -> Result<(), Refusal> {
     let io_err = |_| Refusal::new(SqlState::CONNECTION_FAILURE, "");
-    let scram_secret = match (secret, ctx.config.auth_method) {
+    let scram_secret = match (secret, ctx.config().auth_method) {
         (Some(ClientSecret::Trust), _) => return Ok(()),
         (Some(ClientSecret::Md5(stored)), _) => {
             let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
@@ -297,7 +320,7 @@ async fn authenticate(
             read_password(stream, reader).await?;
             return Err(password_failed(user));
         }
-        (None, AuthMethod::ScramSha256) => ctx.users.decoy().clone(),
+        (None, AuthMethod::ScramSha256) => ctx.users().decoy().clone(),
     };
     stream.write_all(&build::auth_sasl(&["SCRAM-SHA-256"])).await.map_err(io_err)?;
     let msg = read_password(stream, reader).await?;

@@ -184,6 +184,11 @@ impl StatementMap {
         self.len() == 0
     }
 
+    /// Named statements only (what `SHOW CLIENTS` counts).
+    pub fn named_len(&self) -> usize {
+        self.by_name.len()
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -152,6 +152,12 @@ pub enum ConnectError {
 /// Opens a stream to the origin: TCP or the tunnel's WebSocket, then Postgres TLS if sslmode
 /// asks for it.
 pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError> {
+    connect_telling(target).await.map(|(stream, _)| stream)
+}
+
+/// Like `connect`, also saying what carries the stream: `tcp`, `tls`, `websocket` or
+/// `websocket+tls` (for `SHOW SERVERS`).
+pub async fn connect_telling(target: &OriginTarget) -> Result<(OriginStream, &'static str), ConnectError> {
     let raw: OriginStream = match &target.tunnel {
         Some(t) => OriginStream::Layered(Box::new(websocket::connect(&t.url, &t.headers, t.ws.clone()).await?)),
         None => {
@@ -160,13 +166,20 @@ pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError
             OriginStream::Tcp(tcp)
         }
     };
-    negotiate_tls(target, raw).await
+    let (stream, tls) = negotiate_tls(target, raw).await?;
+    let carrier = match (target.tunnel.is_some(), tls) {
+        (false, false) => "tcp",
+        (false, true) => "tls",
+        (true, false) => "websocket",
+        (true, true) => "websocket+tls",
+    };
+    Ok((stream, carrier))
 }
 
-/// SSLRequest, then the TLS handshake if the origin says 'S'.
-async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Result<OriginStream, ConnectError> {
+/// SSLRequest, then the TLS handshake if the origin says 'S'; true when TLS is in use.
+async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Result<(OriginStream, bool), ConnectError> {
     if !target.tls.wanted() {
-        return Ok(stream);
+        return Ok((stream, false));
     }
     let mut request = [0u8; 8];
     request[..4].copy_from_slice(&8i32.to_be_bytes());
@@ -176,9 +189,9 @@ async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Resul
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).await?;
     match answer[0] {
-        b'S' => Ok(OriginStream::Layered(Box::new(target.tls.connect(&target.host, stream).await?))),
+        b'S' => Ok((OriginStream::Layered(Box::new(target.tls.connect(&target.host, stream).await?)), true)),
         b'N' if target.tls.required() => Err(ConnectError::TlsRefused(target.tls.mode.as_str())),
-        b'N' => Ok(stream),
+        b'N' => Ok((stream, false)),
         other => Err(ConnectError::TlsAnswer(other as char)),
     }
 }

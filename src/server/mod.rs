@@ -1,15 +1,20 @@
-//! The accept loop, the state every session shares, and graceful shutdown.
+//! The accept loop, the state every session shares, graceful shutdown, and (in `reload`)
+//! RELOAD and SIGHUP.
 //!
 //! Shutdown has two phases. Drain (SIGTERM/SIGINT): stop accepting, close idle clients with
 //! 57P01, and let clients inside a transaction finish. Kill (after shutdown_timeout): close
 //! everyone that is left. Clients hear both through their slot in the cancel registry
 //! (`cancel::Stop`), which costs them nothing per transaction.
 
+mod reload;
+
+pub use reload::{reload, ReloadError};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -21,8 +26,10 @@ use crate::admin::{AdminError, AdminListener};
 use crate::auth::UserDirectory;
 use crate::cache::QueryCache;
 use crate::cancel::{CancelRegistry, Stop};
+use crate::cli::ConfigSource;
 use crate::config::{Config, ConfigError};
 use crate::pool::{PoolConfig, PoolSet};
+use crate::roster::{ClientEntry, Roster};
 use crate::session;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
@@ -31,11 +38,15 @@ use crate::workers::{self, Workers};
 
 /// What every session shares.
 pub struct ServerContext {
-    pub config: Config,
-    pub users: UserDirectory,
+    /// The settings in effect; RELOAD replaces them (see `config()`).
+    config: RwLock<Arc<Config>>,
+    /// Who may log in; RELOAD rebuilds it.
+    users: RwLock<Arc<UserDirectory>>,
     pub pools: PoolSet,
     pub cancels: Arc<CancelRegistry>,
     pub client_slots: Arc<Semaphore>,
+    /// Client slots still to retire as clients leave, after max_client_conn shrank.
+    client_slots_owed: AtomicUsize,
     /// The query cache, when enabled.
     pub cache: Option<Arc<QueryCache>>,
     /// TLS for clients, when configured.
@@ -46,12 +57,33 @@ pub struct ServerContext {
     pub clients: ClientStats,
     /// When the server was bound.
     pub started: Instant,
+    /// Logged-in clients and consoles, for `SHOW CLIENTS`.
+    pub client_roster: Arc<Roster<ClientEntry>>,
+    /// Where RELOAD re-reads the settings from: the flags and the --config file.
+    source: OnceLock<ConfigSource>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl ServerContext {
+    /// The settings in effect now. Read at login and in the admin paths, never per transaction.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Who may log in, and how.
+    pub fn users(&self) -> Arc<UserDirectory> {
+        self.users.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn max_client_conn(&self) -> usize {
+        self.config().max_client_conn
+    }
+
     /// Clients logged in or logging in right now.
     pub fn connected_clients(&self) -> usize {
-        self.config.max_client_conn.saturating_sub(self.client_slots.available_permits())
+        let slots = self.max_client_conn() + self.client_slots_owed.load(Ordering::Acquire);
+        slots.saturating_sub(self.client_slots.available_permits())
     }
 }
 
@@ -118,19 +150,17 @@ impl ShutdownHandle {
     }
 }
 
-/// Reloads what can change without a restart (SIGHUP): the TLS certificate and key.
+/// Reloads what can change without a restart (SIGHUP), as the console's RELOAD does.
 #[derive(Clone)]
 pub struct ReloadHandle {
     ctx: Arc<ServerContext>,
 }
 
 impl ReloadHandle {
-    pub fn reload(&self) {
-        if let Some(tls) = &self.ctx.tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("reloaded the TLS certificate and key"),
-                Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
-            }
+    /// Re-reads the settings and applies them; what happened goes to the log.
+    pub async fn reload(&self) {
+        if let Err(e) = reload(&self.ctx).await {
+            tracing::error!(error = %e, "reload failed; nothing was changed");
         }
     }
 }
@@ -147,6 +177,7 @@ impl Server {
     /// Validates the configuration, prepares the users, and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        crate::roster::clock::start();
         let origin = config.origin_url()?;
         let users = UserDirectory::build(&config, &origin).await?;
         let origin_tls = OriginTls::new(
@@ -191,7 +222,10 @@ impl Server {
             None => None,
         };
         let ctx = Arc::new(ServerContext {
-            users,
+            users: RwLock::new(Arc::new(users)),
+            client_slots_owed: AtomicUsize::new(0),
+            source: OnceLock::new(),
+            reloading: tokio::sync::Mutex::new(()),
             pools,
             cancels: Arc::new(CancelRegistry::default()),
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
@@ -200,7 +234,8 @@ impl Server {
             drain: CancellationToken::new(),
             clients: ClientStats::default(),
             started: Instant::now(),
-            config,
+            client_roster: Arc::new(Roster::default()),
+            config: RwLock::new(Arc::new(config)),
         });
         Ok(Server { ctx, listener, workers, admin })
     }
@@ -222,6 +257,13 @@ impl Server {
         ReloadHandle { ctx: self.ctx.clone() }
     }
 
+    /// Where RELOAD (and SIGHUP) re-read the settings from. Without it, a reload re-reads only
+    /// the TLS certificate.
+    pub fn with_source(self, source: ConfigSource) -> Server {
+        let _ = self.ctx.source.set(source);
+        self
+    }
+
     pub fn context(&self) -> &Arc<ServerContext> {
         &self.ctx
     }
@@ -230,7 +272,7 @@ impl Server {
     pub async fn run(self) {
         let Server { ctx, listener, workers, admin } = self;
         let tracker = TaskTracker::new();
-        tracing::info!(listen = %ctx.config.listen, workers = workers.len(), "pgwarp accepting clients");
+        tracing::info!(listen = %ctx.config().listen, workers = workers.len(), "pgwarp accepting clients");
         // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
         let _admin = admin.map(|admin| {
             if let Ok(addr) = admin.local_addr() {
@@ -270,7 +312,7 @@ impl Server {
         drop(listener);
         tracker.close();
         tracing::info!(clients = tracker.len(), "shutting down: letting running transactions finish");
-        if tokio::time::timeout(ctx.config.shutdown_timeout, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(ctx.config().shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");
             ctx.cancels.stop_all(Stop::Kill);
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

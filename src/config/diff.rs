@@ -1,0 +1,116 @@
+//! What RELOAD may change. A re-read config is compared with the running one: settings that
+//! apply to a running server (pool sizes and timeouts, client limits, logins, cache freshness)
+//! are taken; settings that only a restart can change (addresses, the origin, worker threads,
+//! ...) keep their running values and are reported. Pure, so the split is unit-tested here.
+
+use super::Config;
+
+/// How a re-read config differs from the running one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Settings that changed and take effect now.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed in the file but keep their running values until a restart.
+    pub kept: Vec<&'static str>,
+}
+
+/// The config to run with after a reload: `loaded`, except that every setting a running server
+/// cannot change keeps its value from `running`; and what changed, either way.
+pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
+    let mut changes = Changes::default();
+    macro_rules! restart_only {
+        ($($key:literal => $($field:ident).+),* $(,)?) => {$(
+            if loaded.$($field).+ != running.$($field).+ {
+                changes.kept.push($key);
+                loaded.$($field).+ = running.$($field).+.clone();
+            }
+        )*};
+    }
+    macro_rules! reloadable {
+        ($($key:literal => $($field:ident).+),* $(,)?) => {$(
+            if loaded.$($field).+ != running.$($field).+ {
+                changes.applied.push($key);
+            }
+        )*};
+    }
+    restart_only! {
+        "listen" => listen,
+        "origin" => origin,
+        "workers" => workers,
+        "log_level" => log_level,
+        "admin_listen" => admin_listen,
+        "tls_cert" => tls_cert,
+        "tls_key" => tls_key,
+        "tunnel_url" => tunnel_url,
+        "tunnel_client_id" => tunnel_client_id,
+        "tunnel_client_secret" => tunnel_client_secret,
+        "tunnel_ca_file" => tunnel_ca_file,
+        "cache.enabled" => cache.enabled,
+        "cache.max_size" => cache.max_size,
+        "cache.max_entry_size" => cache.max_entry_size,
+    }
+    reloadable! {
+        "pool_size" => pool_size,
+        "max_client_conn" => max_client_conn,
+        "pool_timeout" => pool_timeout,
+        "idle_timeout" => idle_timeout,
+        "connect_timeout" => connect_timeout,
+        "shutdown_timeout" => shutdown_timeout,
+        "max_message_size" => max_message_size,
+        "auth_method" => auth_method,
+        "statement_cache_size" => statement_cache_size,
+        "max_client_statement_bytes" => max_client_statement_bytes,
+        "users" => users,
+        "admin_users" => admin_users,
+        "tls_required" => tls_required,
+        "cache.max_age" => cache.max_age,
+        "cache.stale_while_revalidate" => cache.stale_while_revalidate,
+    }
+    (loaded, changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn running() -> Config {
+        Config { origin: Some("postgres://app:pw@db/app".into()), ..Config::default() }
+    }
+
+    #[test]
+    fn an_identical_config_changes_nothing() {
+        let (next, changes) = reconcile(&running(), running());
+        assert_eq!(changes, Changes::default());
+        assert_eq!(next, running());
+    }
+
+    #[test]
+    fn runtime_settings_are_taken_and_restart_only_ones_keep_their_running_values() {
+        let mut loaded = running();
+        loaded.pool_size = 3;
+        loaded.pool_timeout = Duration::from_secs(2);
+        loaded.admin_users = vec!["ops".into()];
+        loaded.cache.max_age = Duration::from_secs(5);
+        loaded.listen = "0.0.0.0:7000".into();
+        loaded.workers = 8;
+        loaded.origin = Some("postgres://app:pw@elsewhere/app".into());
+        loaded.cache.max_size = 1 << 20;
+        let (next, changes) = reconcile(&running(), loaded);
+        assert_eq!(changes.applied, vec!["pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
+        assert_eq!(changes.kept, vec!["listen", "origin", "workers", "cache.max_size"]);
+        assert_eq!((next.pool_size, next.pool_timeout), (3, Duration::from_secs(2)));
+        assert_eq!(next.cache.max_age, Duration::from_secs(5));
+        assert_eq!((next.listen.as_str(), next.workers), ("127.0.0.1:6432", 0));
+        assert_eq!(next.origin, running().origin);
+        assert_eq!(next.cache.max_size, running().cache.max_size);
+    }
+
+    #[test]
+    fn a_new_login_counts_as_a_users_change() {
+        let mut loaded = running();
+        let user = crate::config::UserConfig { password: "pw".into(), origin_user: None, origin_password: None };
+        loaded.users.insert("reporting".into(), user);
+        assert_eq!(reconcile(&running(), loaded).1.applied, vec!["users"]);
+    }
+}

@@ -1,0 +1,186 @@
+//! PAUSE and RESUME, as PgBouncer has them: stop lending origin connections for new
+//! transactions, wait until every connection is back in its pool, and later let the waiting
+//! clients go.
+//!
+//! A pause holds every slot of every shard itself: it takes the free ones at once and queues
+//! for the rest like a client would, so each slot that a finishing transaction gives back goes
+//! to the pause. Clients that ask for a connection meanwhile find no free slot and wait in the
+//! pool's queue behind it, with `pool_timeout` running as usual. Clients that were already
+//! queued before the pause are served first (the queue is first come, first served), so their
+//! transactions are among those the pause waits for. Checkout and checkin are unchanged: a
+//! paused pool is, to them, a busy one.
+//!
+//! The slots are taken by tasks of their own, not by the console that asked: the pool stays
+//! paused when that console disconnects, until a RESUME from any console.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Pool, PoolSet};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    #[error("already paused: RESUME first")]
+    AlreadyPaused,
+    #[error("not paused")]
+    NotPaused,
+}
+
+impl Pool {
+    /// Takes every slot of every shard, waiting for those in use, until all are held or
+    /// `resume` is cancelled.
+    pub(super) async fn hold_slots(self: Arc<Self>, resume: CancellationToken) {
+        let shards = (0..self.shards.len()).map(|s| self.hold_shard(s, &resume));
+        futures_util::future::join_all(shards).await;
+    }
+
+    async fn hold_shard(&self, shard: usize, resume: &CancellationToken) {
+        let permits = self.shards[shard].permits.clone();
+        loop {
+            if self.held_in(shard) >= self.shards[shard].size() {
+                return;
+            }
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = resume.cancelled() => return,
+            };
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked under the lock RESUME empties `held` under, after cancelling: a slot
+            // taken in between is given back here, not kept forever.
+            if resume.is_cancelled() {
+                return;
+            }
+            held[shard].push(permit);
+        }
+    }
+
+    /// Takes the free slots now, without waiting (a pool created while paused).
+    pub(super) fn hold_free_slots(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (shard, s) in self.shards.iter().enumerate() {
+            while held[shard].len() < s.size() {
+                match s.permits.clone().try_acquire_owned() {
+                    Ok(p) => held[shard].push(p),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Gives every held slot back: clients waiting for one go ahead.
+    pub(super) fn release_held(&self) {
+        let released: Vec<_> =
+            self.held.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().map(std::mem::take).collect();
+        drop(released);
+    }
+
+    pub(super) fn held_in(&self, shard: usize) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())[shard].len()
+    }
+
+    /// Slots a pause holds right now.
+    pub(super) fn held_total(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).iter().map(Vec::len).sum()
+    }
+}
+
+impl PoolSet {
+    /// Pauses every pool, present and future. The returned future resolves once every origin
+    /// connection is back in its pool: true, or false if a RESUME came first.
+    pub fn pause(&self) -> Result<impl std::future::Future<Output = bool> + Send + 'static, PauseError> {
+        let resume = {
+            let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            if state.is_some() {
+                return Err(PauseError::AlreadyPaused);
+            }
+            let token = CancellationToken::new();
+            *state = Some(token.clone());
+            token
+        };
+        // A pool created from here on sees the pause itself (`get`); one created before is in
+        // this list. One in both is held twice over harmlessly: each holder stops at `size`.
+        let holders: Vec<_> =
+            self.all().into_iter().map(|pool| tokio::spawn(pool.hold_slots(resume.clone()))).collect();
+        tracing::info!(pools = holders.len(), "PAUSE: no new transactions; waiting for running ones to finish");
+        Ok(async move {
+            futures_util::future::join_all(holders).await;
+            !resume.is_cancelled()
+        })
+    }
+
+    /// Ends the pause: waiting clients go ahead.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let token = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(PauseError::NotPaused)?;
+        token.cancel();
+        for pool in self.all() {
+            pool.release_held();
+        }
+        tracing::info!("RESUME: origin connections are lent again");
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::{test_creds, unreachable_pools, PoolError};
+
+    #[tokio::test]
+    async fn pause_waits_for_slots_in_use_and_holds_back_new_checkouts_until_resume() {
+        let pools = unreachable_pools(2, 2, Duration::from_millis(100));
+        let pool = pools.get(&test_creds());
+        let in_use = pool.acquire_slot().await.unwrap();
+        assert_eq!(pool.active_count(), 1);
+
+        let done = tokio::spawn(pools.pause().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!done.is_finished(), "a slot is still in use");
+        assert!(pools.is_paused());
+        assert_eq!(pools.pause().err(), Some(PauseError::AlreadyPaused));
+        // A new transaction finds no slot and times out as in a busy pool.
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+
+        drop(in_use);
+        assert!(tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap(), "PAUSE completes");
+        assert_eq!((pool.active_count(), pool.held_total()), (0, 2), "held slots are not counted as active");
+
+        // A pool created while paused starts paused.
+        let other = pools.get(&crate::origin::Credentials { database: "other".into(), ..test_creds() });
+        assert_eq!(other.held_total(), 2);
+
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire_slot().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pools.resume().unwrap();
+        waiting.await.unwrap().expect("RESUME lets a waiting client go");
+        assert_eq!((pool.held_total(), other.held_total()), (0, 0));
+        assert_eq!(pools.resume(), Err(PauseError::NotPaused));
+    }
+
+    #[tokio::test]
+    async fn resume_before_every_slot_is_back_cancels_the_pause() {
+        let pools = unreachable_pools(1, 1, Duration::from_secs(5));
+        let pool = pools.get(&test_creds());
+        let in_use = pool.acquire_slot().await.unwrap();
+        let done = tokio::spawn(pools.pause().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pools.resume().unwrap();
+        assert!(!tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap());
+        drop(in_use);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.held_total(), 0, "a slot given back after RESUME is not kept");
+        assert!(pool.try_slot().is_some());
+    }
+}
