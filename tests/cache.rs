@@ -355,3 +355,60 @@ async fn a_clock_word_bound_as_a_parameter_is_not_cached() {
     }
     assert_eq!(ticks(&origin) - before, 3, "'now' bound to a timestamp was answered from the cache");
 }
+
+#[tokio::test]
+async fn built_in_stable_functions_of_keyed_settings_are_cached_per_setting() {
+    let origin = Origin::start();
+    setup(&origin);
+    origin.sql(
+        "CREATE TABLE events (id int, at timestamptz); \
+         INSERT INTO events VALUES (1, '2024-03-10 01:30:00+00'), (2, '2024-07-01 12:00:00+00'); \
+         GRANT SELECT ON events TO app",
+    );
+    let pgwarp = cached(&origin, |_| {}).await;
+    let utc = pgwarp.client().await;
+    let tokyo = pgwarp.client().await;
+    utc.simple_query("SET TimeZone = 'UTC'").await.unwrap();
+    tokyo.simple_query("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    // to_char and json_agg are STABLE only because they follow TimeZone, DateStyle and the
+    // like, which the key holds: each client gets its own zone's answer, from the cache.
+    let read = "SELECT to_char(date_trunc('day', at), 'YYYY-MM-DD HH24:MI TZ'), \
+                json_agg(json_build_object('id', id, 'at', at))::text \
+                FROM events WHERE id = tick(1) GROUP BY at";
+    warm(&utc, read).await;
+    warm(&tokyo, read).await;
+    let before = ticks(&origin);
+    for _ in 0..50 {
+        let rows = utc.simple_query(read).await.unwrap();
+        assert_eq!(first(&rows), "2024-03-10 00:00 UTC");
+        assert!(cell(&rows, 1).contains("2024-03-10T01:30:00+00:00"), "{}", cell(&rows, 1));
+        let rows = tokyo.simple_query(read).await.unwrap();
+        assert_eq!(first(&rows), "2024-03-10 00:00 JST");
+        assert!(cell(&rows, 1).contains("2024-03-10T10:30:00+09:00"), "{}", cell(&rows, 1));
+    }
+    let ran = ticks(&origin) - before;
+    assert!(ran <= 2, "the origin ran {ran} of 100 repeated reads");
+    // What reads the clock stays uncached, STABLE or not: age() with one argument counts from
+    // today, timezone() resolves daylight saving time by today's date.
+    for sql in [
+        "SELECT to_char(now(), 'HH24:MI:SS.US') FROM events WHERE id = tick(1)",
+        "SELECT age(at)::text FROM events WHERE id = tick(1)",
+        "SELECT timezone('Europe/Paris', '12:00+00'::timetz)::text FROM events WHERE id = tick(1)",
+    ] {
+        let before = ticks(&origin);
+        for _ in 0..3 {
+            utc.simple_query(sql).await.unwrap();
+        }
+        assert_eq!(ticks(&origin) - before, 3, "{sql} was served from the cache");
+    }
+}
+
+/// Column `i` of the first row.
+fn cell(msgs: &[tokio_postgres::SimpleQueryMessage], i: usize) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(i).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap()
+}

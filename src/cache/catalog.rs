@@ -41,10 +41,87 @@ pub struct Catalog {
     referencing: HashMap<String, Vec<(String, bool)>>,
 }
 
+/// Built-in STABLE functions whose result depends only on their arguments and on settings the
+/// cache key holds (TimeZone, DateStyle, IntervalStyle, lc_time, lc_numeric,
+/// default_text_search_config, extra_float_digits, ...), so a cached answer is as right as for
+/// an IMMUTABLE one. Postgres marks them STABLE for those settings alone: they format or parse
+/// dates and numbers, build JSON from values whose text form follows the settings, or use the
+/// default text search configuration. A plain `SELECT created_at` depends on TimeZone just as
+/// much, and is cached keyed on it. Left out on purpose: `now()` and the other clocks, `age()`
+/// (its one-argument form reads the current date), `timezone()` and `timetz()` (for a time
+/// with zone they resolve daylight saving time by the current date), and everything that
+/// reads the connection, the snapshot, statistics or arbitrary settings (`pg_backend_pid()`,
+/// `pg_stat_*`, `current_setting()`, ...). A name qualifies only when no overload of it, in
+/// any schema, is worse than a built-in STABLE one.
+pub const KEYED_STABLE: &[&str] = &[
+    "array_to_json",
+    "array_to_string",
+    "concat",
+    "concat_ws",
+    "date",
+    "date_add",
+    "date_part",
+    "date_subtract",
+    "date_trunc",
+    "extract",
+    "format",
+    "generate_series",
+    "json_agg",
+    "json_agg_strict",
+    "json_build_array",
+    "json_build_object",
+    "json_object_agg",
+    "json_object_agg_strict",
+    "json_object_agg_unique",
+    "json_object_agg_unique_strict",
+    "json_populate_record",
+    "json_populate_recordset",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_agg",
+    "jsonb_agg_strict",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_object_agg",
+    "jsonb_object_agg_strict",
+    "jsonb_object_agg_unique",
+    "jsonb_object_agg_unique_strict",
+    "jsonb_path_exists_tz",
+    "jsonb_path_match_tz",
+    "jsonb_path_query_array_tz",
+    "jsonb_path_query_first_tz",
+    "jsonb_path_query_tz",
+    "jsonb_populate_record",
+    "jsonb_populate_recordset",
+    "jsonb_to_record",
+    "jsonb_to_recordset",
+    "make_timestamptz",
+    "phraseto_tsquery",
+    "plainto_tsquery",
+    "quote_literal",
+    "quote_nullable",
+    "row_to_json",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "to_char",
+    "to_date",
+    "to_json",
+    "to_jsonb",
+    "to_number",
+    "to_timestamp",
+    "to_tsquery",
+    "to_tsvector",
+    "ts_headline",
+    "websearch_to_tsquery",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FunctionFacts {
-    /// Every overload is IMMUTABLE (an aggregate outside pg_catalog counts as no better than
-    /// its support functions: Postgres marks aggregates IMMUTABLE whatever those do).
+    /// Safe to cache a call of: every overload is IMMUTABLE (an aggregate outside pg_catalog
+    /// counts as no better than its support functions: Postgres marks aggregates IMMUTABLE
+    /// whatever those do), or the name is in `KEYED_STABLE` and no overload is worse than a
+    /// built-in STABLE function.
     pub immutable: bool,
     /// Some overload is VOLATILE and user-defined (outside pg_catalog): it may write.
     pub may_write: bool,
@@ -130,9 +207,10 @@ pub enum CatalogError {
 
 /// Everything in one simple query; each row starts with what it describes.
 ///
-/// `f` function name, all overloads immutable, some user-defined one volatile. An aggregate
-/// outside pg_catalog ranks as the worst of itself and its support functions (pg_aggregate),
-/// as Postgres marks every aggregate immutable. Built-in aggregates are taken as marked.
+/// `f` function name, all overloads immutable, some user-defined one volatile, no overload worse
+/// than a built-in STABLE one. An aggregate outside pg_catalog ranks as the worst of itself and
+/// its support functions (pg_aggregate), as Postgres marks every aggregate immutable. Built-in
+/// aggregates are taken as marked.
 ///
 /// `o` operator name (outside pg_catalog, function not immutable): immutable, may write.
 ///
@@ -151,7 +229,8 @@ pub enum CatalogError {
 /// `p` table, another relation its row-level security policies depend on (pg_depend).
 const CATALOG_SQL: &str = "\
 SELECT 'f', p.proname, bool_and(greatest(r.own, r.support) = 0), \
- bool_or(greatest(r.own, r.support) = 2 AND n.nspname <> 'pg_catalog') \
+ bool_or(greatest(r.own, r.support) = 2 AND n.nspname <> 'pg_catalog'), \
+ bool_and(greatest(r.own, r.support) = 0 OR (r.own = 1 AND n.nspname = 'pg_catalog')) \
  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
  CROSS JOIN LATERAL (SELECT CASE p.provolatile WHEN 'v' THEN 2 WHEN 's' THEN 1 ELSE 0 END AS own, \
   (SELECT max(CASE s.provolatile WHEN 'v' THEN 2 WHEN 's' THEN 1 ELSE 0 END) \
@@ -219,6 +298,14 @@ async fn load(pool: &Arc<Pool>) -> Result<Catalog, CatalogError> {
 fn from_rows(rows: &[Vec<Option<String>>]) -> Catalog {
     let mut catalog = Catalog::default();
     for row in rows {
+        if let [Some(kind), Some(name), Some(immutable), Some(may_write), Some(builtin_stable)] = row.as_slice() {
+            if kind == "f" {
+                let keyed = builtin_stable == "t" && KEYED_STABLE.contains(&name.as_str());
+                let facts = FunctionFacts { immutable: immutable == "t" || keyed, may_write: may_write == "t" };
+                catalog.functions.insert(name.clone(), facts);
+            }
+            continue;
+        }
         let [Some(kind), Some(name), Some(a), Some(b)] = row.as_slice() else {
             if let [Some(kind), Some(from), Some(to)] = row.as_slice() {
                 match kind.as_str() {
@@ -273,8 +360,12 @@ mod tests {
     #[test]
     fn rows_become_facts() {
         let c = from_rows(&[
-            row(&["f", "lower", "t", "f"]),
-            row(&["f", "logged_sum", "f", "t"]),
+            row(&["f", "lower", "t", "f", "t"]),
+            row(&["f", "logged_sum", "f", "t", "f"]),
+            row(&["f", "to_char", "f", "f", "t"]),
+            row(&["f", "now", "f", "f", "t"]),
+            // A user-defined STABLE overload: the name no longer qualifies.
+            row(&["f", "format", "f", "f", "f"]),
             row(&["o", "#+#", "f", "t"]),
             row(&["c", "mytype", "f", "f"]),
             row(&["c", "other", "t", "t"]),
@@ -290,6 +381,9 @@ mod tests {
         assert_eq!(c.policy_reads["docs"], ["grants"]);
         assert_eq!(c.functions["lower"], FunctionFacts { immutable: true, may_write: false });
         assert_eq!(c.functions["logged_sum"], FunctionFacts { immutable: false, may_write: true });
+        assert_eq!(c.functions["to_char"], FunctionFacts { immutable: true, may_write: false });
+        assert_eq!(c.functions["now"], FunctionFacts { immutable: false, may_write: false });
+        assert_eq!(c.functions["format"], FunctionFacts { immutable: false, may_write: false });
         assert_eq!(c.operators["#+#"], FunctionFacts { immutable: false, may_write: true });
         assert_eq!(c.casts["mytype"], FunctionFacts { immutable: false, may_write: false });
         assert_eq!(c.implicit_casts, Some(FunctionFacts { immutable: false, may_write: true }));
