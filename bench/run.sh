@@ -201,6 +201,47 @@ bench_cache() {
     report "targets: read-only cache/direct >= 2x at 32 clients; read-only latency cache/direct <= 50% at 1 client"
 }
 
+# run_grid LABEL "CLIENT COUNTS" "TARGETS" [PGBENCH ARGS...]: RUNS rounds of one pgbench run
+# per target (its port in the caller's associative array `port`) at each client count, targets
+# interleaved within a round. Appends each run's TPS and latency to the caller's `tps` and `lat`,
+# keyed "clients|target".
+run_grid() {
+    local label=$1 count_list=$2 target_list=$3 clients run target key result
+    shift 3
+    for clients in $count_list; do
+        for ((run = 1; run <= RUNS; run++)); do
+            for target in $target_list; do
+                key="$clients|$target"
+                log "$label: $target -c $clients run $run/$RUNS"
+                if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
+                    "$SECS" "$@" -c "$clients" -j "$((clients > 1 ? 2 : 1))"); then
+                    tps[$key]+="${result% *} "
+                    lat[$key]+="${result#* } "
+                else
+                    FAILURES=$((FAILURES + 1))
+                fi
+            done
+        done
+    done
+}
+
+# report_grid "CLIENT COUNTS" "TARGETS" TARGET_COLUMN: the medians of the caller's `tps` and `lat`
+# into its `mt` and `ml`, and a table of them.
+report_grid() {
+    local count_list=$1 target_list=$2 clients target key
+    reportf '%7s %-8s %12s %10s\n' clients "$3" tps lat_ms
+    for clients in $count_list; do
+        for target in $target_list; do
+            key="$clients|$target"
+            # shellcheck disable=SC2086
+            mt[$key]=$(median ${tps[$key]:-})
+            # shellcheck disable=SC2086
+            ml[$key]=$(median ${lat[$key]:-})
+            reportf '%7s %-8s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
+        done
+    done
+}
+
 # The cache where it is meant to be used: PostgreSQL far away. A delay proxy
 # (bench/delay_proxy.rs) holds every chunk FAR_DELAY_US each way between the clients, or pgwarp,
 # and PostgreSQL; pgwarp runs next to the clients. Hot point selects (read-only), directly over
@@ -221,40 +262,15 @@ bench_far_origin() {
     local nocache_port=$PGWARP_PORT
     start_pgwarp target/release/pgwarp "$origin" "$POOL_SIZE"
     local -A port=([direct]=$proxy_port [nocache]=$nocache_port [cache]=$PGWARP_PORT)
-    local -A tps=() lat=()
-    local targets=(direct nocache cache) clients run target key result
+    local -A tps=() lat=() mt=() ml=()
+    local clients
     # Warm the cache untimed: every hot key once, at the far round trip.
     pgbench_once "${port[cache]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 5 -M prepared -c 16 -j 2 \
         -f "$read" >/dev/null || true
-    for clients in 1 32; do
-        for ((run = 1; run <= RUNS; run++)); do
-            for target in "${targets[@]}"; do
-                key="$clients|$target"
-                log "far origin: $target -c $clients run $run/$RUNS"
-                if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
-                    "$SECS" -M prepared -c "$clients" -j "$((clients > 1 ? 2 : 1))" -f "$read"); then
-                    tps[$key]+="${result% *} "
-                    lat[$key]+="${result#* } "
-                else
-                    FAILURES=$((FAILURES + 1))
-                fi
-            done
-        done
-    done
+    run_grid "far origin" "1 32" "direct nocache cache" -M prepared -f "$read"
     report ""
     report "== far origin: PostgreSQL behind a ${FAR_DELAY_US}us-each-way delay proxy, point selects over 1000 hot keys, pgbench -M prepared (median of $RUNS runs x ${SECS}s) =="
-    reportf '%7s %-8s %12s %10s\n' clients target tps lat_ms
-    local -A mt=() ml=()
-    for clients in 1 32; do
-        for target in "${targets[@]}"; do
-            key="$clients|$target"
-            # shellcheck disable=SC2086
-            mt[$key]=$(median ${tps[$key]:-})
-            # shellcheck disable=SC2086
-            ml[$key]=$(median ${lat[$key]:-})
-            reportf '%7s %-8s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
-        done
-    done
+    report_grid "1 32" "direct nocache cache" target
     for clients in 1 32; do
         report "far origin, $clients clients: cache/direct TPS $(ratio "${mt[$clients|cache]}" "${mt[$clients|direct]}"), latency cache/direct $(percent "${ml[$clients|cache]}" "${ml[$clients|direct]}")"
     done
@@ -275,38 +291,12 @@ bench_tunnel() {
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache \
         --tunnel-url "ws://127.0.0.1:$tunnel_port/" --tunnel-client-id bench --tunnel-client-secret bench-secret
     local -A port=([tcp]=$plain_port [tunnel]=$PGWARP_PORT)
-    local -A tps=() lat=()
-    local clients run target key result
+    local -A tps=() lat=() mt=() ml=()
     pgbench_once "${port[tunnel]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
-    for clients in 1 32; do
-        for ((run = 1; run <= RUNS; run++)); do
-            for target in tcp tunnel; do
-                key="$clients|$target"
-                log "tunnel: pgwarp over $target -c $clients run $run/$RUNS"
-                if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" "$SECS" \
-                    -S -M extended -c "$clients" -j "$((clients > 1 ? 2 : 1))"); then
-                    tps[$key]+="${result% *} "
-                    lat[$key]+="${result#* } "
-                else
-                    FAILURES=$((FAILURES + 1))
-                fi
-            done
-        done
-    done
+    run_grid tunnel "1 32" "tcp tunnel" -S -M extended
     report ""
     report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP vs over pgwarp tunnel (ws://) =="
-    reportf '%7s %-7s %12s %10s\n' clients origin tps lat_ms
-    local -A mt=() ml=()
-    for clients in 1 32; do
-        for target in tcp tunnel; do
-            key="$clients|$target"
-            # shellcheck disable=SC2086
-            mt[$key]=$(median ${tps[$key]:-})
-            # shellcheck disable=SC2086
-            ml[$key]=$(median ${lat[$key]:-})
-            reportf '%7s %-7s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
-        done
-    done
+    report_grid "1 32" "tcp tunnel" origin
     report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms"
 }
 
