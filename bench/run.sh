@@ -112,13 +112,15 @@ bench_cache() {
     # The round trip with next to no server work: Postgres answering SELECT 1, and a stand-in
     # server that answers the same point select from a canned row (bench/canned_server.rs). No
     # server, pooler or cache answers a client on this machine faster than the latter.
-    local floor=$BENCH_DIR/cache-floor.sql floor_lat="" canned_lat="" canned_port canned_log=$BENCH_DIR/canned.log
-    printf 'SELECT 1;\n' >"$floor"
+    local select1=$BENCH_DIR/cache-floor.sql canned_port canned_log=$BENCH_DIR/canned.log floor
+    printf 'SELECT 1;\n' >"$select1"
     free_port canned_port
     target/release/examples/canned_server --listen "127.0.0.1:$canned_port" >"$canned_log" 2>&1 </dev/null &
     local canned_pid=$!
     on_exit "stop_pid $canned_pid"
     wait_for_port "$canned_port" "$canned_pid" 15 canned_server "$canned_log"
+    local -A floor_port=([select1]=$PG_PORT [canned]=$canned_port) floor_script=([select1]=$select1 [canned]=$read)
+    local -A floor_lat=()
     local plain_port=${TARGET_PORT[pgwarp]}
     start_pgwarp target/release/pgwarp \
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE"
@@ -151,20 +153,15 @@ bench_cache() {
                     fi
                 done
                 if [[ $workload == read-only && $clients == 1 ]]; then
-                    log "cache: direct SELECT 1 -c 1 run $run/$RUNS"
-                    if result=$(pgbench_once "$PG_PORT" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
-                        "$SECS" -M prepared -c 1 -j 1 -f "$floor"); then
-                        floor_lat+="${result#* } "
-                    else
-                        FAILURES=$((FAILURES + 1))
-                    fi
-                    log "cache: canned-answer server -c 1 run $run/$RUNS"
-                    if result=$(pgbench_once "$canned_port" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
-                        "$SECS" -M prepared -c 1 -j 1 -f "$read"); then
-                        canned_lat+="${result#* } "
-                    else
-                        FAILURES=$((FAILURES + 1))
-                    fi
+                    for floor in select1 canned; do
+                        log "cache: floor ($floor) -c 1 run $run/$RUNS"
+                        if result=$(pgbench_once "${floor_port[$floor]}" "$BENCH_USER" "$BENCH_PASSWORD" \
+                            "$BENCH_DB" "$SECS" -M prepared -c 1 -j 1 -f "${floor_script[$floor]}"); then
+                            floor_lat[$floor]+="${result#* } "
+                        else
+                            FAILURES=$((FAILURES + 1))
+                        fi
+                    done
                 fi
             done
         done
@@ -196,8 +193,12 @@ bench_cache() {
         done
     done
     # shellcheck disable=SC2086
-    report "loopback round-trip floor at 1 client, median latency: direct SELECT 1 $(median $floor_lat) ms;" \
-        "a canned-answer server (no work at all) $(median $canned_lat) ms, $(percent "$(median $canned_lat)" "${ml[read-only|1|direct]}") of direct"
+    local canned_med
+    # shellcheck disable=SC2086
+    canned_med=$(median ${floor_lat[canned]:-})
+    # shellcheck disable=SC2086
+    report "loopback round-trip floor at 1 client, median latency: direct SELECT 1 $(median ${floor_lat[select1]:-}) ms;" \
+        "a canned-answer server (no work at all) $canned_med ms, $(percent "$canned_med" "${ml[read-only|1|direct]}") of direct"
     report "targets: read-only cache/direct >= 2x at 32 clients; read-only latency cache/direct <= 50% at 1 client"
 }
 
