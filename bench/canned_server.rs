@@ -1,8 +1,9 @@
 //! A stand-in for PostgreSQL that does no work: it speaks just enough of the protocol to answer
 //! pgbench's select-only transactions (and the cache bench's point select) with one canned row,
 //! from a blocking thread per connection. bench/run.sh times it at one client to show the
-//! floor under every latency on this machine: the loopback round trip plus pgbench itself,
-//! which no server, pooler or cache can answer below.
+//! floor under every latency on this machine for a server that sleeps while it waits: the
+//! loopback round trip, the wake-ups of two halted CPUs, and pgbench itself. A server that
+//! polls instead of sleeping (pgwarp's `busy_poll`) saves one of those wake-ups.
 //!
 //! Usage: `canned_server --listen ADDR`
 //!

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_duration, AuthMethod, Config, ConfigError};
+use crate::config::{parse_duration, AuthMethod, Config, ConfigError, MAX_BUSY_POLL};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +60,9 @@ pub struct TunnelArgs {
     /// Worker threads that relay sessions; 0 means one per CPU core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
+    /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off.
+    #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll, default_value = "50us")]
+    pub busy_poll: Duration,
     /// Log level or tracing filter.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -103,6 +106,10 @@ pub struct RunArgs {
     /// Worker threads, each with its share of every pool; 0 means one per CPU core [default: 0].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off, at
+    /// most 1ms [default: 50us].
+    #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll)]
+    pub busy_poll: Option<Duration>,
     /// How clients prove their password [default: scram-sha-256].
     #[arg(long, value_name = "METHOD")]
     pub auth_method: Option<AuthMethod>,
@@ -197,6 +204,9 @@ impl RunArgs {
         if let Some(v) = self.workers {
             c.workers = v;
         }
+        if let Some(v) = self.busy_poll {
+            c.busy_poll = v;
+        }
         if let Some(v) = self.auth_method {
             c.auth_method = v;
         }
@@ -229,6 +239,15 @@ impl RunArgs {
     }
 }
 
+/// A `busy_poll` duration: at most [`MAX_BUSY_POLL`].
+fn parse_busy_poll(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_BUSY_POLL {
+        return Err("must be at most 1ms (0 turns it off)".into());
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +278,15 @@ mod tests {
         assert!(parse(&["--pool-timeout", "forever"]).is_err());
         let cli = parse(&["--origin", "postgres://a@h/db", "--pool-size", "0"]).unwrap();
         assert!(cli.run.into_config(None).is_err());
+        assert!(parse(&["--busy-poll", "2ms"]).is_err());
+        assert!(parse(&["--busy-poll", "soon"]).is_err());
+    }
+
+    #[test]
+    fn busy_poll_defaults_to_50us_and_zero_turns_it_off() {
+        let c = parse(&["--origin", "postgres://a@h/db"]).unwrap().run.into_config(None).unwrap();
+        assert_eq!(c.busy_poll, Duration::from_micros(50));
+        let c = parse(&["--origin", "postgres://a@h/db", "--busy-poll", "0"]).unwrap().run.into_config(None).unwrap();
+        assert!(c.busy_poll.is_zero());
     }
 }

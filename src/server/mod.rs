@@ -202,7 +202,8 @@ impl Server {
             (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
             _ => None,
         };
-        let workers = Workers::start(workers::resolve(config.workers)).map_err(ServerError::Workers)?;
+        let workers =
+            Workers::start(workers::resolve(config.workers), config.busy_poll).map_err(ServerError::Workers)?;
         let pools = PoolSet::new(
             target,
             PoolConfig {

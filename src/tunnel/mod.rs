@@ -53,6 +53,9 @@ pub struct TunnelConfig {
     pub ws: WsConfig,
     /// Worker threads relaying sessions; 0 means one per CPU core.
     pub workers: usize,
+    /// How long a worker polls for more I/O after work before it sleeps (see the server's
+    /// `busy_poll`); zero turns it off.
+    pub busy_poll: std::time::Duration,
 }
 
 impl fmt::Debug for TunnelConfig {
@@ -66,6 +69,7 @@ impl fmt::Debug for TunnelConfig {
             .field("max_sessions", &self.max_sessions)
             .field("ws", &self.ws)
             .field("workers", &self.workers)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -121,7 +125,7 @@ impl Tunnel {
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             ws: config.ws.protocol_config(),
         };
-        let workers = Workers::start(crate::workers::resolve(config.workers))
+        let workers = Workers::start(crate::workers::resolve(config.workers), config.busy_poll)
             .map_err(|source| TunnelError::Bind { addr: config.listen, source })?;
         Ok(Tunnel { listener, local_addr, shared: Arc::new(shared), workers })
     }
