@@ -341,7 +341,7 @@ report_header() {
     if ((SKIP_PGWARP)); then
         report "pgwarp:    skipped (--skip-pgwarp)"
     else
-        report "pgwarp:    --pool-size $POOL_SIZE --max-client-conn 10000 --log-level warn, busy_poll 50us (default) (--no-cache, a pure pooler, except in the cache bench)"
+        report "pgwarp:    --pool-size $POOL_SIZE --max-client-conn 10000 --log-level warn, busy_poll auto (default) (--no-cache, a pure pooler, except in the cache bench)"
     fi
     report "runs:      $RUNS x ${SECS}s per configuration, targets interleaved; pgbench on the same machine"
 }

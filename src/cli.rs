@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_duration, AuthMethod, Config, ConfigError, MAX_BUSY_POLL};
+use crate::config::{parse_auto_duration, parse_duration, AuthMethod, Config, ConfigError, MAX_BUSY_POLL};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,8 +61,9 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
     /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off.
-    #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll, default_value = "50us")]
-    pub busy_poll: Duration,
+    /// auto: 100us, or 0 under a CPU quota of less than a core per worker.
+    #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll, default_value = "auto")]
+    pub busy_poll: BusyPollArg,
     /// Log level or tracing filter.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -107,9 +108,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off, at
-    /// most 1ms [default: 50us].
+    /// most 1ms. auto: 100us, or 0 under a CPU quota of less than a core per worker
+    /// [default: auto].
     #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll)]
-    pub busy_poll: Option<Duration>,
+    pub busy_poll: Option<BusyPollArg>,
     /// How clients prove their password [default: scram-sha-256].
     #[arg(long, value_name = "METHOD")]
     pub auth_method: Option<AuthMethod>,
@@ -204,7 +206,7 @@ impl RunArgs {
         if let Some(v) = self.workers {
             c.workers = v;
         }
-        if let Some(v) = self.busy_poll {
+        if let Some(BusyPollArg(v)) = self.busy_poll {
             c.busy_poll = v;
         }
         if let Some(v) = self.auth_method {
@@ -239,13 +241,17 @@ impl RunArgs {
     }
 }
 
-/// A `busy_poll` duration: at most [`MAX_BUSY_POLL`].
-fn parse_busy_poll(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d > MAX_BUSY_POLL {
+/// `--busy-poll`: a duration, or None for "auto".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusyPollArg(pub Option<Duration>);
+
+/// A `busy_poll` duration (at most [`MAX_BUSY_POLL`]), or "auto".
+fn parse_busy_poll(s: &str) -> Result<BusyPollArg, String> {
+    let d = parse_auto_duration(s)?;
+    if d.is_some_and(|d| d > MAX_BUSY_POLL) {
         return Err("must be at most 1ms (0 turns it off)".into());
     }
-    Ok(d)
+    Ok(BusyPollArg(d))
 }
 
 #[cfg(test)]
@@ -283,10 +289,27 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_defaults_to_50us_and_zero_turns_it_off() {
+    fn busy_poll_defaults_to_auto_and_zero_turns_it_off() {
         let c = parse(&["--origin", "postgres://a@h/db"]).unwrap().run.into_config(None).unwrap();
-        assert_eq!(c.busy_poll, Duration::from_micros(50));
+        assert_eq!(c.busy_poll, None);
         let c = parse(&["--origin", "postgres://a@h/db", "--busy-poll", "0"]).unwrap().run.into_config(None).unwrap();
-        assert!(c.busy_poll.is_zero());
+        assert_eq!(c.busy_poll, Some(Duration::ZERO));
+        let c =
+            parse(&["--origin", "postgres://a@h/db", "--busy-poll", "auto"]).unwrap().run.into_config(None).unwrap();
+        assert_eq!(c.busy_poll, None);
+    }
+
+    #[test]
+    fn tunnel_busy_poll_flag() {
+        let base =
+            ["tunnel", "--listen", "127.0.0.1:1", "--target", "h:5432", "--client-id", "i", "--client-secret", "s"];
+        let tunnel = |extra: &[&str]| match parse(&[&base[..], extra].concat()).map(|c| c.command) {
+            Ok(Some(Command::Tunnel(t))) => Ok(t.busy_poll),
+            Ok(_) => panic!("not the tunnel command"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(tunnel(&[]).unwrap(), BusyPollArg(None));
+        assert_eq!(tunnel(&["--busy-poll", "30us"]).unwrap(), BusyPollArg(Some(Duration::from_micros(30))));
+        assert!(tunnel(&["--busy-poll", "5ms"]).is_err());
     }
 }

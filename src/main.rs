@@ -63,7 +63,7 @@ fn run_tunnel(args: TunnelArgs) -> ExitCode {
         tls: args.tls_cert.zip(args.tls_key),
         max_sessions: args.max_sessions,
         workers: args.workers,
-        busy_poll: args.busy_poll,
+        busy_poll: args.busy_poll.0,
         ws: pgwarp::transport::websocket::WsConfig::default(),
     };
     runtime.block_on(async move {

@@ -75,7 +75,7 @@ impl RunningTunnel {
             max_sessions,
             ws: WsConfig::default(),
             workers: 2,
-            busy_poll: pgwarp::config::DEFAULT_BUSY_POLL,
+            busy_poll: None,
         };
         let tunnel = Tunnel::bind(config).await.expect("bind the tunnel");
         let addr = tunnel.local_addr();

@@ -235,7 +235,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("connect_timeout", duration(c.connect_timeout)),
         ("shutdown_timeout", duration(c.shutdown_timeout)),
         ("workers", c.workers.to_string()),
-        ("busy_poll", duration(c.busy_poll)),
+        ("busy_poll", c.busy_poll.map_or_else(|| "auto".to_string(), duration)),
         ("auth_method", format!("{:?}", c.auth_method)),
         ("statement_cache_size", c.statement_cache_size.to_string()),
         ("cache.enabled", c.cache.enabled.to_string()),

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use origin_url::{OriginUrl, SslMode};
+pub use units::parse_auto_duration;
 pub(crate) use units::{de_byte_size, de_duration};
 pub use units::{parse_byte_size, parse_duration};
 
@@ -32,8 +33,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// The default `busy_poll`: about one wake-up of a sleeping vCPU plus a point select.
-pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+/// `busy_poll` when it is "auto" and the CPU quota allows: a wake-up of a halted vCPU plus a
+/// point select, with room.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
 /// Past this a poll is a spin, not a wait for the next message.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
@@ -95,12 +97,13 @@ pub struct Config {
     /// Worker threads; 0 (the default) means one per CPU core. Each runs its clients on its own
     /// share of every pool (see `workers`).
     pub workers: usize,
-    /// How long a worker that has just done work polls for more before it sleeps ("50us"; 0
+    /// How long a worker that has just done work polls for more before it sleeps ("100us"; 0
     /// turns it off; at most 1ms). It spares each hop the wake-up of a sleeping CPU (tens of
-    /// microseconds on a VM) at the price of CPU time while polling; the window shrinks by
-    /// itself when traffic is sparse. Default 50us.
-    #[serde(deserialize_with = "units::de_duration")]
-    pub busy_poll: Duration,
+    /// microseconds on a VM) at the price of CPU time while polling, and stops by itself when
+    /// traffic is sparse. "auto" (the default, None here) is 100us, or 0 when the process's
+    /// CPU quota (cgroup) is less than one core per worker.
+    #[serde(default, deserialize_with = "units::de_auto_duration")]
+    pub busy_poll: Option<Duration>,
     /// Longest protocol message accepted, in bytes or with a unit ("256MiB"). Hard ceiling 1GiB.
     #[serde(deserialize_with = "units::de_byte_size")]
     pub max_message_size: usize,
@@ -153,7 +156,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
             workers: 0,
-            busy_poll: DEFAULT_BUSY_POLL,
+            busy_poll: None,
             max_message_size: 256 << 20,
             auth_method: AuthMethod::ScramSha256,
             statement_cache_size: 200,
@@ -231,7 +234,7 @@ impl Config {
                 return invalid("tunnel_url", "must start with ws:// or wss://");
             }
         }
-        if self.busy_poll > MAX_BUSY_POLL {
+        if self.busy_poll.is_some_and(|d| d > MAX_BUSY_POLL) {
             return invalid("busy_poll", "must be at most 1ms (0 turns it off)");
         }
         if self.cache.max_age > Duration::from_secs(3600) {

@@ -28,6 +28,19 @@ pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// A duration, or "auto" for None.
+pub(crate) fn de_auto_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_auto_duration(&s).map_err(serde::de::Error::custom)
+}
+
+pub fn parse_auto_duration(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim() == "auto" {
+        return Ok(None);
+    }
+    parse_duration(s).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum SizeValue {

@@ -202,8 +202,9 @@ impl Server {
             (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
             _ => None,
         };
+        let n = workers::resolve(config.workers);
         let workers =
-            Workers::start(workers::resolve(config.workers), config.busy_poll).map_err(ServerError::Workers)?;
+            Workers::start(n, workers::resolve_busy_poll(config.busy_poll, n)).map_err(ServerError::Workers)?;
         let pools = PoolSet::new(
             target,
             PoolConfig {
@@ -273,7 +274,12 @@ impl Server {
     pub async fn run(self) {
         let Server { ctx, listener, workers, admin } = self;
         let tracker = TaskTracker::new();
-        tracing::info!(listen = %ctx.config().listen, workers = workers.len(), "pgwarp accepting clients");
+        tracing::info!(
+            listen = %ctx.config().listen,
+            workers = workers.len(),
+            busy_poll = ?workers.busy_poll(),
+            "pgwarp accepting clients"
+        );
         // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
         let _admin = admin.map(|admin| {
             if let Ok(addr) = admin.local_addr() {

@@ -54,8 +54,8 @@ pub struct TunnelConfig {
     /// Worker threads relaying sessions; 0 means one per CPU core.
     pub workers: usize,
     /// How long a worker polls for more I/O after work before it sleeps (see the server's
-    /// `busy_poll`); zero turns it off.
-    pub busy_poll: std::time::Duration,
+    /// `busy_poll`); zero turns it off, None is "auto".
+    pub busy_poll: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for TunnelConfig {
@@ -125,7 +125,8 @@ impl Tunnel {
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             ws: config.ws.protocol_config(),
         };
-        let workers = Workers::start(crate::workers::resolve(config.workers), config.busy_poll)
+        let n = crate::workers::resolve(config.workers);
+        let workers = Workers::start(n, crate::workers::resolve_busy_poll(config.busy_poll, n))
             .map_err(|source| TunnelError::Bind { addr: config.listen, source })?;
         Ok(Tunnel { listener, local_addr, shared: Arc::new(shared), workers })
     }

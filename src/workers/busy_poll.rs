@@ -11,6 +11,11 @@
 //! process on the same core runs first; only then does it sleep. This is what Linux's
 //! `net.core.busy_poll` and KVM's halt polling do, one level up.
 //!
+//! Polling must not keep a CPU from another process. Each turn yields first; a turn that took
+//! long (another process ran in the yield) ends the polling, and so does a machine where more
+//! tasks are runnable than there are CPUs (`run_queue`): a CPU that polls looks busy, so the
+//! kernel would not move a waiting task onto it.
+//!
 //! Polling only pays when the next event comes soon. Each idle gap (from the moment the worker
 //! ran out of work to the moment it had work again) is a hit if it was no longer than
 //! `busy_poll`, whether a poll caught it or a sleep did; the worker polls while at least half of
@@ -22,10 +27,25 @@
 
 use std::time::{Duration, Instant};
 
+use crate::config::DEFAULT_BUSY_POLL;
+
+/// The `busy_poll` to run with: the configured one, or for "auto" (None) the default, unless the
+/// process may use less than a core per worker (`quota`, in cores): polling would then spend
+/// the quota on waiting and get the process throttled.
+pub fn resolve(configured: Option<Duration>, workers: usize, quota: Option<f64>) -> Duration {
+    match (configured, quota) {
+        (Some(d), _) => d,
+        (None, Some(cores)) if cores < workers as f64 => Duration::ZERO,
+        (None, _) => DEFAULT_BUSY_POLL,
+    }
+}
+
 /// The hit average is kept in 1/256ths; each gap moves it an eighth of the way.
 const FULL: u32 = 256;
 /// Poll while the hit average is at least this (one half).
 const THRESHOLD: u32 = FULL / 2;
+/// A poll turn longer than this means another process ran in it.
+const CONTENDED: Duration = Duration::from_micros(20);
 
 /// One worker's busy-poll state.
 #[derive(Debug)]
@@ -48,17 +68,24 @@ impl BusyPoll {
         BusyPoll { max, hits: FULL, idle_since: None, looked: None, slept: false }
     }
 
-    /// The worker has nothing to run. `worked`: whether it ran any task since the last call.
+    /// The worker has nothing to run. `worked`: whether it ran any task since the last call;
+    /// `crowded`: whether another process is waiting for a CPU (asked only before a poll).
     /// Returns true to poll for I/O once more, false to sleep until an event.
-    pub fn idle(&mut self, now: Instant, worked: bool) -> bool {
+    pub fn idle(&mut self, now: Instant, worked: bool, crowded: impl FnOnce() -> bool) -> bool {
         if worked {
             if let (Some(since), Some(looked)) = (self.idle_since, self.looked) {
                 self.record(looked.saturating_duration_since(since));
             }
             self.idle_since = Some(now);
         }
+        // A poll turn takes a microsecond or two. A longer one means the yield let another
+        // process run: the CPU is wanted, and polling on would take turns from it.
+        let contended =
+            !worked && !self.slept && self.looked.is_some_and(|at| now.saturating_duration_since(at) > CONTENDED);
         let poll = match self.idle_since {
-            Some(since) => self.polling() && now.saturating_duration_since(since) < self.max,
+            Some(since) => {
+                !contended && self.polling() && now.saturating_duration_since(since) < self.max && !crowded()
+            }
             None => false,
         };
         self.looked = Some(now);
@@ -99,7 +126,7 @@ mod tests {
         let mut now = *t;
         let mut worked = true;
         loop {
-            if !p.idle(now, std::mem::take(&mut worked)) {
+            if !p.idle(now, std::mem::take(&mut worked), || false) {
                 p.woke(end);
                 *t = end + us(3);
                 return false;
@@ -113,25 +140,66 @@ mod tests {
     }
 
     #[test]
+    fn auto_polls_unless_the_cpu_quota_is_below_a_core_per_worker() {
+        assert_eq!(resolve(None, 2, None), DEFAULT_BUSY_POLL);
+        assert_eq!(resolve(None, 2, Some(2.0)), DEFAULT_BUSY_POLL);
+        assert_eq!(resolve(None, 2, Some(1.5)), Duration::ZERO);
+        assert_eq!(resolve(None, 1, Some(0.25)), Duration::ZERO);
+        assert_eq!(resolve(Some(us(30)), 1, Some(0.25)), us(30));
+        assert_eq!(resolve(Some(Duration::ZERO), 2, None), Duration::ZERO);
+    }
+
+    #[test]
     fn an_idle_worker_that_never_worked_sleeps() {
         let mut p = BusyPoll::new(us(50));
         let t = Instant::now();
-        assert!(!p.idle(t, false));
+        assert!(!p.idle(t, false, || false));
         p.woke(t + us(1000));
-        assert!(!p.idle(t + us(1001), false));
+        assert!(!p.idle(t + us(1001), false, || false));
     }
 
     #[test]
     fn polls_for_up_to_busy_poll_after_work_then_sleeps() {
         let mut p = BusyPoll::new(us(50));
         let t = Instant::now();
-        assert!(p.idle(t, true));
-        assert!(p.idle(t + us(20), false));
-        assert!(p.idle(t + us(49), false));
-        assert!(!p.idle(t + us(50), false));
+        assert!(p.idle(t, true, || false));
+        for n in 1..50 {
+            assert!(p.idle(t + us(n), false, || false), "turn {n}");
+        }
+        assert!(!p.idle(t + us(50), false, || false));
         // Work restarts the window.
-        assert!(p.idle(t + us(60), true));
-        assert!(p.idle(t + us(100), false));
+        p.woke(t + us(60));
+        assert!(p.idle(t + us(61), true, || false));
+        assert!((2..=50).all(|n| p.idle(t + us(60 + n), false, || false)));
+    }
+
+    #[test]
+    fn a_poll_turn_that_another_process_took_ends_the_polling() {
+        let mut p = BusyPoll::new(us(100));
+        let t = Instant::now();
+        assert!(p.idle(t, true, || false));
+        assert!(p.idle(t + us(2), false, || false));
+        // The yield in that turn ran someone else for 30 µs: sleep rather than take turns.
+        assert!(!p.idle(t + us(32), false, || false));
+        // A long turn spent on our own work is not contention.
+        p.woke(t + us(40));
+        assert!(p.idle(t + us(41), true, || false));
+        assert!(p.idle(t + us(90), true, || false));
+    }
+
+    #[test]
+    fn a_process_waiting_for_a_cpu_vetoes_polling() {
+        let mut p = BusyPoll::new(us(100));
+        let t = Instant::now();
+        assert!(!p.idle(t, true, || true));
+        // Asked only when polling is otherwise due.
+        p.woke(t + us(500));
+        let mut asked = false;
+        assert!(!p.idle(t + us(5000), false, || {
+            asked = true;
+            false
+        }));
+        assert!(!asked);
     }
 
     #[test]

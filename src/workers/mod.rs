@@ -12,6 +12,8 @@
 //! A worker that runs out of work polls for I/O a little before it sleeps (`busy_poll`).
 
 mod busy_poll;
+mod quota;
+mod run_queue;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -25,6 +27,7 @@ use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
 use busy_poll::BusyPoll;
+use run_queue::RunQueue;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -40,6 +43,7 @@ struct Idle {
     polls_seen: u64,
     /// Wakes the worker's `block_on` future: a woken runtime checks I/O without blocking.
     keep_awake: Option<Waker>,
+    run_queue: RunQueue,
 }
 
 /// The runtime's park hook: it runs each time the worker has no task left. Waking the
@@ -50,11 +54,13 @@ fn before_park() {
         let polls = POLLS.with(Cell::get);
         let worked = polls != idle.polls_seen;
         idle.polls_seen = polls;
-        let Some(poll) = idle.poll.as_mut() else { return };
-        if poll.idle(Instant::now(), worked) {
+        let Idle { poll, run_queue, keep_awake, .. } = &mut *idle;
+        let Some(poll) = poll.as_mut() else { return };
+        let now = Instant::now();
+        if poll.idle(now, worked, || run_queue.crowded(now)) {
             // Let a database or client process that shares this core run first.
             std::thread::yield_now();
-            if let Some(waker) = &idle.keep_awake {
+            if let Some(waker) = keep_awake {
                 waker.wake_by_ref();
             }
         }
@@ -101,6 +107,7 @@ pub fn current() -> usize {
 /// The worker threads, stopped (and what they run dropped) when this is dropped.
 pub struct Workers {
     workers: Vec<Worker>,
+    busy_poll: Duration,
 }
 
 struct Worker {
@@ -136,7 +143,12 @@ impl Workers {
             })?;
             workers.push(Worker { handle, live: Arc::new(AtomicUsize::new(0)), _stop: stop });
         }
-        Ok(Workers { workers })
+        Ok(Workers { workers, busy_poll })
+    }
+
+    /// How long each worker polls after work before it sleeps.
+    pub fn busy_poll(&self) -> Duration {
+        self.busy_poll
     }
 
     pub fn len(&self) -> usize {
@@ -173,6 +185,21 @@ impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The busy-poll window for `workers` workers: `configured`, or for "auto" (None) the default
+/// unless the process's CPU quota is below one core per worker (see `busy_poll`).
+pub fn resolve_busy_poll(configured: Option<Duration>, workers: usize) -> Duration {
+    let quota = quota::cpu_quota();
+    let resolved = busy_poll::resolve(configured, workers, quota);
+    if configured.is_none() && resolved.is_zero() {
+        tracing::info!(
+            cpu_quota = quota.unwrap_or_default(),
+            workers,
+            "busy polling off: the CPU quota is less than one core per worker (set busy_poll to override)"
+        );
+    }
+    resolved
 }
 
 /// How many workers `configured` means: 0 is one per core.
