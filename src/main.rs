@@ -41,7 +41,9 @@ fn main() -> ExitCode {
 fn start(level: &str) -> Option<tokio::runtime::Runtime> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal: escape codes in a log file or a container's log are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {

@@ -277,7 +277,7 @@ impl Server {
         tracing::info!(
             listen = %ctx.config().listen,
             workers = workers.len(),
-            busy_poll = ?workers.busy_poll(),
+            busy_poll = %humantime::format_duration(workers.busy_poll()),
             "pgwarp accepting clients"
         );
         // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
