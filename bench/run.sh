@@ -279,7 +279,9 @@ bench_far_origin() {
 }
 
 # The WebSocket tunnel: pgbench -S through pgwarp over `pgwarp tunnel` (ws://, loopback) against
-# pgwarp over plain TCP. Target: the tunnel costs <= 15% TPS at 32 clients.
+# pgwarp over plain TCP. Target: the tunnel costs <= 15% TPS at 32 clients. The floor beside
+# them: pgwarp through a bare TCP relay process (bench/tcp_relay.rs), the cost of any far end
+# before it frames a byte.
 bench_tunnel() {
     ((SKIP_PGWARP)) && return 0
     local plain_port=${TARGET_PORT[pgwarp]} tunnel_port log=$BENCH_DIR/tunnel.log
@@ -292,14 +294,26 @@ bench_tunnel() {
     start_pgwarp target/release/pgwarp \
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache \
         --tunnel-url "ws://127.0.0.1:$tunnel_port/" --tunnel-client-id bench --tunnel-client-secret bench-secret
-    local -A port=([tcp]=$plain_port [tunnel]=$PGWARP_PORT)
+    local tunnel_pgwarp=$PGWARP_PORT relay_port relay_log=$BENCH_DIR/tcp_relay.log
+    free_port relay_port
+    target/release/examples/tcp_relay --listen "127.0.0.1:$relay_port" --target "127.0.0.1:$PG_PORT" \
+        >"$relay_log" 2>&1 </dev/null &
+    local relay_pid=$!
+    on_exit "stop_pid $relay_pid"
+    wait_for_port "$relay_port" "$relay_pid" 15 tcp_relay "$relay_log"
+    start_pgwarp target/release/pgwarp \
+        "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$relay_port/$BENCH_DB" "$POOL_SIZE" --no-cache
+    local -A port=([tcp]=$plain_port [relay]=$PGWARP_PORT [tunnel]=$tunnel_pgwarp)
     local -A tps=() lat=() mt=() ml=()
-    pgbench_once "${port[tunnel]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
-    run_grid tunnel "1 32" "tcp tunnel" -S -M extended
+    local target
+    for target in relay tunnel; do
+        pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
+    done
+    run_grid tunnel "1 32" "tcp relay tunnel" -S -M extended
     report ""
-    report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP vs over pgwarp tunnel (ws://) =="
-    report_grid "1 32" "tcp tunnel" origin
-    report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms"
+    report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), and over pgwarp tunnel (ws://) =="
+    report_grid "1 32" "tcp relay tunnel" origin
+    report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x; the bare relay: $(ratio "${mt[32|relay]}" "${mt[32|tcp]}")); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms (relay: $(difference "${ml[1|relay]}" "${ml[1|tcp]}") ms)"
 }
 
 # percent A B: A as a percentage of B, or "-".
@@ -321,7 +335,7 @@ build() {
         cargo build --release --quiet --example idle_clients
     else
         cargo build --release --quiet --bin pgwarp --example idle_clients --example canned_server \
-            --example delay_proxy
+            --example delay_proxy --example tcp_relay
     fi
 }
 
