@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_auto_duration, parse_duration, AuthMethod, Config, ConfigError, MAX_BUSY_POLL};
+use crate::config::{check_busy_poll, parse_auto_duration, parse_duration, AuthMethod, Config, ConfigError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -245,12 +245,11 @@ impl RunArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BusyPollArg(pub Option<Duration>);
 
-/// A `busy_poll` duration (at most [`MAX_BUSY_POLL`]), or "auto".
+/// A `busy_poll` duration (at most 1ms), or "auto". Checked here too because `pgwarp tunnel`
+/// takes it without a `Config`.
 fn parse_busy_poll(s: &str) -> Result<BusyPollArg, String> {
     let d = parse_auto_duration(s)?;
-    if d.is_some_and(|d| d > MAX_BUSY_POLL) {
-        return Err("must be at most 1ms (0 turns it off)".into());
-    }
+    check_busy_poll(d)?;
     Ok(BusyPollArg(d))
 }
 

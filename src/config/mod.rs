@@ -39,6 +39,14 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
 /// Past this a poll is a spin, not a wait for the next message.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
+/// Checks a `busy_poll` value (None: "auto") against [`MAX_BUSY_POLL`].
+pub fn check_busy_poll(busy_poll: Option<Duration>) -> Result<(), &'static str> {
+    match busy_poll {
+        Some(d) if d > MAX_BUSY_POLL => Err("must be at most 1ms (0 turns it off)"),
+        _ => Ok(()),
+    }
+}
+
 /// How pgwarp checks client passwords.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMethod {
@@ -234,8 +242,8 @@ impl Config {
                 return invalid("tunnel_url", "must start with ws:// or wss://");
             }
         }
-        if self.busy_poll.is_some_and(|d| d > MAX_BUSY_POLL) {
-            return invalid("busy_poll", "must be at most 1ms (0 turns it off)");
+        if let Err(message) = check_busy_poll(self.busy_poll) {
+            return invalid("busy_poll", message);
         }
         if self.cache.max_age > Duration::from_secs(3600) {
             return invalid("cache.max_age", "must be at most 1h");

@@ -18,7 +18,9 @@ const FRESH: Duration = Duration::from_micros(200);
 /// A worker's view of the machine's run queue.
 #[derive(Debug, Default)]
 pub struct RunQueue {
+    /// None if /proc/loadavg could not be opened: the run queue is then never crowded.
     loadavg: Option<File>,
+    /// CPUs online; 0 until the first reading, which also opens `loadavg` (once).
     cpus: usize,
     read_at: Option<Instant>,
     crowded: bool,
@@ -31,7 +33,7 @@ impl RunQueue {
             return self.crowded;
         }
         self.read_at = Some(now);
-        if self.loadavg.is_none() {
+        if self.cpus == 0 {
             self.loadavg = File::open("/proc/loadavg").ok();
             self.cpus = std::fs::read_to_string("/sys/devices/system/cpu/online")
                 .ok()
