@@ -590,3 +590,75 @@ async fn pgwarps_own_answers_stay_in_order_between_forwarded_rows() {
     assert_eq!(results[0].1, "12DDDC3tT12DCZ", "direct");
     assert_eq!(results[0], results[1], "direct vs pgwarp");
 }
+
+/// Copy input sent right behind the COPY, before the origin's CopyInResponse (pgx's CopyFrom
+/// does this): every row arrives, in the simple and the extended protocol, with CopyDone or
+/// CopyFail sent early too, and a COPY that fails ignores the early input, as on a direct
+/// connection.
+#[tokio::test]
+async fn copy_input_sent_ahead_of_copy_in_response_runs_like_postgres() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE early_copy (n int); GRANT ALL ON early_copy TO app;");
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let copy = "COPY early_copy FROM STDIN";
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        (
+            "simple, rest later",
+            vec![batch(&[query(copy), copy_data(b"1\n2\n3\n")]), batch(&[copy_data(b"4\n"), copy_done()])],
+        ),
+        ("simple, all at once", vec![batch(&[query(copy), copy_data(b"1\n2\n"), copy_done()])]),
+        ("simple, early CopyFail", vec![batch(&[query(copy), copy_data(b"1\n"), copy_fail("changed my mind")])]),
+        (
+            "extended, Sync with the Execute",
+            vec![batch(&[
+                parse("", copy, &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                sync(),
+                copy_data(b"5\n6\n"),
+                copy_done(),
+                sync(),
+            ])],
+        ),
+        (
+            "extended, no Sync before the data",
+            vec![batch(&[
+                parse("", copy, &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                copy_data(b"7\n"),
+                copy_done(),
+                sync(),
+            ])],
+        ),
+        (
+            "failing COPY ignores the early input",
+            vec![batch(&[query("COPY no_such_table FROM STDIN"), copy_data(b"8\n"), copy_done()])],
+        ),
+    ];
+    let mut results = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        origin.sql("TRUNCATE early_copy");
+        let mut raw = RawClient::connect(port, APP_USER, APP_PASSWORD, APP_DB).await;
+        let mut seen = Vec::new();
+        for (label, sends) in &cases {
+            for (i, bytes) in sends.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                raw.send(bytes).await;
+            }
+            let answer = raw.until_ready().await;
+            if label.starts_with("extended, Sync") {
+                // The first Sync was swallowed by the COPY: one ReadyForQuery in all.
+                assert_eq!(answer.last().map(|m| m.body()[0]), Some(b'I'));
+            }
+            seen.push((label.to_string(), tags(&answer), error_code(&answer)));
+        }
+        raw.send(&query("SELECT string_agg(n::text, ',' ORDER BY n) FROM early_copy")).await;
+        let rows = first_column(&raw.until_ready().await);
+        results.push((seen, rows));
+    }
+    assert_eq!(results[0], results[1], "direct vs pgwarp");
+    assert_eq!(results[1].1, vec![Some("1,1,2,2,3,4,5,6,7".to_string())]);
+}

@@ -155,6 +155,12 @@ impl ResponseQueue {
         self.skipping
     }
 
+    /// A message already sent may still start a COPY FROM STDIN: a client's Execute or simple
+    /// query is unanswered. Until the origin says, copy input sent ahead must wait.
+    pub fn may_start_copy(&self) -> bool {
+        self.entries.iter().any(|e| matches!(e, Expect::Execute | Expect::Query { owner: Owner::Client, .. }))
+    }
+
     /// Answers are owed for messages already sent.
     pub fn has_entries(&self) -> bool {
         !self.entries.is_empty()

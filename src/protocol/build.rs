@@ -174,6 +174,10 @@ pub fn sync() -> Bytes {
     frame(b'S', |_| {})
 }
 
+pub fn flush() -> Bytes {
+    frame(b'H', |_| {})
+}
+
 pub fn terminate() -> Bytes {
     frame(b'X', |_| {})
 }

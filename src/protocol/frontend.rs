@@ -154,6 +154,11 @@ impl<'a> Execute<'a> {
     }
 }
 
+/// Whether a tag is copy input: CopyData, CopyDone or CopyFail.
+pub fn is_copy_input(tag: u8) -> bool {
+    matches!(tag, COPY_DATA | COPY_DONE | COPY_FAIL)
+}
+
 /// Whether a tag is a message a client may send after startup.
 pub fn is_known(tag: u8) -> bool {
     matches!(

@@ -292,8 +292,6 @@ impl Session {
         }
         match tag {
             fe::TERMINATE => Err(End::Terminate),
-            // Outside COPY, Postgres ignores these (a COPY that failed leaves some in flight).
-            fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => Ok(()),
             t if !fe::is_known(t) => Err(End::Protocol(format!("invalid frontend message type {t}"))),
             // Behind input that waits for an answer (`PlanNotes::wait_at`): queued as it is and
             // planned with it once the answer comes (`on_origin`), not re-planned per message.
@@ -301,6 +299,17 @@ impl Session {
                 self.batch_bytes += msg.len();
                 self.batch.push(msg);
                 Ok(())
+            }
+            // Copy input before the origin said a COPY started. With nothing sent or to send,
+            // no COPY can start: Postgres ignores these too (a failed COPY leaves some in
+            // flight). Otherwise the planner holds it until the origin says (`on_origin`).
+            t if fe::is_copy_input(t) => {
+                if self.origin.is_none() && self.batch.is_empty() {
+                    return Ok(());
+                }
+                self.batch_bytes += msg.len();
+                self.batch.push(msg);
+                self.dispatch().await
             }
             fe::SYNC | fe::FLUSH | fe::QUERY | fe::FUNCTION_CALL => {
                 self.batch.push(msg);
@@ -494,10 +503,29 @@ impl Session {
             }
         }
         if self.waiting {
+            if self.batch.first().is_some_and(|m| fe::is_copy_input(m.tag())) {
+                return self.resume_copy_input().await;
+            }
             // Part of the client's input waits for an answer (`PlanNotes::wait_at`): try it
             // again now; it may have to wait more.
             self.waiting = false;
             return self.dispatch().await;
+        }
+        self.maybe_release().await
+    }
+
+    /// Copy input held until the origin said whether a COPY started: once it has (a
+    /// CopyInResponse, or no command left that could start one), the held input goes through
+    /// as if it arrived now: into the COPY, or ignored as Postgres ignores it outside one.
+    async fn resume_copy_input(&mut self) -> Result<(), End> {
+        let undecided = !self.copy_in && self.origin.as_ref().is_some_and(|a| a.queue.may_start_copy());
+        if undecided {
+            return Ok(());
+        }
+        self.waiting = false;
+        self.batch_bytes = 0;
+        for msg in std::mem::take(&mut self.batch) {
+            self.intake(msg).await?;
         }
         self.maybe_release().await
     }

@@ -121,6 +121,17 @@ impl Planner<'_> {
                     self.out.extend_from_slice(msg.frame());
                     self.push(Expect::query(Owner::Client));
                 }
+                // Copy input sent ahead of the origin's CopyInResponse (pgx sends its rows right
+                // behind the COPY): it waits until the origin says whether a COPY started. A
+                // Flush makes it say so in an unfinished extended sequence; Postgres ignores a
+                // Flush while copying in. Where no COPY can start, Postgres ignores copy input.
+                t if fe::is_copy_input(t) && self.queue.may_start_copy() => {
+                    if *self.needs_sync {
+                        self.out.extend_from_slice(&build::flush());
+                    }
+                    notes.wait_at = Some(i);
+                    return Ok(notes);
+                }
                 _ => {}
             }
             if matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE) {

@@ -10,7 +10,8 @@
 // SELECTs (int, text, a bytea round trip), one failing with division by zero every other time,
 // a transaction with a pipelined Batch of INSERTs and an INSERT ... RETURNING, read back
 // exactly, and now and then a rolled-back transaction, one aborted by a unique violation and a
-// statement whose text changes. Every result and expected error is checked. Exits non-zero on
+// statement whose text changes, and a CopyFrom (which sends its rows before the origin's
+// CopyInResponse). Every result and expected error is checked. Exits non-zero on
 // the first wrong result or error; prints one summary line on success. Invoked by
 // tests/drivers.rs, which builds it in GOPATH mode against Debian's golang-github-jackc-pgx-v4-dev.
 package main
@@ -192,6 +193,18 @@ func runClient(ctx context.Context, url string, client, iterations int) error {
 		var shaped int
 		if err := conn.QueryRow(ctx, fmt.Sprintf("SELECT $1::int * %d + %d", it%9, client), it).Scan(&shaped); err != nil || shaped != it*(it%9)+client {
 			return fmt.Errorf("%s: shape: got %d (%v)", where, shaped, err)
+		}
+
+		// CopyFrom sends its rows right behind the COPY, before the CopyInResponse.
+		if it%4 == 3 {
+			rows := [][]interface{}{{client, it, 200, "copied"}, {client, it, 201, "copied"}}
+			n, err := conn.CopyFrom(ctx, pgx.Identifier{table}, []string{"client", "iter", "k", "payload"}, pgx.CopyFromRows(rows))
+			if err != nil || n != 2 {
+				return fmt.Errorf("%s: copy from: %d rows (%v)", where, n, err)
+			}
+			if err := expectCount(ctx, conn, client, it, 6, 504); err != nil {
+				return fmt.Errorf("%s: after copy from: %w", where, err)
+			}
 		}
 	}
 	return nil

@@ -325,3 +325,21 @@ pub fn query(sql: &str) -> BytesMut {
 pub fn batch(parts: &[BytesMut]) -> Vec<u8> {
     parts.iter().flat_map(|p| p.iter().copied()).collect()
 }
+
+pub fn copy_data(data: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    build::frame_into(&mut out, b'd', |b| b.put_slice(data));
+    out
+}
+
+pub fn copy_done() -> BytesMut {
+    let mut out = BytesMut::new();
+    build::frame_into(&mut out, b'c', |_| {});
+    out
+}
+
+pub fn copy_fail(reason: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    build::frame_into(&mut out, b'f', |b| build::put_cstr(b, reason));
+    out
+}

@@ -460,3 +460,25 @@ fn a_repeated_unnamed_parse_reuses_the_saved_statement() {
     w.run(&[Message::from_frame(typed.freeze()), sync()]);
     assert_eq!(&*w.statements.get("").unwrap().param_types, &[23]);
 }
+
+fn copy_data() -> Message {
+    Message::from_frame(frame(b'd', |b| b.put_slice(b"1\n")))
+}
+
+#[test]
+fn copy_input_waits_while_a_copy_may_start_and_is_ignored_otherwise() {
+    let mut w = World::new(10);
+    // Nothing sent could start a COPY: Postgres ignores copy input, and so does the planner.
+    let (out, notes) = w.plan(&[copy_data()]);
+    assert!(out.is_empty() && notes.wait_at.is_none());
+    // Behind an unsynced Execute it waits, and a Flush makes the origin tell whether a COPY began.
+    let (out, notes) = w.plan(&[parse("", "COPY t FROM STDIN"), bind(""), execute(), copy_data(), sync()]);
+    assert_eq!(notes.wait_at, Some(3));
+    let tags: Vec<char> = decode_all(out).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(tags, vec!['P', 'B', 'E', 'H']);
+    // Behind a simple query no Flush is needed: the query's end flushes its answer.
+    let mut w = World::new(10);
+    let (out, notes) = w.plan(&[query("COPY t FROM STDIN"), copy_data()]);
+    assert_eq!(notes.wait_at, Some(1));
+    assert_eq!(decode_all(out).into_iter().map(|(t, _)| t).collect::<Vec<_>>(), vec!['Q']);
+}
