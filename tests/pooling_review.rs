@@ -7,6 +7,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
+
 use support::*;
 
 /// A client that gets an extended-protocol error after Flush and leaves before its Sync: the
@@ -661,4 +663,33 @@ async fn copy_input_sent_ahead_of_copy_in_response_runs_like_postgres() {
     }
     assert_eq!(results[0], results[1], "direct vs pgwarp");
     assert_eq!(results[1].1, vec![Some("1,1,2,2,3,4,5,6,7".to_string())]);
+}
+
+/// A client asking for protocol 3.99 with an option pgwarp does not know is told the newest
+/// version spoken, 3.0 as `major << 16 | minor`, and the option ignored, exactly as Postgres
+/// tells it; then the login goes on.
+#[tokio::test]
+async fn protocol_version_negotiation_matches_postgres() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |_| {}).await;
+    let mut startup = BytesMut::new();
+    startup.put_i32(0);
+    startup.put_i32((3 << 16) | 99);
+    for s in ["user", APP_USER, "database", APP_DB, "_pq_.pgwarp_test", "on", ""] {
+        startup.put_slice(s.as_bytes());
+        startup.put_u8(0);
+    }
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    let mut answers = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::open(port).await;
+        raw.send(&startup).await;
+        let first = raw.recv().await;
+        assert_eq!(first.tag(), b'v');
+        raw.login(APP_USER, APP_PASSWORD).await.expect("login after negotiation");
+        answers.push(first.body().to_vec());
+    }
+    assert_eq!(answers[0], answers[1], "direct vs pgwarp");
+    assert_eq!(&answers[1][..4], &[0, 3, 0, 0]);
 }

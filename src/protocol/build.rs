@@ -98,10 +98,12 @@ pub fn auth_sasl_final(data: &[u8]) -> Bytes {
     })
 }
 
-/// NegotiateProtocolVersion: the newest minor version we speak and the options we ignored.
-pub fn negotiate_protocol_version(minor: i32, unsupported: &[String]) -> Bytes {
+/// NegotiateProtocolVersion: the newest protocol version we speak, as `major << 16 | minor`
+/// (what Postgres sends, and libpq 18 reads, despite older docs saying "minor version"), and
+/// the options we ignored.
+pub fn negotiate_protocol_version(version: i32, unsupported: &[String]) -> Bytes {
     frame(b'v', |b| {
-        b.put_i32(minor);
+        b.put_i32(version);
         b.put_i32(unsupported.len() as i32);
         for opt in unsupported {
             put_cstr(b, opt);

@@ -165,7 +165,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
     if minor > 0 || !unsupported.is_empty() {
         stream
-            .write_all(&build::negotiate_protocol_version(0, &unsupported))
+            .write_all(&build::negotiate_protocol_version(3 << 16, &unsupported))
             .await
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     }
