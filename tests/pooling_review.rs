@@ -693,3 +693,45 @@ async fn protocol_version_negotiation_matches_postgres() {
     assert_eq!(answers[0], answers[1], "direct vs pgwarp");
     assert_eq!(&answers[1][..4], &[0, 3, 0, 0]);
 }
+
+/// A PREPARE inside a larger query makes a statement under the client's own name on the
+/// origin: the connection stays with that client (who can EXECUTE and DEALLOCATE it as on a
+/// direct connection), and the next client never sees it.
+#[tokio::test]
+async fn prepare_inside_a_larger_query_stays_with_its_client() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    a.batch_execute("SELECT 1; PREPARE leaked AS SELECT 'secret of a'").await.unwrap();
+    assert_eq!(first(&a.simple_query("EXECUTE leaked").await.unwrap()), "secret of a");
+    a.batch_execute("DEALLOCATE leaked").await.unwrap();
+    a.batch_execute("SELECT 1; PREPARE leaked AS SELECT 'again'").await.unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = pgwarp.client().await;
+    let err = b.simple_query("EXECUTE leaked").await.unwrap_err();
+    assert_eq!(code(&err), "26000");
+    b.batch_execute("PREPARE leaked AS SELECT 'b''s own'").await.unwrap();
+    assert_eq!(first(&b.simple_query("EXECUTE leaked").await.unwrap()), "b's own");
+}
+
+/// SQL that drops one of pgwarp's own statements by name, inside a larger query where pgwarp
+/// does not plan it: the statement is prepared again on next use, and its clients never see
+/// "does not exist".
+#[tokio::test]
+async fn deallocate_of_pgwarps_statement_inside_a_larger_query_is_recovered() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    let stmt = a.prepare("SELECT 41 + $1::int").await.unwrap();
+    assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 42);
+    let b = pgwarp.client().await;
+    let name = first(
+        &b.simple_query("SELECT name FROM pg_prepared_statements WHERE statement LIKE 'SELECT 41%'").await.unwrap(),
+    );
+    assert!(name.starts_with("pgwarp_"), "{name}");
+    b.batch_execute(&format!("SELECT 1; DEALLOCATE \"{name}\"")).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(a.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0), 41 + i);
+    }
+}

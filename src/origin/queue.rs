@@ -122,6 +122,9 @@ pub struct Decision {
     pub undone: Vec<Undo>,
     /// An error answered a Bind of this named statement (its plan may be stale).
     pub failed_bind: Option<Arc<str>>,
+    /// It answers SQL the client wrote (its simple query, or an Execute of its own Parse),
+    /// not SQL pgwarp wrote on its behalf.
+    pub client_sql: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -276,6 +279,8 @@ impl ResponseQueue {
             return Err(QueueError::Unexpected { tag: tag as char, expected: "nothing" });
         };
         let unexpected = |expected| Err(QueueError::Unexpected { tag: tag as char, expected });
+        d.client_sql =
+            matches!(head, Expect::Execute | Expect::Query { owner: Owner::Client, undo: None, executes: None });
         let done = match (&*head, tag) {
             (Expect::ParseComplete { owner, .. }, be::PARSE_COMPLETE) => {
                 d.forward = *owner == Owner::Client;

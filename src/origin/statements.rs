@@ -48,6 +48,15 @@ impl ServerStatements {
         }
     }
 
+    /// Marks every prepared statement unusable: some SQL dropped one by name behind pgwarp's
+    /// back. Each is closed before the next batch (closing a missing one is no error) and
+    /// re-prepared on next use.
+    pub fn invalidate_all(&mut self) {
+        while let Some((id, ())) = self.lru.pop_lru() {
+            self.stale.push(id);
+        }
+    }
+
     pub fn take_stale(&mut self) -> Vec<Arc<str>> {
         std::mem::take(&mut self.stale)
     }
@@ -95,5 +104,18 @@ mod tests {
         assert!(s.take_stale().is_empty());
         s.invalidate(&a);
         assert!(s.take_stale().is_empty(), "only statements the origin has are closed");
+    }
+
+    #[test]
+    fn invalidating_all_closes_each_named_statement() {
+        let mut s = ServerStatements::new(4);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        s.add(a.clone());
+        s.add(b.clone());
+        s.invalidate_all();
+        assert!(s.is_empty());
+        let mut stale = s.take_stale();
+        stale.sort();
+        assert_eq!(stale, vec![a, b]);
     }
 }

@@ -391,6 +391,7 @@ impl Refresh {
             skip_until_sync: &mut skip,
             needs_sync: &mut needs_sync,
             aborted: false,
+            pinned: false,
         }
         .plan(&batch);
         if planned.is_err() {

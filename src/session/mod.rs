@@ -389,6 +389,7 @@ impl Session {
             skip_until_sync: &mut self.skip_until_sync,
             needs_sync: &mut conn.needs_sync,
             aborted,
+            pinned: self.session_pin.is_some(),
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
@@ -579,6 +580,15 @@ impl Session {
                     if inspect::tag_drops_all_statements(command) {
                         att.statements.clear();
                         self.statements.clear();
+                    } else if d.client_sql && command == "PREPARE" && self.session_pin.is_none() {
+                        // A statement under the client's own name, which pgwarp does not
+                        // track: it stays with this client's connection, and leaves with it.
+                        let feature = "PREPARE inside a larger query";
+                        tracing::info!(feature, "origin connection pinned until the client disconnects");
+                        self.session_pin = Some(feature);
+                    } else if d.client_sql && command == "DEALLOCATE" {
+                        // It may have dropped one of pgwarp's statements: re-prepare on use.
+                        att.statements.invalidate_all();
                     }
                 }
             }
@@ -593,8 +603,9 @@ impl Session {
                     att.broken = true;
                 }
                 if let Some(id) = &d.failed_bind {
-                    // "cached plan must not change result type": re-prepare on next use.
-                    if fields.code == "0A000" {
+                    // "cached plan must not change result type", or the statement is gone from
+                    // the origin (dropped by SQL pgwarp did not see): re-prepare on next use.
+                    if fields.code == "0A000" || fields.code == "26000" {
                         att.statements.invalidate(id);
                     }
                 }

@@ -52,6 +52,8 @@ pub struct Planner<'a> {
     /// The client's transaction is aborted (ReadyForQuery `E`): Postgres refuses PREPARE,
     /// EXECUTE and DEALLOCATE with 25P02 before it looks at any name, and changes nothing.
     pub aborted: bool,
+    /// The connection is the client's until it leaves (`Session::session_pin`).
+    pub pinned: bool,
 }
 
 impl Planner<'_> {
@@ -107,14 +109,18 @@ impl Planner<'_> {
                     self.statements.remove("");
                     self.server.unnamed = None;
                     *self.needs_sync = false;
-                    match command {
-                        // In an aborted transaction the origin refuses the command as it is,
-                        // with the client's own names: nothing to look up, rename or record.
-                        Some(command) if !self.aborted => self.prepared_command(command),
-                        _ => {
-                            self.out.extend_from_slice(msg.frame());
-                            self.push(Expect::query(Owner::Client));
+                    // In an aborted transaction the origin refuses the command as it is, with
+                    // the client's own names: nothing to look up, rename or record.
+                    let planned = match command {
+                        Some(command) if !self.aborted && !self.passes_through(&command) => {
+                            self.prepared_command(command);
+                            true
                         }
+                        _ => false,
+                    };
+                    if !planned {
+                        self.out.extend_from_slice(msg.frame());
+                        self.push(Expect::query(Owner::Client));
                     }
                 }
                 fe::FUNCTION_CALL => {
@@ -298,6 +304,18 @@ impl Planner<'_> {
                 self.statements.clear();
                 self.answer_query(build::command_complete("DEALLOCATE ALL"));
             }
+        }
+    }
+
+    /// Whether a SQL-level command goes to the origin as it is: it names a statement pgwarp
+    /// does not know, on a connection pinned to this client, which may hold it under that name
+    /// (a PREPARE inside a larger query made it).
+    fn passes_through(&self, command: &PreparedCommand<'_>) -> bool {
+        match command {
+            PreparedCommand::Execute { name, .. } | PreparedCommand::Deallocate { name: Some(name) } => {
+                self.pinned && !self.statements.contains(name)
+            }
+            _ => false,
         }
     }
 

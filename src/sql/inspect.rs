@@ -276,7 +276,14 @@ pub fn tag_changes_settings(tag: &str) -> bool {
 /// Whether a CommandComplete tag needs no bookkeeping: it neither changes settings nor drops
 /// prepared statements.
 pub fn tag_is_plain(tag: &str) -> bool {
-    !tag_changes_settings(tag) && !tag_drops_all_statements(tag)
+    !tag_changes_settings(tag) && !tag_drops_all_statements(tag) && !tag_names_statement(tag)
+}
+
+/// Whether a CommandComplete tag reports a prepared statement made or dropped by name in SQL.
+/// pgwarp answers a PREPARE or DEALLOCATE sent as a query of its own itself; one the origin
+/// ran came inside a larger query or through Parse.
+pub fn tag_names_statement(tag: &str) -> bool {
+    tag == "PREPARE" || tag == "DEALLOCATE"
 }
 
 /// Whether a CommandComplete tag means every prepared statement on the connection is gone.

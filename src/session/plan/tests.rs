@@ -83,6 +83,7 @@ impl World {
             skip_until_sync: &mut self.skip,
             needs_sync: &mut self.needs_sync,
             aborted: false,
+            pinned: false,
         }
         .plan(batch)
         .unwrap();
