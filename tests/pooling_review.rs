@@ -735,3 +735,22 @@ async fn deallocate_of_pgwarps_statement_inside_a_larger_query_is_recovered() {
         assert_eq!(a.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0), 41 + i);
     }
 }
+
+/// A statement_timeout so short that pgwarp's read-back of the client's settings is cancelled
+/// by it: the client keeps its setting all the same (it keeps its connection), and the next
+/// client does not get it.
+#[tokio::test]
+async fn a_statement_timeout_too_short_for_the_read_back_still_holds() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    a.batch_execute("SET statement_timeout = '1ms'").await.unwrap();
+    assert_eq!(first(&a.simple_query("SHOW statement_timeout").await.unwrap()), "1ms");
+    let err = a.simple_query("SELECT pg_sleep(0.2)").await.unwrap_err();
+    assert_eq!(code(&err), "57014");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = pgwarp.client().await;
+    assert_eq!(first(&b.simple_query("SHOW statement_timeout").await.unwrap()), "0");
+    b.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
+}

@@ -80,6 +80,15 @@ enum End {
     Refused { code: String, message: String },
 }
 
+/// How reading back a client's settings went.
+enum Capture {
+    Done,
+    /// The read-back failed, the connection is fine: the settings are known only there.
+    Unreadable,
+    /// The connection is not reusable.
+    Failed,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum AttachError {
     #[error(transparent)]
@@ -685,8 +694,20 @@ impl Session {
         if self.settings_dirty {
             self.settings_dirty = false;
             // Boxed: a rare round trip, kept out of the common path's future.
-            if !Box::pin(self.capture_settings(&mut att)).await? {
-                return Ok(());
+            match Box::pin(self.capture_settings(&mut att)).await? {
+                Capture::Done => {}
+                Capture::Failed => return Ok(()),
+                Capture::Unreadable => {
+                    // The client's settings are on this connection and nowhere else (its own
+                    // statement_timeout of 1ms cancels the read-back): it keeps the connection.
+                    let feature = "settings pgwarp could not read back";
+                    tracing::warn!(feature, "origin connection pinned until the client disconnects");
+                    self.session_pin = Some(feature);
+                    self.cancel.slot.attach(att.key);
+                    self.listing.set_state(ClientState::Active);
+                    self.origin = Some(att);
+                    return Ok(());
+                }
             }
         }
         self.pool.checkin(att);
@@ -694,11 +715,12 @@ impl Session {
     }
 
     /// Reads back the client's settings from the connection it just used, before anyone else
-    /// can get it (the client has its answer already). False: the connection is not reusable.
-    async fn capture_settings(&mut self, att: &mut PooledConn) -> Result<bool, End> {
+    /// can get it (the client has its answer already).
+    async fn capture_settings(&mut self, att: &mut PooledConn) -> Result<Capture, End> {
         self.flush_client().await?;
         match att.simple_query(&capture_sql()).await {
-            Ok(out) if out.error.is_none() && out.status == b'I' => {
+            Ok(out) if out.error.is_some() && out.status == b'I' => Ok(Capture::Unreadable),
+            Ok(out) if out.status == b'I' => {
                 let captured: Settings = out
                     .rows
                     .into_iter()
@@ -714,9 +736,9 @@ impl Session {
                 }
                 self.wanted = Arc::new(wanted);
                 att.set_applied(captured);
-                Ok(true)
+                Ok(Capture::Done)
             }
-            Ok(_) | Err(_) => Ok(false),
+            Ok(_) | Err(_) => Ok(Capture::Failed),
         }
     }
 
