@@ -396,3 +396,48 @@ async fn a_setting_changed_inside_a_user_function_does_not_reach_the_next_client
     let b = pgwarp.client().await;
     assert_eq!(q(&b, "SELECT coalesce(current_setting('app.tenant', true), '')").await, "");
 }
+
+/// The same before the cache's catalog has loaded, when no function is known yet: a call to
+/// one may still be the "set tenant" helper, so the connection is read back and reset.
+#[tokio::test]
+async fn a_setting_changed_inside_a_user_function_before_the_catalog_loads_does_not_leak() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE FUNCTION public.set_tenant(t text) RETURNS void LANGUAGE sql \
+         AS $$ SELECT pg_catalog.set_config('app.tenant', t, false) $$",
+    );
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.cache.enabled = true;
+        c.pool_size = 1;
+    })
+    .await;
+    // The first query of all: the catalog load it starts cannot have finished.
+    let a = pgwarp.client().await;
+    a.simple_query("SELECT set_tenant('tenant_a')").await.unwrap();
+    drop(a);
+    let b = pgwarp.client().await;
+    assert_eq!(q(&b, "SELECT coalesce(current_setting('app.tenant', true), '')").await, "");
+}
+
+/// Calling a user function that may write invalidates every cached read, but keeps the cache's
+/// catalog: reads are cached again at once (reloading the catalog at every such call kept an
+/// application that calls one in each transaction from ever using the cache).
+#[tokio::test]
+async fn a_call_to_a_writing_function_keeps_the_catalog() {
+    let origin = Origin::start();
+    origin.sql(
+        "CREATE TABLE counters (n int); INSERT INTO counters VALUES (1); GRANT ALL ON counters TO app; \
+         CREATE FUNCTION public.bump() RETURNS void LANGUAGE sql AS $$ UPDATE counters SET n = n + 1 $$",
+    );
+    let pgwarp = cached(&origin).await;
+    let client = pgwarp.client().await;
+    let read = "SELECT n FROM counters";
+    warm(&client, read).await;
+    client.simple_query("SELECT public.bump()").await.unwrap();
+    // The write is seen, and the read is cached again right away.
+    assert_eq!(q(&client, read).await, "2");
+    assert_eq!(q(&client, read).await, "2");
+    // Proof that it is served from the cache: a write behind pgwarp's back is not seen yet.
+    origin.sql("UPDATE counters SET n = 10");
+    assert_eq!(q(&client, read).await, "2");
+}

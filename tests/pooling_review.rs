@@ -754,3 +754,16 @@ async fn a_statement_timeout_too_short_for_the_read_back_still_holds() {
     assert_eq!(first(&b.simple_query("SHOW statement_timeout").await.unwrap()), "0");
     b.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
 }
+
+/// `UPDATE pg_settings` is a SET in disguise (the view's rule calls set_config): the setting
+/// follows its client and never reaches the next one.
+#[tokio::test]
+async fn a_setting_changed_through_pg_settings_follows_its_client() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.pool_size = 1).await;
+    let a = pgwarp.client().await;
+    a.batch_execute("UPDATE pg_settings SET setting = '77MB' WHERE name = 'work_mem'").await.unwrap();
+    let b = pgwarp.client().await;
+    assert_eq!(first(&b.simple_query("SHOW work_mem").await.unwrap()), "4MB");
+    assert_eq!(first(&a.simple_query("SHOW work_mem").await.unwrap()), "77MB");
+}

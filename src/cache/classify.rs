@@ -83,8 +83,14 @@ pub enum WriteScope {
     /// the database. The catalog snapshot stays, so writes to temporary tables do not keep it
     /// from ever loading.
     AllTables,
-    /// May change what names mean as well (DDL, procedures, user functions, two-phase commit):
-    /// every table, and the catalog snapshot is reloaded.
+    /// Runs user code that may write (a VOLATILE function, operator or cast): every table, and
+    /// the session's settings may have changed (`set_config` inside a "set tenant" function).
+    /// The catalog snapshot stays: code that runs DDL is rare, and the snapshot is reloaded
+    /// within a minute anyway, while reloading it at every such call would keep the cache
+    /// from ever having one.
+    Code,
+    /// May change what names mean as well (DDL, procedures, two-phase commit): every table,
+    /// and the catalog snapshot is reloaded.
     Database,
 }
 
@@ -93,6 +99,7 @@ impl WriteScope {
     pub fn merge(a: Option<WriteScope>, b: WriteScope) -> WriteScope {
         match (a, b) {
             (Some(WriteScope::Database), _) | (_, WriteScope::Database) => WriteScope::Database,
+            (Some(WriteScope::Code), _) | (_, WriteScope::Code) => WriteScope::Code,
             (Some(WriteScope::AllTables), _) | (_, WriteScope::AllTables) => WriteScope::AllTables,
             (Some(WriteScope::Tables(mut a)), WriteScope::Tables(b)) => {
                 a.extend(b);
@@ -422,16 +429,20 @@ fn write_target(stmt: &[Token<'_>], after: &[&str], catalog: &Catalog) -> Verdic
         .position(|t| after.iter().any(|a| t.is_word(a)))
         .and_then(|pos| relation_at(stmt, pos + 1))
         .map(|(name, _)| vec![name]);
+    // The view's rule calls set_config: `UPDATE pg_settings SET setting = ...` is a SET.
+    if target.as_ref().is_some_and(|t| t[0] == "pg_settings") {
+        return Verdict::Write(WriteScope::Code);
+    }
     written(stmt, target, false, catalog)
 }
 
 /// What a write statement touches: `targets` and every table a write to them reaches, or
 /// every table when that cannot be told (no target found, an unresolved U&"..." name, a
-/// target that is a view or has triggers or rules); the whole database when it calls code
-/// that may write.
+/// target that is a view or has triggers or rules); everything code may write when it calls
+/// code that may write.
 fn written(stmt: &[Token<'_>], targets: Option<Vec<String>>, truncate_cascade: bool, catalog: &Catalog) -> Verdict {
     if code_effects(stmt, catalog).writes {
-        return Verdict::Write(WriteScope::Database);
+        return Verdict::Write(WriteScope::Code);
     }
     let reach = targets.and_then(|t| catalog.write_reach(&t, truncate_cascade));
     Verdict::Write(reach.map_or(WriteScope::AllTables, WriteScope::Tables))
@@ -489,7 +500,7 @@ fn classify_read(stmt: &[Token<'_>], catalog: &Catalog, with: bool) -> Verdict {
     }
     let code = code_effects(stmt, catalog);
     if code.writes {
-        return Verdict::Write(WriteScope::Database);
+        return Verdict::Write(WriteScope::Code);
     }
     if let Some(reason) = code.uncacheable {
         return Verdict::Uncacheable(reason);
@@ -952,7 +963,13 @@ mod tests {
         assert_eq!(v("ALTER TABLE users ADD COLUMN b int"), db);
         assert_eq!(v("CREATE TABLE t (a int)"), db);
         assert_eq!(v("CALL do_things()"), db);
-        assert_eq!(v("SELECT my_volatile()"), db);
+        // User code that may write: every table, and the catalog stays.
+        let code = Verdict::Write(WriteScope::Code);
+        assert_eq!(v("SELECT my_volatile()"), code);
+        assert_eq!(v("SELECT public.my_volatile('a')"), code);
+        assert_eq!(v("SELECT \"public\".\"my_volatile\"('a')"), code);
+        assert_eq!(v("UPDATE users SET a = my_volatile()"), code);
+        assert_eq!(v("UPDATE pg_catalog.pg_settings SET setting = '8MB' WHERE name = 'work_mem'"), code);
         assert_eq!(v("EXPLAIN ANALYZE DELETE FROM users"), Verdict::Write(WriteScope::Tables(vec!["users".into()])));
     }
 
@@ -988,7 +1005,7 @@ mod tests {
             "SELECT pg_sleep(0), my_volatile(4)",
             "SELECT my_volatile(5), random()",
         ] {
-            assert_eq!(v(sql), Verdict::Write(WriteScope::Database), "{sql}");
+            assert_eq!(v(sql), Verdict::Write(WriteScope::Code), "{sql}");
         }
         // Without one, the first reason found is the reason.
         assert_eq!(v("SELECT random(), mystery(1)"), Verdict::Uncacheable(Reason::VolatileFunction));
@@ -1026,7 +1043,7 @@ mod tests {
 
     #[test]
     fn operators_casts_and_aggregates_run_their_functions() {
-        let db = Verdict::Write(WriteScope::Database);
+        let db = Verdict::Write(WriteScope::Code);
         assert_eq!(h("SELECT 1 #+# 2"), db);
         assert_eq!(h("SELECT 1 OPERATOR(public.#+#) 2"), db);
         // The lexer reads `#+#-` as one run of operator characters.
@@ -1037,7 +1054,7 @@ mod tests {
         assert_eq!(h("SELECT CAST(x AS public.mytype) FROM a"), Verdict::Uncacheable(Reason::VolatileFunction));
         assert_eq!(h("SELECT x::integer FROM a"), db, "a built-in type under its SQL name");
         assert_eq!(h("SELECT x::text, 1 + 2 FROM a"), Verdict::Read { tables: vec!["a".into()] });
-        // In a write, code that may write widens it to the whole database.
+        // In a write, code that may write widens it to everything code may write.
         assert_eq!(h("INSERT INTO a VALUES (1 #+# 2)"), db);
         let mut implicit = holes_catalog();
         implicit.implicit_casts = Some(FunctionFacts { immutable: false, may_write: false });
@@ -1046,8 +1063,8 @@ mod tests {
 
     #[test]
     fn a_function_named_like_a_keyword_is_a_call_when_it_is_not_immutable() {
-        assert_eq!(h("SELECT filter(7)"), Verdict::Write(WriteScope::Database));
-        assert_eq!(h("SELECT public.filter(7)"), Verdict::Write(WriteScope::Database));
+        assert_eq!(h("SELECT filter(7)"), Verdict::Write(WriteScope::Code));
+        assert_eq!(h("SELECT public.filter(7)"), Verdict::Write(WriteScope::Code));
         assert_eq!(v("SELECT count(*) FILTER (WHERE true) FROM users"), read(&["users"]), "no such function");
         // An immutable function of a keyword's name changes nothing.
         assert_eq!(h("SELECT 1 FROM a WHERE 'x' like ('y')"), Verdict::Read { tables: vec!["a".into()] });
@@ -1144,7 +1161,7 @@ mod tests {
         assert_eq!(h("PREPARE TRANSACTION 'x'"), db);
         assert_eq!(h("COMMIT"), Verdict::Uncacheable(Reason::NotARead));
         assert_eq!(h("PREPARE s AS SELECT 1"), Verdict::Uncacheable(Reason::NotARead));
-        assert_eq!(h("DECLARE k CURSOR FOR SELECT filter(1)"), db);
+        assert_eq!(h("DECLARE k CURSOR FOR SELECT filter(1)"), Verdict::Write(WriteScope::Code));
         assert_eq!(
             h("DECLARE k NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM a"),
             Verdict::Uncacheable(Reason::NotARead)
@@ -1157,6 +1174,8 @@ mod tests {
         assert_eq!(WriteScope::merge(Some(t.clone()), WriteScope::AllTables), WriteScope::AllTables);
         assert_eq!(WriteScope::merge(Some(WriteScope::AllTables), WriteScope::Database), WriteScope::Database);
         assert_eq!(WriteScope::merge(Some(WriteScope::Database), t.clone()), WriteScope::Database);
+        assert_eq!(WriteScope::merge(Some(WriteScope::AllTables), WriteScope::Code), WriteScope::Code);
+        assert_eq!(WriteScope::merge(Some(WriteScope::Code), WriteScope::Database), WriteScope::Database);
         assert_eq!(WriteScope::merge(None, t.clone()), t);
     }
 

@@ -500,7 +500,7 @@ impl DatabaseCache {
     fn invalidate(&self, scope: &WriteScope) {
         match scope {
             // Every entry of the database depends on this counter.
-            WriteScope::AllTables => {
+            WriteScope::AllTables | WriteScope::Code => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
             }
             WriteScope::Database => {

@@ -266,7 +266,8 @@ impl Session {
     /// Notes what the batch may write, to invalidate once it commits.
     pub(super) fn track_writes(&mut self, batch: &[Message]) {
         let Some(db) = self.cache_db.clone() else { return };
-        let catalog = self.catalog(&db).unwrap_or_default();
+        let loaded = self.catalog(&db);
+        let catalog = loaded.clone().unwrap_or_default();
         for msg in batch {
             // Borrowed, not copied: this runs for every batch while the cache is on.
             let sql: Option<&str> = match msg.tag() {
@@ -281,21 +282,27 @@ impl Session {
                 // The fast-path call of a function by OID (libpq's large-object calls use it):
                 // nothing says what it writes.
                 fe::FUNCTION_CALL => {
-                    self.pending_write = Some(WriteScope::Database);
+                    self.pending_write = Some(WriteScope::merge(self.pending_write.take(), WriteScope::Code));
+                    self.settings_dirty = true;
                     continue;
                 }
                 _ => None,
             };
             let Some(sql) = sql else { continue };
-            if let Verdict::Write(scope) = &self.recent_verdicts.classify(&db, &catalog, sql).verdict {
-                // A write not pinned to tables may run user code (a VOLATILE function), which
-                // may change settings with set_config where pgwarp cannot see it: read them
-                // back after the transaction, so they neither leak nor get lost.
-                if *scope == WriteScope::Database {
-                    self.settings_dirty = true;
-                }
-                self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope.clone()));
+            let scope = match &self.recent_verdicts.classify(&db, &catalog, sql).verdict {
+                Verdict::Write(scope) => scope.clone(),
+                // Until the catalog has loaded no function is known, and any may be user code
+                // that writes or sets settings.
+                Verdict::Uncacheable(Reason::UnknownFunction) if loaded.is_none() => WriteScope::Code,
+                _ => continue,
+            };
+            // User code (a VOLATILE function, or DDL, DO, CALL) may change settings with
+            // set_config where pgwarp cannot see it: read them back after the transaction, so
+            // they neither leak nor get lost.
+            if matches!(scope, WriteScope::Code | WriteScope::Database) {
+                self.settings_dirty = true;
             }
+            self.pending_write = Some(WriteScope::merge(self.pending_write.take(), scope));
         }
     }
 

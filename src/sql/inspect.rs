@@ -94,7 +94,14 @@ fn runs_code_or_sets(sql: &str) -> bool {
         remember_set_names(sql);
         return false;
     }
-    word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"call")
+    // `UPDATE pg_settings SET setting = ...` is a SET: the view's rule calls set_config.
+    let updates_settings = word.eq_ignore_ascii_case(b"update") && mentions_pg_settings(sql);
+    word.eq_ignore_ascii_case(b"do") || word.eq_ignore_ascii_case(b"call") || updates_settings
+}
+
+fn mentions_pg_settings(sql: &str) -> bool {
+    const NAME: &[u8] = b"pg_settings";
+    sql.as_bytes().windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME))
 }
 
 /// `runs_code_or_sets` for SQL that starts with a comment: the first word of each statement.
@@ -356,6 +363,8 @@ mod tests {
     fn code_pgwarp_cannot_see_into_may_change_settings() {
         assert!(may_change_settings("DO $$ BEGIN PERFORM set_config('x.y', '1', false); END $$"));
         assert!(may_change_settings("  call my_proc()"));
+        assert!(may_change_settings("UPDATE pg_settings SET setting = '77MB' WHERE name = 'work_mem'"));
+        assert!(!may_change_settings("UPDATE accounts SET balance = 0"));
         assert!(!may_change_settings("select docall, dox from t"));
         assert!(!may_change_settings("SET app.x = 1"), "SET is seen from its command tag");
         assert!(may_change_settings("/* job 7 */ DO $$ BEGIN NULL; END $$"));
