@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use pgwarp::protocol::build;
 
 use support::*;
 
@@ -766,4 +767,38 @@ async fn a_setting_changed_through_pg_settings_follows_its_client() {
     let b = pgwarp.client().await;
     assert_eq!(first(&b.simple_query("SHOW work_mem").await.unwrap()), "4MB");
     assert_eq!(first(&a.simple_query("SHOW work_mem").await.unwrap()), "77MB");
+}
+
+/// SQL that is not UTF-8: a LATIN1 client's text goes through as it is, a stray byte gets
+/// Postgres's own 22021, and neither ends the session. A Parse's SQL must be UTF-8 (pgwarp
+/// keeps statements by their text): one that is not gets a 22021 error, not a closed session.
+#[tokio::test]
+async fn sql_that_is_not_utf8_gets_an_answer_not_a_closed_session() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |_| {}).await;
+    let mut latin1_query = BytesMut::new();
+    build::frame_into(&mut latin1_query, b'Q', |b| b.put_slice(b"SELECT 'caf\xe9'\0"));
+    let mut answers = Vec::new();
+    for port in [origin.cluster.port(), pgwarp.port] {
+        let mut raw = RawClient::open(port).await;
+        let startup = build::startup(&[("user", APP_USER), ("database", APP_DB), ("client_encoding", "LATIN1")]);
+        raw.send(&startup).await;
+        raw.login(APP_USER, APP_PASSWORD).await.expect("login");
+        raw.send(&latin1_query).await;
+        let rows = raw.until_ready().await;
+        let row = rows.iter().find(|m| m.tag() == b'D').map(|m| m.body().to_vec());
+        answers.push(row);
+    }
+    assert_eq!(answers[0], answers[1], "direct vs pgwarp");
+    assert!(answers[1].as_ref().is_some_and(|r| r.ends_with(b"caf\xe9")));
+
+    let mut raw = pgwarp.raw().await;
+    raw.send(&latin1_query).await;
+    assert_eq!(error_code(&raw.until_ready().await).as_deref(), Some("22021"));
+    let mut bad_parse = BytesMut::new();
+    build::frame_into(&mut bad_parse, b'P', |b| b.put_slice(b"\0SELECT 'caf\xe9'\0\0\0"));
+    raw.send(&batch(&[bad_parse, bind("", "", &[]), execute("", 0), sync()])).await;
+    assert_eq!(error_code(&raw.until_ready().await).as_deref(), Some("22021"));
+    raw.send(&query("SELECT 'still here'")).await;
+    assert_eq!(first_column(&raw.until_ready().await), vec![Some("still here".to_string())]);
 }

@@ -20,6 +20,7 @@ impl SqlState {
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
     pub const UNDEFINED_PREPARED_STATEMENT: SqlState = SqlState("26000");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    pub const CHARACTER_NOT_IN_REPERTOIRE: SqlState = SqlState("22021");
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");

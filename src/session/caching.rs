@@ -270,11 +270,22 @@ impl Session {
         let catalog = loaded.clone().unwrap_or_default();
         for msg in batch {
             // Borrowed, not copied: this runs for every batch while the cache is on.
+            let lossy: String;
             let sql: Option<&str> = match msg.tag() {
-                fe::QUERY => fe::query_text(msg.body()).ok().map(|text| match prepared::parse(text) {
-                    Some(PreparedCommand::Execute { name, .. }) => self.statements.get(&name).map_or(text, |s| &*s.sql),
-                    _ => text,
-                }),
+                fe::QUERY => match fe::query_text(msg.body()) {
+                    Ok(text) => Some(match prepared::parse(text) {
+                        Some(PreparedCommand::Execute { name, .. }) => {
+                            self.statements.get(&name).map_or(text, |s| &*s.sql)
+                        }
+                        _ => text,
+                    }),
+                    // Not UTF-8 (a LATIN1 client's): what it writes, as well as it reads.
+                    Err(_) => {
+                        let text = msg.body().split(|&b| b == 0).next().unwrap_or_default();
+                        lossy = String::from_utf8_lossy(text).into_owned();
+                        Some(&lossy)
+                    }
+                },
                 fe::PARSE => Parse::decode(msg.body()).ok().map(|p| p.sql),
                 fe::BIND => {
                     Bind::decode(msg.body()).ok().and_then(|b| self.statements.get(b.statement)).map(|s| &*s.sql)

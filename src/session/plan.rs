@@ -69,13 +69,20 @@ impl Planner<'_> {
                 continue;
             }
             match tag {
-                fe::PARSE => {
-                    let planned = self.parse(msg, &mut notes)?;
-                    if !planned {
+                fe::PARSE => match self.parse(msg, &mut notes) {
+                    Ok(true) => {}
+                    Ok(false) => {
                         notes.wait_at = Some(i);
                         return Ok(notes);
                     }
-                }
+                    // pgwarp keeps statements by their SQL text, which must be UTF-8 for that.
+                    Err(DecodeError::NotUtf8 { .. }) => {
+                        let message = "pgwarp: the SQL of a Parse message must be valid UTF-8 \
+                                       (use client_encoding UTF8, or the simple query protocol)";
+                        self.fail(SqlState::CHARACTER_NOT_IN_REPERTOIRE, message);
+                    }
+                    Err(e) => return Err(e),
+                },
                 fe::BIND => self.bind(msg)?,
                 fe::DESCRIBE => self.describe(msg)?,
                 fe::CLOSE => self.close(msg)?,
@@ -95,7 +102,14 @@ impl Planner<'_> {
                 // unnamed statement and the open sequence (`needs_sync`) as they are.
                 fe::QUERY | fe::FUNCTION_CALL if self.queue.is_skipping() => {}
                 fe::QUERY => {
-                    let sql = fe::query_text(msg.body())?;
+                    let sql = match fe::query_text(msg.body()) {
+                        Ok(sql) => sql,
+                        Err(DecodeError::NotUtf8 { .. }) => {
+                            self.foreign_query(msg, &mut notes);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let command = prepared::parse(sql);
                     if let Some(PreparedCommand::Prepare { name, .. }) = &command {
                         if self.must_wait(name) {
@@ -145,6 +159,18 @@ impl Planner<'_> {
             }
         }
         Ok(notes)
+    }
+
+    /// A simple query that is not UTF-8 (a LATIN1 client's, or a stray byte Postgres will
+    /// report): looked at as well as it reads, and sent on exactly as it came.
+    fn foreign_query(&mut self, msg: &Message, notes: &mut PlanNotes) {
+        let text = msg.body().split(|&b| b == 0).next().unwrap_or_default();
+        note_sql(notes, &String::from_utf8_lossy(text));
+        self.statements.remove("");
+        self.server.unnamed = None;
+        *self.needs_sync = false;
+        self.out.extend_from_slice(msg.frame());
+        self.push(Expect::query(Owner::Client));
     }
 
     fn push(&mut self, expect: Expect) {
