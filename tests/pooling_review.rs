@@ -802,3 +802,36 @@ async fn sql_that_is_not_utf8_gets_an_answer_not_a_closed_session() {
     raw.send(&query("SELECT 'still here'")).await;
     assert_eq!(first_column(&raw.until_ready().await), vec![Some("still here".to_string())]);
 }
+
+/// SCRAM messages that are not SCRAM get 08P01 and a wrong length in SASLInitialResponse is
+/// refused, as Postgres does; a wrong password stays 28P01.
+#[tokio::test]
+async fn malformed_scram_messages_get_the_sqlstates_postgres_gives() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |_| {}).await;
+    let client_first = b"n,,n=,r=abcdefghijklmnopqrstuvwx";
+    let mut lying_length = BytesMut::new();
+    build::frame_into(&mut lying_length, b'p', |b| {
+        build::put_cstr(b, "SCRAM-SHA-256");
+        b.put_i32(1000);
+        b.put_slice(client_first);
+    });
+    for port in [origin.cluster.port(), pgwarp.port] {
+        // A client-final message that is not one.
+        let mut raw = RawClient::open(port).await;
+        raw.send(&build::startup(&[("user", APP_USER), ("database", APP_DB)])).await;
+        assert_eq!(raw.recv().await.tag(), b'R');
+        raw.send(&build::sasl_initial_response("SCRAM-SHA-256", client_first)).await;
+        assert_eq!(raw.recv().await.tag(), b'R');
+        raw.send(&build::password(b"garbage")).await;
+        let answer = raw.recv().await;
+        assert_eq!(error_code(&[answer]).as_deref(), Some("08P01"), "port {port}");
+        // A length that does not match what follows.
+        let mut raw = RawClient::open(port).await;
+        raw.send(&build::startup(&[("user", APP_USER), ("database", APP_DB)])).await;
+        assert_eq!(raw.recv().await.tag(), b'R');
+        raw.send(&lying_length).await;
+        let answer = raw.recv().await;
+        assert_eq!(error_code(&[answer]).as_deref(), Some("08P01"), "port {port}");
+    }
+}

@@ -161,7 +161,7 @@ impl ScramExchange {
         }
         let proof = B64.decode(proof_b64).map_err(|_| ScramError::Malformed("proof is not base64"))?;
         if proof.len() != 32 {
-            return Err(ScramError::BadProof);
+            return Err(ScramError::Malformed("proof is not 32 bytes"));
         }
         let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());

@@ -19,7 +19,7 @@ use crate::origin::Credentials;
 use crate::pool::{PoolError, StartupParamsError};
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::PASSWORD;
-use crate::protocol::scram::ScramExchange;
+use crate::protocol::scram::{ScramError, ScramExchange};
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{build, Fields, Message, MessageReader};
 use crate::roster::{ClientEntry, ClientFacts, Listed};
@@ -333,16 +333,22 @@ async fn authenticate(
         ));
     }
     let len = f.i32().map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
-    let mut data = f.rest();
-    if len >= 0 && (len as usize) <= data.len() {
-        data = &data[..len as usize];
+    let data = f.rest();
+    // SCRAM starts with the client's first message: the length must say exactly what follows.
+    if usize::try_from(len).ok() != Some(data.len()) {
+        return Err(Refusal::new(SqlState::PROTOCOL_VIOLATION, "invalid SASLInitialResponse length"));
     }
     let nonce = base64_nonce();
     let (exchange, server_first) = ScramExchange::start(scram_secret, nonce, data)
         .map_err(|e| Refusal::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
     stream.write_all(&build::auth_sasl_continue(server_first.as_bytes())).await.map_err(io_err)?;
     let msg = read_password(stream, reader).await?;
-    let server_final = exchange.finish(msg.body()).map_err(|_| password_failed(user))?;
+    // A wrong proof is a wrong password; a message that is not SCRAM is a protocol violation,
+    // as Postgres has it (neither depends on the secret, so neither tells whether the user exists).
+    let server_final = exchange.finish(msg.body()).map_err(|e| match e {
+        ScramError::BadProof => password_failed(user),
+        other => Refusal::new(SqlState::PROTOCOL_VIOLATION, other.to_string()),
+    })?;
     if secret.is_none() {
         return Err(password_failed(user));
     }
