@@ -27,6 +27,13 @@ pub fn query_text(body: &[u8]) -> Result<&str, DecodeError> {
     Fields::new(QUERY, body).cstr()
 }
 
+/// A simple Query's text as well as it reads when it is not UTF-8 (a LATIN1 client's): for
+/// looking at, never for sending on.
+pub fn query_text_lossy(body: &[u8]) -> String {
+    let text = body.split(|&b| b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a str,

@@ -267,7 +267,8 @@ impl Session {
     pub(super) fn track_writes(&mut self, batch: &[Message]) {
         let Some(db) = self.cache_db.clone() else { return };
         let loaded = self.catalog(&db);
-        let catalog = loaded.clone().unwrap_or_default();
+        let catalog_loaded = loaded.is_some();
+        let catalog = loaded.unwrap_or_default();
         for msg in batch {
             // Borrowed, not copied: this runs for every batch while the cache is on.
             let lossy: String;
@@ -281,8 +282,7 @@ impl Session {
                     }),
                     // Not UTF-8 (a LATIN1 client's): what it writes, as well as it reads.
                     Err(_) => {
-                        let text = msg.body().split(|&b| b == 0).next().unwrap_or_default();
-                        lossy = String::from_utf8_lossy(text).into_owned();
+                        lossy = fe::query_text_lossy(msg.body());
                         Some(&lossy)
                     }
                 },
@@ -304,7 +304,7 @@ impl Session {
                 Verdict::Write(scope) => scope.clone(),
                 // Until the catalog has loaded no function is known, and any may be user code
                 // that writes or sets settings.
-                Verdict::Uncacheable(Reason::UnknownFunction) if loaded.is_none() => WriteScope::Code,
+                Verdict::Uncacheable(Reason::UnknownFunction) if !catalog_loaded => WriteScope::Code,
                 _ => continue,
             };
             // User code (a VOLATILE function, or DDL, DO, CALL) may change settings with

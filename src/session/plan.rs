@@ -9,6 +9,7 @@
 //! detects itself (unknown or duplicate statement names) are answered in order, and the rest of
 //! the batch until Sync is skipped, as Postgres would.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -102,22 +103,21 @@ impl Planner<'_> {
                 // unnamed statement and the open sequence (`needs_sync`) as they are.
                 fe::QUERY | fe::FUNCTION_CALL if self.queue.is_skipping() => {}
                 fe::QUERY => {
-                    let sql = match fe::query_text(msg.body()) {
-                        Ok(sql) => sql,
-                        Err(DecodeError::NotUtf8 { .. }) => {
-                            self.foreign_query(msg, &mut notes);
-                            continue;
-                        }
+                    // Text that is not UTF-8 (a LATIN1 client's, or a stray byte Postgres will
+                    // report) is looked at as well as it reads, and sent on exactly as it came.
+                    let (sql, utf8) = match fe::query_text(msg.body()) {
+                        Ok(sql) => (Cow::Borrowed(sql), true),
+                        Err(DecodeError::NotUtf8 { .. }) => (Cow::Owned(fe::query_text_lossy(msg.body())), false),
                         Err(e) => return Err(e),
                     };
-                    let command = prepared::parse(sql);
+                    let command = if utf8 { prepared::parse(&sql) } else { None };
                     if let Some(PreparedCommand::Prepare { name, .. }) = &command {
                         if self.must_wait(name) {
                             notes.wait_at = Some(i);
                             return Ok(notes);
                         }
                     }
-                    note_sql(&mut notes, sql);
+                    note_sql(&mut notes, &sql);
                     // A simple query destroys the unnamed statement, in Postgres and here, and
                     // leaves no extended-protocol sequence open.
                     self.statements.remove("");
@@ -159,18 +159,6 @@ impl Planner<'_> {
             }
         }
         Ok(notes)
-    }
-
-    /// A simple query that is not UTF-8 (a LATIN1 client's, or a stray byte Postgres will
-    /// report): looked at as well as it reads, and sent on exactly as it came.
-    fn foreign_query(&mut self, msg: &Message, notes: &mut PlanNotes) {
-        let text = msg.body().split(|&b| b == 0).next().unwrap_or_default();
-        note_sql(notes, &String::from_utf8_lossy(text));
-        self.statements.remove("");
-        self.server.unnamed = None;
-        *self.needs_sync = false;
-        self.out.extend_from_slice(msg.frame());
-        self.push(Expect::query(Owner::Client));
     }
 
     fn push(&mut self, expect: Expect) {
