@@ -55,6 +55,9 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "max_client_conn" => max_client_conn,
         "pool_timeout" => pool_timeout,
         "idle_timeout" => idle_timeout,
+        "server_lifetime" => server_lifetime,
+        "idle_transaction_timeout" => idle_transaction_timeout,
+        "client_idle_timeout" => client_idle_timeout,
         "connect_timeout" => connect_timeout,
         "shutdown_timeout" => shutdown_timeout,
         "max_message_size" => max_message_size,
@@ -105,6 +108,17 @@ mod tests {
         assert_eq!((next.listen.as_str(), next.workers), ("127.0.0.1:6432", 0));
         assert_eq!(next.origin, running().origin);
         assert_eq!(next.cache.max_size, running().cache.max_size);
+    }
+
+    #[test]
+    fn the_time_limits_reload() {
+        let mut loaded = running();
+        loaded.server_lifetime = Duration::from_secs(60);
+        loaded.idle_transaction_timeout = Duration::from_secs(5);
+        loaded.client_idle_timeout = Duration::from_secs(300);
+        let (next, changes) = reconcile(&running(), loaded.clone());
+        assert_eq!(changes.applied, vec!["server_lifetime", "idle_transaction_timeout", "client_idle_timeout"]);
+        assert_eq!(next, loaded);
     }
 
     #[test]

@@ -94,6 +94,20 @@ pub struct Config {
     /// Origin connections idle this long are closed. Default 10m.
     #[serde(deserialize_with = "units::de_duration")]
     pub idle_timeout: Duration,
+    /// Origin connections connected this long are closed when they next come back to the pool
+    /// (never in use), so connections get renewed: after a failover behind a DNS name, and
+    /// against memory growth in long-lived backends. Default 1h; 0 turns it off (PgBouncer's
+    /// 0 means "use once").
+    #[serde(deserialize_with = "units::de_duration")]
+    pub server_lifetime: Duration,
+    /// A client idle this long inside a transaction is closed with FATAL 25P03, and its
+    /// transaction rolled back, so one stuck client cannot keep an origin connection (and its
+    /// locks) forever. Default 0: off, as in PgBouncer.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub idle_transaction_timeout: Duration,
+    /// A client idle this long outside a transaction is closed with FATAL 57P05. Default 0: off.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub client_idle_timeout: Duration,
     /// How long connecting and logging in to the origin may take. Default 10s.
     #[serde(deserialize_with = "units::de_duration")]
     pub connect_timeout: Duration,
@@ -160,6 +174,9 @@ impl Default for Config {
             max_client_conn: 10_000,
             pool_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
@@ -280,6 +297,8 @@ mod tests {
         assert!(config.cache.enabled);
         assert_eq!(config.cache.max_age, Duration::from_secs(60));
         assert_eq!(config.admin_listen.as_deref(), Some("127.0.0.1:9930"));
+        assert_eq!(config.server_lifetime, Duration::from_secs(3600));
+        assert_eq!((config.idle_transaction_timeout, config.client_idle_timeout), (Duration::ZERO, Duration::ZERO));
     }
 
     #[test]

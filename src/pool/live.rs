@@ -1,4 +1,5 @@
-//! A pool's settings that RELOAD can change while it serves: plain atomics, read where they are
+//! A pool's settings that RELOAD can change while it serves (including the limits on how long
+//! its clients may hold still, which the sessions read from their pool): plain atomics, read where they are
 //! used (waiting, connecting, reaping), so a change needs no lock and costs the common path
 //! nothing. The size is not here: resizing moves slots (`resize`).
 
@@ -19,6 +20,10 @@ impl AtomicDuration {
     fn get(&self) -> Duration {
         Duration::from_micros(self.0.load(Ordering::Relaxed))
     }
+
+    fn is_zero(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0
+    }
 }
 
 #[derive(Debug, Default)]
@@ -26,7 +31,10 @@ pub(super) struct LiveSettings {
     pool_timeout: AtomicDuration,
     connect_timeout: AtomicDuration,
     idle_timeout: AtomicDuration,
+    server_lifetime: AtomicDuration,
     statement_cache: AtomicUsize,
+    idle_transaction_timeout: AtomicDuration,
+    client_idle_timeout: AtomicDuration,
 }
 
 impl LiveSettings {
@@ -41,7 +49,10 @@ impl LiveSettings {
         self.pool_timeout.set(config.pool_timeout);
         self.connect_timeout.set(config.connect_timeout);
         self.idle_timeout.set(config.idle_timeout);
+        self.server_lifetime.set(config.server_lifetime);
         self.statement_cache.store(config.statement_cache, Ordering::Relaxed);
+        self.idle_transaction_timeout.set(config.idle_transaction_timeout);
+        self.client_idle_timeout.set(config.client_idle_timeout);
     }
 
     pub fn pool_timeout(&self) -> Duration {
@@ -56,8 +67,26 @@ impl LiveSettings {
         self.idle_timeout.get()
     }
 
+    pub fn server_lifetime(&self) -> Duration {
+        self.server_lifetime.get()
+    }
+
     pub fn statement_cache(&self) -> usize {
         self.statement_cache.load(Ordering::Relaxed)
+    }
+
+    /// Whether either limit on clients sitting idle is set (checked at every idle moment, so
+    /// no conversion to a Duration).
+    pub fn limits_holding_still(&self) -> bool {
+        !self.idle_transaction_timeout.is_zero() || !self.client_idle_timeout.is_zero()
+    }
+
+    pub fn idle_transaction_timeout(&self) -> Duration {
+        self.idle_transaction_timeout.get()
+    }
+
+    pub fn client_idle_timeout(&self) -> Duration {
+        self.client_idle_timeout.get()
     }
 }
 
@@ -73,14 +102,17 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             statement_cache: 200,
+            ..PoolConfig::default()
         };
         let live = LiveSettings::new(&config);
         assert_eq!(live.pool_timeout(), Duration::from_millis(1500));
         assert_eq!(live.statement_cache(), 200);
         config.pool_timeout = Duration::from_secs(2);
         config.idle_timeout = Duration::from_secs(1);
+        config.idle_transaction_timeout = Duration::from_secs(3);
         live.set(&config);
         assert_eq!((live.pool_timeout(), live.idle_timeout()), (Duration::from_secs(2), Duration::from_secs(1)));
+        assert_eq!(live.idle_transaction_timeout(), Duration::from_secs(3));
         assert_eq!(live.connect_timeout(), Duration::from_secs(10));
     }
 }

@@ -3,7 +3,8 @@
 //! A pool hands out at most `size` connections at once. Clients that find none free wait in
 //! arrival order (tokio's semaphore is fair) for up to `pool_timeout`. Idle connections are
 //! reused most-recently-used first, so a quiet pool shrinks through `idle_timeout`; each is
-//! checked before reuse, so an origin restart costs no client a dead connection.
+//! checked before reuse, so an origin restart costs no client a dead connection. A connection
+//! older than `server_lifetime` is closed when it comes back, or by the reaper when idle.
 //!
 //! The pool is split into one shard per worker thread (`workers`), each with its share of
 //! `size`: a client takes a slot and a connection of its own worker's shard, so the socket's
@@ -35,19 +36,47 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use live::LiveSettings;
 
+use crate::config::Config;
 use crate::origin::settings::{sync_sql, Settings};
 use crate::origin::{Credentials, OriginConn, OriginError};
 use crate::protocol::error::ErrorFields;
 use crate::roster::{Roster, ServerEntry, ServerFacts};
 use crate::transport::OriginTarget;
 
+/// A pool's settings, as the config gives them (see `Config` for each).
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
     pub size: usize,
     pub pool_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Connections older than this are closed when they come back (zero: no limit).
+    pub server_lifetime: Duration,
     pub statement_cache: usize,
+    /// Limits on clients of this pool that hold still (zero: none).
+    pub idle_transaction_timeout: Duration,
+    pub client_idle_timeout: Duration,
+}
+
+impl From<&Config> for PoolConfig {
+    fn from(c: &Config) -> PoolConfig {
+        PoolConfig {
+            size: c.pool_size,
+            pool_timeout: c.pool_timeout,
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout,
+            server_lifetime: c.server_lifetime,
+            statement_cache: c.statement_cache_size,
+            idle_transaction_timeout: c.idle_transaction_timeout,
+            client_idle_timeout: c.client_idle_timeout,
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> PoolConfig {
+        PoolConfig::from(&Config::default())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -373,15 +402,42 @@ impl Pool {
             tokio::spawn(conn.close());
             return;
         }
+        let now = Instant::now();
+        if self.outlived(&conn, now) {
+            tracing::debug!(conn = conn.id, "closing origin connection: server_lifetime reached");
+            tokio::spawn(conn.close());
+            return;
+        }
         if conn.out.capacity() > 64 * 1024 {
             conn.out = bytes::BytesMut::new();
         }
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         if let Some(listing) = &conn.listing {
             listing.returned(conn.statements.len());
         }
         self.shards[pooled.shard].idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         // The permit drops with `pooled`, after the connection is idle again.
+    }
+
+    /// Whether the connection has been open longer than `server_lifetime`.
+    fn outlived(&self, conn: &OriginConn, now: Instant) -> bool {
+        let lifetime = self.live.server_lifetime();
+        !lifetime.is_zero() && now.duration_since(conn.created) >= lifetime
+    }
+
+    /// Whether its clients have a limit on sitting idle, inside a transaction or outside.
+    pub fn limits_holding_still(&self) -> bool {
+        self.live.limits_holding_still()
+    }
+
+    /// How long a client of this pool may sit idle inside a transaction (zero: no limit).
+    pub fn idle_transaction_timeout(&self) -> Duration {
+        self.live.idle_transaction_timeout()
+    }
+
+    /// How long a client of this pool may sit idle outside a transaction (zero: no limit).
+    pub fn client_idle_timeout(&self) -> Duration {
+        self.live.client_idle_timeout()
     }
 
     /// Idle connections right now (for tests and metrics).
@@ -482,7 +538,8 @@ impl Pool {
             let timeout = self.live.idle_timeout();
             let mut i = 0;
             while i < idle.len() {
-                if now.duration_since(idle[i].last_used) >= timeout || !idle[i].is_alive() {
+                let expired = now.duration_since(idle[i].last_used) >= timeout || self.outlived(&idle[i], now);
+                if expired || !idle[i].is_alive() {
                     closing.push(idle.swap_remove(i));
                 } else {
                     i += 1;
@@ -520,15 +577,20 @@ fn overlay(base: &BTreeMap<String, String>, wanted: &Settings) -> Vec<(String, S
 }
 
 fn spawn_reaper(pool: Weak<Pool>) {
-    let period = |idle_timeout: Duration| (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    // A quarter of the shorter limit, so a connection outlives neither by much.
+    let period = |p: &Pool| {
+        let limits = [p.live.idle_timeout(), p.live.server_lifetime()];
+        let shortest = limits.into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::MAX);
+        (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+    };
     tokio::spawn(async move {
-        // The period follows idle_timeout, which RELOAD may change.
-        let mut wait = pool.upgrade().map(|p| period(p.live.idle_timeout()));
+        // The period follows the limits, which RELOAD may change.
+        let mut wait = pool.upgrade().map(|p| period(&p));
         while let Some(w) = wait {
             tokio::time::sleep(w).await;
             wait = pool.upgrade().map(|p| {
                 p.reap_idle();
-                period(p.live.idle_timeout())
+                period(&p)
             });
         }
     });

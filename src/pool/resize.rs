@@ -120,8 +120,8 @@ mod tests {
             size,
             pool_timeout: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(600),
             statement_cache: 10,
+            ..PoolConfig::default()
         }
     }
 

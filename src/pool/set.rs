@@ -78,8 +78,8 @@ pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Durat
         size,
         pool_timeout,
         connect_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(600),
         statement_cache: 10,
+        ..PoolConfig::default()
     };
     PoolSet::new(target, config, workers)
 }

@@ -13,6 +13,8 @@ impl SqlState {
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const OUT_OF_MEMORY: SqlState = SqlState("53200");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");

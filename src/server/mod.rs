@@ -205,17 +205,7 @@ impl Server {
         let n = workers::resolve(config.workers);
         let workers =
             Workers::start(n, workers::resolve_busy_poll(config.busy_poll, n)).map_err(ServerError::Workers)?;
-        let pools = PoolSet::new(
-            target,
-            PoolConfig {
-                size: config.pool_size,
-                pool_timeout: config.pool_timeout,
-                connect_timeout: config.connect_timeout,
-                idle_timeout: config.idle_timeout,
-                statement_cache: config.statement_cache_size,
-            },
-            workers.len(),
-        );
+        let pools = PoolSet::new(target, PoolConfig::from(&config), workers.len());
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| ServerError::Listen { addr: config.listen.clone(), source })?;

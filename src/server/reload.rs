@@ -72,13 +72,7 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
 /// Applies the settings that live outside `Config` itself: pools, client slots, the cache.
 fn apply(ctx: &Arc<ServerContext>, running: &Config, next: &Config) -> Vec<String> {
     let mut notes = Vec::new();
-    ctx.pools.reconfigure(PoolConfig {
-        size: next.pool_size,
-        pool_timeout: next.pool_timeout,
-        connect_timeout: next.connect_timeout,
-        idle_timeout: next.idle_timeout,
-        statement_cache: next.statement_cache_size,
-    });
+    ctx.pools.reconfigure(PoolConfig::from(next));
     resize_client_slots(ctx, running.max_client_conn, next.max_client_conn);
     if let Some(cache) = &ctx.cache {
         if !cache.set_freshness(next.cache.max_age, next.cache.stale_while_revalidate) {

@@ -12,6 +12,7 @@ mod caching;
 pub(crate) mod plan;
 pub mod startup;
 pub mod statements;
+mod still;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,9 @@ enum End {
     Shutdown,
     /// The origin refused the client's startup settings.
     Refused { code: String, message: String },
+    /// The client sat idle longer than its limit: inside a transaction
+    /// (`idle_transaction_timeout`) or not (`client_idle_timeout`).
+    HeldStill { in_transaction: bool },
 }
 
 /// How reading back a client's settings went.
@@ -202,9 +206,18 @@ impl Session {
                 // Idle: hold no buffers while waiting.
                 self.reader.shrink_if_empty();
                 spare::give(std::mem::take(&mut self.to_client));
+                // Holding no connection, and outside a transaction.
+                let mut watch = still::Watch::new(self.pool.limits_holding_still());
+                if watch.on() {
+                    let pool = &self.pool;
+                    watch.observe(Some(false), |_| pool.client_idle_timeout());
+                }
+                let mut drain = std::pin::pin!(self.cancel.slot.stopped(Stop::Drain));
                 tokio::select! {
                     r = self.client.readable() => if r.is_err() { return End::ClientGone },
-                    _ = self.cancel.slot.stopped(Stop::Drain) => return End::Shutdown,
+                    r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(drain.as_mut(), cx)) => {
+                        return r.map_or(End::Shutdown, |in_transaction| End::HeldStill { in_transaction });
+                    }
                 }
             }
             if let Err(end) = Box::pin(self.until_idle()).await {
@@ -222,7 +235,19 @@ impl Session {
         let slot = self.cancel.slot.clone();
         let kill = slot.stopped(Stop::Kill);
         tokio::pin!(kill);
+        // A RELOAD that sets a limit applies from the client's next idle moment.
+        let mut watch = still::Watch::new(self.pool.limits_holding_still());
         loop {
+            if watch.on() {
+                let pool = &self.pool;
+                watch.observe(self.holding_still(), |in_transaction| {
+                    if in_transaction {
+                        pool.idle_transaction_timeout()
+                    } else {
+                        pool.client_idle_timeout()
+                    }
+                });
+            }
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
             // Input queued behind a wait counts as backlog too: the client is not read
             // without bound while the origin has not answered.
@@ -233,7 +258,9 @@ impl Session {
             let origin_active = self.origin.as_ref().is_some_and(|a| read_origin || !a.out.is_empty());
             tokio::select! {
                 biased;
-                _ = &mut kill => return Err(End::Shutdown),
+                r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(kill.as_mut(), cx)) => {
+                    return Err(r.map_or(End::Shutdown, |in_transaction| End::HeldStill { in_transaction }));
+                }
                 r = std::future::poll_fn(|cx| match self.origin.as_mut() {
                     Some(a) => a.poll_io(cx, read_origin),
                     None => std::task::Poll::Pending,
@@ -264,6 +291,17 @@ impl Session {
                 return if self.draining { Err(End::Shutdown) } else { Ok(()) };
             }
         }
+    }
+
+    /// Whether the client holds an origin connection while nothing is under way in either
+    /// direction (the client is thinking, or gone quiet), and if so whether inside a transaction.
+    fn holding_still(&self) -> Option<bool> {
+        let att = self.origin.as_ref()?;
+        let quiet = att.queue.is_empty() && att.out.is_empty() && self.to_client.is_empty();
+        if !quiet || !self.batch.is_empty() || self.copy_in || self.reader.has_bytes() {
+            return None;
+        }
+        Some(self.status != b'I')
     }
 
     fn origin_lost(&self, e: &OriginError) -> End {
@@ -764,6 +802,14 @@ impl Session {
                 Some((SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".to_owned()))
             }
             End::Protocol(m) => Some((SqlState::PROTOCOL_VIOLATION, m.clone())),
+            End::HeldStill { in_transaction: true } => Some((
+                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)".to_owned(),
+            )),
+            End::HeldStill { in_transaction: false } => Some((
+                SqlState::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout (client_idle_timeout)".to_owned(),
+            )),
             End::OriginLost { already_told: true } => None,
             End::OriginLost { already_told: false } => {
                 Some((SqlState::CONNECTION_FAILURE, "the connection to the origin database was lost".to_owned()))

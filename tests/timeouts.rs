@@ -1,0 +1,178 @@
+//! Limits on time that PgBouncer users set: `idle_transaction_timeout` and `client_idle_timeout`
+//! (a client that holds still too long is closed as Postgres itself closes it) and
+//! `server_lifetime` (origin connections are renewed between transactions), against a real
+//! Postgres.
+
+mod common;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgwarp::protocol::error::ErrorFields;
+use support::*;
+
+/// Waits for the message that closes a client that held still: returns its severity and
+/// SQLSTATE, and checks that the connection then ends.
+async fn closed_with(raw: &mut RawClient) -> (String, String) {
+    let msg = raw.recv().await;
+    assert_eq!(msg.tag(), b'E', "expected an ErrorResponse");
+    let fields = ErrorFields::parse(msg.body()).unwrap();
+    assert!(raw.recv_or_eof().await.is_none(), "the connection stays open after {fields:?}");
+    (fields.severity, fields.code)
+}
+
+/// A raw client straight to the origin, as `app`.
+async fn direct(origin: &Origin) -> RawClient {
+    RawClient::connect(origin.cluster.port(), APP_USER, APP_PASSWORD, APP_DB).await
+}
+
+/// The first column of the first row of a raw query's answer ("" when there is none).
+async fn one_value(raw: &mut RawClient, sql: &str) -> String {
+    raw.send(&query(sql)).await;
+    let answer = raw.until_ready().await;
+    assert_eq!(error_code(&answer), None, "{sql}");
+    first_column(&answer).into_iter().next().flatten().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_client_idle_in_a_transaction_is_closed_as_postgres_closes_it_and_its_connection_is_reused() {
+    let origin = Origin::start();
+    origin.sql("CREATE TABLE accounts (id int primary key, balance int); INSERT INTO accounts VALUES (1, 100)");
+    origin.sql("GRANT ALL ON accounts TO app");
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.idle_transaction_timeout = Duration::from_millis(300);
+    })
+    .await;
+
+    // What Postgres does with its own idle_in_transaction_session_timeout.
+    let mut pg = direct(&origin).await;
+    one_value(&mut pg, "SET idle_in_transaction_session_timeout = '300ms'").await;
+    one_value(&mut pg, "BEGIN").await;
+    let expected = closed_with(&mut pg).await;
+    assert_eq!(expected, ("FATAL".to_owned(), "25P03".to_owned()));
+
+    let mut a = pgwarp.raw().await;
+    one_value(&mut a, "BEGIN").await;
+    let pid = one_value(&mut a, "UPDATE accounts SET balance = 0 WHERE id = 1 RETURNING pg_backend_pid()").await;
+    let idle_since = Instant::now();
+    assert_eq!(closed_with(&mut a).await, expected);
+    let waited = idle_since.elapsed();
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "closed after {waited:?}");
+
+    // The transaction was rolled back, its lock is free, and the pool's only connection was
+    // cleaned and reused rather than dropped.
+    let b = pgwarp.client().await;
+    b.batch_execute("SET lock_timeout = '2s'").await.unwrap();
+    let row = b.query_one("SELECT balance, pg_backend_pid()::text FROM accounts WHERE id = 1 FOR UPDATE", &[]).await;
+    let row = row.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 100, "the idle client's update must be rolled back");
+    assert_eq!(row.get::<_, String>(1), pid, "the connection was dropped instead of rolled back and reused");
+}
+
+#[tokio::test]
+async fn a_transaction_that_keeps_working_or_waits_on_the_origin_is_not_idle() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.idle_transaction_timeout = Duration::from_millis(300);
+        c.client_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let client = pgwarp.client().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    // A statement that runs longer than the limit is work, not idleness.
+    client.batch_execute("SELECT pg_sleep(0.6)").await.unwrap();
+    // Nor is a client that keeps sending, each pause shorter than the limit.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    // Outside a transaction too.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.query_one("SELECT 1", &[]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_client_idle_outside_a_transaction_is_closed_as_postgres_closes_it_pinned_or_not() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.client_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+
+    // Postgres 14 and later: idle_session_timeout.
+    let mut pg = direct(&origin).await;
+    one_value(&mut pg, "SET idle_session_timeout = '300ms'").await;
+    let expected = closed_with(&mut pg).await;
+    assert_eq!(expected, ("FATAL".to_owned(), "57P05".to_owned()));
+
+    // A client holding no origin connection.
+    let mut a = pgwarp.raw().await;
+    one_value(&mut a, "SELECT 1").await;
+    assert_eq!(closed_with(&mut a).await, expected);
+
+    // A client pinned to the pool's only connection by session state: closing it frees the
+    // connection, reset, for the next client.
+    let mut b = pgwarp.raw().await;
+    one_value(&mut b, "LISTEN idle_channel").await;
+    assert_eq!(closed_with(&mut b).await, expected);
+    let c = pgwarp.client().await;
+    let channels = c.query_one("SELECT count(*) FROM pg_listening_channels()", &[]).await.unwrap();
+    assert_eq!(channels.get::<_, i64>(0), 0, "the pinned client's LISTEN outlived it");
+}
+
+#[tokio::test]
+async fn without_the_limits_an_idle_client_stays() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |_| {}).await;
+    let client = pgwarp.client().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn server_lifetime_renews_connections_between_transactions_never_during_one() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.server_lifetime = Duration::from_millis(400);
+    })
+    .await;
+    let client = pgwarp.client().await;
+    let pid = |row: tokio_postgres::Row| row.get::<_, i32>(0);
+    let first = pid(client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap());
+
+    client.batch_execute("BEGIN").await.unwrap();
+    let before = pid(client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let during = pid(client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap());
+    assert_eq!((before, during), (first, first), "a connection in use must not be renewed");
+    client.batch_execute("COMMIT").await.unwrap();
+
+    // Back in the pool past its lifetime: closed, and the next transaction gets a new one.
+    let next = pid(client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap());
+    assert_ne!(next, first, "the connection outlived server_lifetime");
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {first}");
+    wait_for(|| origin.sql(&gone) == "0").await;
+
+    // An idle connection past its lifetime is closed by the pool's reaper.
+    let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {next}");
+    assert_eq!(origin.sql(&alive), "1");
+    wait_for(|| origin.sql(&alive) == "0").await;
+}
+
+/// Polls `done` every 50 ms for up to 5 s.
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
