@@ -55,6 +55,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "max_client_conn" => max_client_conn,
         "pool_timeout" => pool_timeout,
         "idle_timeout" => idle_timeout,
+        "min_pool_size" => min_pool_size,
         "server_lifetime" => server_lifetime,
         "idle_transaction_timeout" => idle_transaction_timeout,
         "client_idle_timeout" => client_idle_timeout,
@@ -111,13 +112,17 @@ mod tests {
     }
 
     #[test]
-    fn the_time_limits_reload() {
+    fn the_upkeep_settings_reload() {
         let mut loaded = running();
+        loaded.min_pool_size = 2;
         loaded.server_lifetime = Duration::from_secs(60);
         loaded.idle_transaction_timeout = Duration::from_secs(5);
         loaded.client_idle_timeout = Duration::from_secs(300);
         let (next, changes) = reconcile(&running(), loaded.clone());
-        assert_eq!(changes.applied, vec!["server_lifetime", "idle_transaction_timeout", "client_idle_timeout"]);
+        assert_eq!(
+            changes.applied,
+            vec!["min_pool_size", "server_lifetime", "idle_transaction_timeout", "client_idle_timeout"]
+        );
         assert_eq!(next, loaded);
     }
 

@@ -94,6 +94,10 @@ pub struct Config {
     /// Origin connections idle this long are closed. Default 10m.
     #[serde(deserialize_with = "units::de_duration")]
     pub idle_timeout: Duration,
+    /// Origin connections each pool keeps open even when idle (at most `pool_size`), opened
+    /// ahead of need, so the first transactions after a quiet spell, or after start for the
+    /// origin URL's own login, do not wait for a login to a far origin. Default 0.
+    pub min_pool_size: usize,
     /// Origin connections connected this long are closed when they next come back to the pool
     /// (never in use), so connections get renewed: after a failover behind a DNS name, and
     /// against memory growth in long-lived backends. Default 1h; 0 turns it off (PgBouncer's
@@ -174,6 +178,7 @@ impl Default for Config {
             max_client_conn: 10_000,
             pool_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            min_pool_size: 0,
             server_lifetime: Duration::from_secs(3600),
             idle_transaction_timeout: Duration::ZERO,
             client_idle_timeout: Duration::ZERO,

@@ -32,6 +32,7 @@ pub(super) struct LiveSettings {
     connect_timeout: AtomicDuration,
     idle_timeout: AtomicDuration,
     server_lifetime: AtomicDuration,
+    min_size: AtomicUsize,
     statement_cache: AtomicUsize,
     idle_transaction_timeout: AtomicDuration,
     client_idle_timeout: AtomicDuration,
@@ -50,6 +51,7 @@ impl LiveSettings {
         self.connect_timeout.set(config.connect_timeout);
         self.idle_timeout.set(config.idle_timeout);
         self.server_lifetime.set(config.server_lifetime);
+        self.min_size.store(config.min_size, Ordering::Relaxed);
         self.statement_cache.store(config.statement_cache, Ordering::Relaxed);
         self.idle_transaction_timeout.set(config.idle_transaction_timeout);
         self.client_idle_timeout.set(config.client_idle_timeout);
@@ -69,6 +71,10 @@ impl LiveSettings {
 
     pub fn server_lifetime(&self) -> Duration {
         self.server_lifetime.get()
+    }
+
+    pub fn min_size(&self) -> usize {
+        self.min_size.load(Ordering::Relaxed)
     }
 
     pub fn statement_cache(&self) -> usize {

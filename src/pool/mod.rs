@@ -4,7 +4,8 @@
 //! arrival order (tokio's semaphore is fair) for up to `pool_timeout`. Idle connections are
 //! reused most-recently-used first, so a quiet pool shrinks through `idle_timeout`; each is
 //! checked before reuse, so an origin restart costs no client a dead connection. A connection
-//! older than `server_lifetime` is closed when it comes back, or by the reaper when idle.
+//! older than `server_lifetime` is closed when it comes back, or by the reaper when idle. The
+//! reaper also keeps `min_pool_size` connections open, opening them ahead of need.
 //!
 //! The pool is split into one shard per worker thread (`workers`), each with its share of
 //! `size`: a client takes a slot and a connection of its own worker's shard, so the socket's
@@ -50,6 +51,8 @@ pub struct PoolConfig {
     pub pool_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Connections kept open when idle (capped at `size`).
+    pub min_size: usize,
     /// Connections older than this are closed when they come back (zero: no limit).
     pub server_lifetime: Duration,
     pub statement_cache: usize,
@@ -65,6 +68,7 @@ impl From<&Config> for PoolConfig {
             pool_timeout: c.pool_timeout,
             connect_timeout: c.connect_timeout,
             idle_timeout: c.idle_timeout,
+            min_size: c.min_pool_size,
             server_lifetime: c.server_lifetime,
             statement_cache: c.statement_cache_size,
             idle_transaction_timeout: c.idle_transaction_timeout,
@@ -356,6 +360,11 @@ impl Pool {
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
+        self.connect_new(slot, client).await
+    }
+
+    /// Opens a new connection in `slot`, lent to `client`.
+    async fn connect_new(self: &Arc<Self>, slot: Slot, client: u64) -> Result<PooledConn, PoolError> {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
         let connected = Box::pin(OriginConn::connect(
@@ -530,17 +539,32 @@ impl Pool {
         params
     }
 
+    /// Connections open now: lent out (or being opened) and idle.
+    fn open_count(&self) -> usize {
+        self.active_count() + self.idle_count()
+    }
+
+    /// `min_pool_size`, capped at the pool's size.
+    fn min_open(&self) -> usize {
+        self.live.min_size().min(self.size.load(Ordering::Acquire))
+    }
+
+    /// Closes idle connections that died, outlived `server_lifetime`, or sat idle past
+    /// `idle_timeout` (those only down to `min_pool_size`).
     fn reap_idle(&self) {
         let mut closing = Vec::new();
+        let mut open = self.open_count();
+        let min = self.min_open();
         for shard in &self.shards {
             let mut idle = shard.idle.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             let timeout = self.live.idle_timeout();
             let mut i = 0;
             while i < idle.len() {
-                let expired = now.duration_since(idle[i].last_used) >= timeout || self.outlived(&idle[i], now);
-                if expired || !idle[i].is_alive() {
+                let unused = now.duration_since(idle[i].last_used) >= timeout && open > min;
+                if unused || self.outlived(&idle[i], now) || !idle[i].is_alive() {
                     closing.push(idle.swap_remove(i));
+                    open = open.saturating_sub(1);
                 } else {
                     i += 1;
                 }
@@ -550,6 +574,34 @@ impl Pool {
             tracing::debug!(conn = conn.id, "closing idle origin connection");
             tokio::spawn(conn.close());
         }
+    }
+
+    /// Opens connections until `min_pool_size` are open, one at a time (a warm-up, not a burst
+    /// at the origin), each in the free slot of the shard with the fewest idle ones, so every
+    /// worker has some. Stops at the first failure, to try again at the reaper's next turn.
+    async fn refill(self: &Arc<Self>) {
+        while self.open_count() < self.min_open() {
+            let Some(slot) = self.emptiest_free_slot() else { return };
+            match self.connect_new(slot, 0).await {
+                Ok(pooled) => self.checkin(pooled),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the connections min_pool_size keeps");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A free slot of the shard with the fewest idle connections.
+    fn emptiest_free_slot(&self) -> Option<Slot> {
+        let mut shards: Vec<(usize, usize)> = (0..self.shards.len())
+            .map(|s| (self.shards[s].idle.lock().unwrap_or_else(|e| e.into_inner()).len(), s))
+            .collect();
+        shards.sort_unstable();
+        shards.into_iter().find_map(|(_, shard)| {
+            let permit = self.shards[shard].permits.clone().try_acquire_owned().ok()?;
+            Some(Slot { shard, permit })
+        })
     }
 
     /// Closes every idle connection (shutdown).
@@ -584,14 +636,14 @@ fn spawn_reaper(pool: Weak<Pool>) {
         (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
     };
     tokio::spawn(async move {
-        // The period follows the limits, which RELOAD may change.
-        let mut wait = pool.upgrade().map(|p| period(&p));
-        while let Some(w) = wait {
-            tokio::time::sleep(w).await;
-            wait = pool.upgrade().map(|p| {
-                p.reap_idle();
-                period(&p)
-            });
+        // At once (a new pool opens its min_pool_size connections), then every period, which
+        // follows the limits RELOAD may change. The pool is held only while working on it.
+        while let Some(p) = pool.upgrade() {
+            p.reap_idle();
+            p.refill().await;
+            let wait = period(&p);
+            drop(p);
+            tokio::time::sleep(wait).await;
         }
     });
 }

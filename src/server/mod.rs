@@ -28,6 +28,7 @@ use crate::cache::QueryCache;
 use crate::cancel::{CancelRegistry, Stop};
 use crate::cli::ConfigSource;
 use crate::config::{Config, ConfigError};
+use crate::origin::Credentials;
 use crate::pool::{PoolConfig, PoolSet};
 use crate::roster::{ClientEntry, Roster};
 use crate::session;
@@ -135,6 +136,22 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// With `min_pool_size` set, makes the pool of the origin URL's own login at start, on a
+/// worker, so its connections are open before the first client (other pools are made at their
+/// first login).
+fn warm_default_pool(ctx: &Arc<ServerContext>, workers: &Workers) {
+    let config = ctx.config();
+    let Ok(origin) = config.origin_url() else { return };
+    if config.min_pool_size == 0 {
+        return;
+    }
+    let creds = Credentials { user: origin.user, password: origin.password, database: origin.database };
+    let ctx = ctx.clone();
+    workers.spawn(move || async move {
+        ctx.pools.get(&creds);
+    });
 }
 
 /// Triggers shutdown from outside (signals, tests).
@@ -270,6 +287,7 @@ impl Server {
             busy_poll = %humantime::format_duration(workers.busy_poll()),
             "pgwarp accepting clients"
         );
+        warm_default_pool(&ctx, &workers);
         // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
         let _admin = admin.map(|admin| {
             if let Ok(addr) = admin.local_addr() {

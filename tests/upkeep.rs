@@ -1,7 +1,7 @@
-//! Limits on time that PgBouncer users set: `idle_transaction_timeout` and `client_idle_timeout`
-//! (a client that holds still too long is closed as Postgres itself closes it) and
-//! `server_lifetime` (origin connections are renewed between transactions), against a real
-//! Postgres.
+//! What pgwarp does over time, set as PgBouncer users set it: `idle_transaction_timeout` and
+//! `client_idle_timeout` (a client that holds still too long is closed as Postgres itself
+//! closes it), `server_lifetime` (origin connections are renewed between transactions) and
+//! `min_pool_size` (connections opened ahead of need and kept), against a real Postgres.
 
 mod common;
 mod support;
@@ -166,6 +166,54 @@ async fn server_lifetime_renews_connections_between_transactions_never_during_on
     let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {next}");
     assert_eq!(origin.sql(&alive), "1");
     wait_for(|| origin.sql(&alive) == "0").await;
+}
+
+/// Origin backends logged in as the app role.
+fn app_backends(origin: &Origin) -> usize {
+    origin.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'").parse().unwrap()
+}
+
+#[tokio::test]
+async fn min_pool_size_opens_connections_before_the_first_client_and_keeps_them_through_idle_timeout() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 4;
+        c.min_pool_size = 2;
+        c.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Opened at start, with no client yet.
+    wait_for(|| app_backends(&origin) == 2).await;
+
+    // Busy: the pool grows past the minimum...
+    let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| pgwarp.client())).await;
+    for c in &clients {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    assert_eq!(app_backends(&origin), 4);
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // ... and shrinks back to it through idle_timeout, not below.
+    wait_for(|| app_backends(&origin) == 2).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(app_backends(&origin), 2, "idle_timeout closed connections min_pool_size keeps");
+
+    // Connections that die are replaced.
+    origin.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'");
+    wait_for(|| app_backends(&origin) == 2).await;
+    let row = clients[0].query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+#[tokio::test]
+async fn without_min_pool_size_nothing_is_opened_ahead_of_need() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| c.idle_timeout = Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app_backends(&origin), 0);
+    pgwarp.client().await.query_one("SELECT 1", &[]).await.unwrap();
+    wait_for(|| app_backends(&origin) == 0).await;
 }
 
 /// Polls `done` every 50 ms for up to 5 s.
