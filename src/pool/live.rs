@@ -1,7 +1,7 @@
-//! A pool's settings that RELOAD can change while it serves (including the limits on how long
-//! its clients may hold still, which the sessions read from their pool): plain atomics, read where they are
-//! used (waiting, connecting, reaping), so a change needs no lock and costs the common path
-//! nothing. The size is not here: resizing moves slots (`resize`).
+//! A pool's settings that RELOAD can change while it serves: plain atomics, read where they are
+//! used (waiting, connecting, reaping, and by the pool's clients for how long they may sit
+//! idle), so a change needs no lock and costs the common path nothing. The size is not here:
+//! resizing moves slots (`resize`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;

@@ -439,14 +439,14 @@ impl Pool {
         self.live.limits_holding_still()
     }
 
-    /// How long a client of this pool may sit idle inside a transaction (zero: no limit).
-    pub fn idle_transaction_timeout(&self) -> Duration {
-        self.live.idle_transaction_timeout()
-    }
-
-    /// How long a client of this pool may sit idle outside a transaction (zero: no limit).
-    pub fn client_idle_timeout(&self) -> Duration {
-        self.live.client_idle_timeout()
+    /// How long a client of this pool may sit idle (zero: no limit): `idle_transaction_timeout`
+    /// inside a transaction, `client_idle_timeout` outside one.
+    pub fn holding_still_limit(&self, in_transaction: bool) -> Duration {
+        if in_transaction {
+            self.live.idle_transaction_timeout()
+        } else {
+            self.live.client_idle_timeout()
+        }
     }
 
     /// Idle connections right now (for tests and metrics).

@@ -210,7 +210,7 @@ impl Session {
                 let mut watch = still::Watch::new(self.pool.limits_holding_still());
                 if watch.on() {
                     let pool = &self.pool;
-                    watch.observe(Some(false), |_| pool.client_idle_timeout());
+                    watch.observe(Some(false), |in_transaction| pool.holding_still_limit(in_transaction));
                 }
                 let mut drain = std::pin::pin!(self.cancel.slot.stopped(Stop::Drain));
                 tokio::select! {
@@ -240,13 +240,7 @@ impl Session {
         loop {
             if watch.on() {
                 let pool = &self.pool;
-                watch.observe(self.holding_still(), |in_transaction| {
-                    if in_transaction {
-                        pool.idle_transaction_timeout()
-                    } else {
-                        pool.client_idle_timeout()
-                    }
-                });
+                watch.observe(self.holding_still(), |in_transaction| pool.holding_still_limit(in_transaction));
             }
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
             // Input queued behind a wait counts as backlog too: the client is not read
