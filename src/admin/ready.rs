@@ -90,7 +90,7 @@ impl Readiness {
 /// Opens and closes one origin connection as the origin URL's user.
 async fn probe(ctx: &ServerContext) -> Result<(), String> {
     let origin = ctx.config().origin_url().map_err(|e| e.to_string())?;
-    let creds = Credentials { user: origin.user, password: origin.password, database: origin.database };
+    let creds = Credentials::with_password(origin.user, origin.password, origin.database);
     let target = ctx.pools.target();
     match OriginConn::connect(target, &creds, 1, PROBE_TIMEOUT).await {
         Ok(conn) => {

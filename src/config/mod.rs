@@ -47,6 +47,10 @@ pub fn check_busy_poll(busy_poll: Option<Duration>) -> Result<(), &'static str> 
     }
 }
 
+/// The `auth_query` that `auth_user` alone turns on (PgBouncer's default). Reading `pg_shadow`
+/// takes a superuser; a SECURITY DEFINER function that returns the same two columns does not.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1";
+
 /// How pgwarp checks client passwords.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMethod {
@@ -70,8 +74,9 @@ pub struct UserConfig {
     pub password: String,
     /// The origin role this user's queries run as. Default: the same name.
     pub origin_user: Option<String>,
-    /// The origin role's password. Default: `password` when that is plaintext, else the origin
-    /// URL's password.
+    /// The origin role's password. Default: `password` when that is plaintext; else, when the
+    /// user is its own origin role, the keys its login reveals (a SCRAM verifier copied from
+    /// pg_authid) or the md5 hash itself; else the origin URL's password.
     pub origin_password: Option<String>,
 }
 
@@ -142,6 +147,19 @@ pub struct Config {
     pub max_client_statement_bytes: usize,
     /// Extra client logins, by user name. The origin URL's user is always accepted too.
     pub users: BTreeMap<String, UserConfig>,
+    /// Look up users that `users` does not list in the origin, as PgBouncer's auth_query does:
+    /// this query, run as `auth_user` with the user name as $1, returns the user name and its
+    /// `pg_authid` secret (SCRAM verifier or md5 hash). The client's password is checked against
+    /// that, and pgwarp logs in to the origin as the user with the keys the client's login
+    /// revealed (no password is stored anywhere). Setting `auth_user` alone turns it on with
+    /// [`DEFAULT_AUTH_QUERY`]. Default: off.
+    pub auth_query: Option<String>,
+    /// Who runs `auth_query`: the origin URL's user (the default) or a `users` entry with an
+    /// origin password.
+    pub auth_user: Option<String>,
+    /// The database `auth_query` runs in, whatever database the client asks for. Default: the
+    /// origin URL's.
+    pub auth_dbname: Option<String>,
     /// The query cache.
     pub cache: crate::cache::CacheConfig,
     /// TLS certificate chain (PEM) offered to clients; with `tls_key`, clients may use TLS.
@@ -192,6 +210,9 @@ impl Default for Config {
             statement_cache_size: 200,
             max_client_statement_bytes: 16 << 20,
             users: BTreeMap::new(),
+            auth_query: None,
+            auth_user: None,
+            auth_dbname: None,
             cache: crate::cache::CacheConfig::default(),
             tls_cert: None,
             tls_key: None,

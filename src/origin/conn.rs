@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -18,7 +19,9 @@ use super::OriginError;
 use crate::protocol::backend::{self as be, AuthRequest};
 use crate::protocol::codec::{FrameError, HARD_MAX_MESSAGE};
 use crate::protocol::error::ErrorFields;
-use crate::protocol::{build, poll_duplex, Duplex, Message, MessageReader, Run};
+use crate::protocol::scram::ScramKeys;
+use crate::protocol::scram_client::KeyedScramClient;
+use crate::protocol::{build, md5, poll_duplex, Duplex, Message, MessageReader, Run};
 use crate::roster::{Listed, ServerEntry};
 use crate::transport::{self, OriginStream, OriginTarget};
 
@@ -26,8 +29,30 @@ use crate::transport::{self, OriginStream, OriginTarget};
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Credentials {
     pub user: String,
-    pub password: Option<String>,
+    pub secret: OriginSecret,
     pub database: String,
+}
+
+impl Credentials {
+    /// Credentials with a plain password (or none).
+    pub fn with_password(user: String, password: Option<String>, database: String) -> Credentials {
+        let secret = password.map_or(OriginSecret::None, OriginSecret::Password);
+        Credentials { user, secret, database }
+    }
+}
+
+/// How pgwarp proves itself to the origin.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum OriginSecret {
+    /// None configured: only an origin that asks for none (trust) lets pgwarp in.
+    None,
+    /// A password: answers SCRAM, md5 and cleartext requests.
+    Password(String),
+    /// SCRAM keys a client's proof revealed (pass-through): answers SCRAM requests, and only
+    /// while the role keeps the verifier they came from.
+    ScramKeys(ScramKeys),
+    /// The role's md5 hash, as pg_authid stores it (pass-through): answers md5 requests.
+    Md5Hash(String),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -49,6 +74,30 @@ pub struct QueryOutcome {
     pub rows: Vec<Vec<Option<String>>>,
     pub error: Option<ErrorFields>,
     pub status: u8,
+}
+
+/// A SCRAM exchange with the origin under way.
+enum Scram {
+    Password(ScramSha256),
+    Keys(KeyedScramClient),
+}
+
+impl std::fmt::Debug for OriginSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+impl OriginSecret {
+    /// What kind of secret this is, for errors (never the secret).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OriginSecret::None => "no password",
+            OriginSecret::Password(_) => "a password",
+            OriginSecret::ScramKeys(_) => "SCRAM keys from the client's login",
+            OriginSecret::Md5Hash(_) => "an md5 hash",
+        }
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -158,7 +207,7 @@ impl OriginConn {
 
     /// Answers the origin's authentication requests until AuthenticationOk.
     async fn authenticate(&mut self, creds: &Credentials) -> Result<(), OriginError> {
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         loop {
             let msg = self.read().await?;
             if msg.tag() == be::ERROR_RESPONSE {
@@ -167,49 +216,75 @@ impl OriginConn {
             if msg.tag() != be::AUTHENTICATION {
                 return Err(OriginError::Protocol(format!("expected authentication, got {:?}", msg.tag() as char)));
             }
-            let password = || creds.password.as_deref().ok_or(OriginError::NoPassword);
-            match be::auth_request(msg.body()).map_err(protocol)? {
-                AuthRequest::Ok => return Ok(()),
-                AuthRequest::Cleartext => {
-                    let mut data = password()?.as_bytes().to_vec();
+            let request = be::auth_request(msg.body()).map_err(protocol)?;
+            let cannot = |asked: &str| OriginError::CannotAnswer { asked: asked.to_owned(), held: creds.secret.kind() };
+            match (request, &creds.secret) {
+                (AuthRequest::Ok, _) => return Ok(()),
+                (AuthRequest::Cleartext, OriginSecret::Password(password)) => {
+                    let mut data = password.as_bytes().to_vec();
                     data.push(0);
                     self.write(&build::password(&data)).await?;
                 }
-                AuthRequest::Md5 { salt } => {
-                    let hash = postgres_protocol::authentication::md5_hash(
-                        creds.user.as_bytes(),
-                        password()?.as_bytes(),
-                        salt,
-                    );
+                (AuthRequest::Md5 { salt }, OriginSecret::Password(password)) => {
+                    let hash =
+                        postgres_protocol::authentication::md5_hash(creds.user.as_bytes(), password.as_bytes(), salt);
                     let mut data = hash.into_bytes();
                     data.push(0);
                     self.write(&build::password(&data)).await?;
                 }
-                AuthRequest::Sasl { mechanisms } => {
-                    if !mechanisms.contains(&"SCRAM-SHA-256") {
-                        return Err(OriginError::UnsupportedAuth(mechanisms.join(", ")));
-                    }
-                    let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                (AuthRequest::Md5 { salt }, OriginSecret::Md5Hash(stored)) => {
+                    let mut data = md5::answer(stored, salt).ok_or_else(|| cannot("md5"))?.into_bytes();
+                    data.push(0);
+                    self.write(&build::password(&data)).await?;
+                }
+                (AuthRequest::Sasl { mechanisms }, _) if !mechanisms.contains(&"SCRAM-SHA-256") => {
+                    return Err(OriginError::UnsupportedAuth(mechanisms.join(", ")));
+                }
+                (AuthRequest::Sasl { .. }, OriginSecret::Password(password)) => {
+                    let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     self.write(&build::sasl_initial_response("SCRAM-SHA-256", client.message())).await?;
-                    scram = Some(client);
+                    scram = Some(Scram::Password(client));
                 }
-                AuthRequest::SaslContinue { data } => {
-                    let mut client =
-                        scram.take().ok_or_else(|| OriginError::Scram("unexpected SASL continue".into()))?;
-                    let data = data.to_vec();
-                    // The salted-password derivation is deliberately slow: keep it off the workers.
-                    let client = tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
-                        .await
-                        .map_err(|e| OriginError::Scram(e.to_string()))?
-                        .map_err(|e| OriginError::Scram(e.to_string()))?;
-                    self.write(&build::password(client.message())).await?;
-                    scram = Some(client);
+                (AuthRequest::Sasl { .. }, OriginSecret::ScramKeys(keys)) => {
+                    let nonce = base64::engine::general_purpose::STANDARD.encode(crate::auth::random_bytes(18));
+                    let (client, first) = KeyedScramClient::start(keys.clone(), nonce);
+                    self.write(&build::sasl_initial_response("SCRAM-SHA-256", first.as_bytes())).await?;
+                    scram = Some(Scram::Keys(client));
                 }
-                AuthRequest::SaslFinal { data } => {
-                    let mut client = scram.take().ok_or_else(|| OriginError::Scram("unexpected SASL final".into()))?;
-                    client.finish(data).map_err(|e| OriginError::Scram(e.to_string()))?;
+                (AuthRequest::SaslContinue { data }, _) => {
+                    let answer = match scram.take() {
+                        Some(Scram::Password(mut client)) => {
+                            let data = data.to_vec();
+                            // The salted-password derivation is deliberately slow: keep it off
+                            // the workers.
+                            let client = tokio::task::spawn_blocking(move || client.update(&data).map(|()| client))
+                                .await
+                                .map_err(|e| OriginError::Scram(e.to_string()))?
+                                .map_err(|e| OriginError::Scram(e.to_string()))?;
+                            let answer = client.message().to_vec();
+                            scram = Some(Scram::Password(client));
+                            answer
+                        }
+                        Some(Scram::Keys(mut client)) => {
+                            let answer = client.answer(data).map_err(|e| OriginError::Scram(e.to_string()))?;
+                            scram = Some(Scram::Keys(client));
+                            answer.into_bytes()
+                        }
+                        None => return Err(OriginError::Scram("unexpected SASL continue".into())),
+                    };
+                    self.write(&build::password(&answer)).await?;
                 }
-                AuthRequest::Other(code) => return Err(OriginError::UnsupportedAuth(format!("method {code}"))),
+                (AuthRequest::SaslFinal { data }, _) => match scram.take() {
+                    Some(Scram::Password(mut client)) => {
+                        client.finish(data).map_err(|e| OriginError::Scram(e.to_string()))?
+                    }
+                    Some(Scram::Keys(client)) => client.finish(data).map_err(|e| OriginError::Scram(e.to_string()))?,
+                    None => return Err(OriginError::Scram("unexpected SASL final".into())),
+                },
+                (AuthRequest::Other(code), _) => return Err(OriginError::UnsupportedAuth(format!("method {code}"))),
+                (AuthRequest::Cleartext, _) => return Err(cannot("a cleartext password")),
+                (AuthRequest::Md5 { .. }, _) => return Err(cannot("md5")),
+                (AuthRequest::Sasl { .. }, _) => return Err(cannot("SCRAM-SHA-256")),
             }
         }
     }
@@ -372,6 +447,24 @@ impl OriginConn {
         // an earlier batch gets it replayed at its Bind, as on a connection that never had it.
         self.statements.unnamed = None;
         self.write(&build::query(sql)).await?;
+        self.collect_outcome().await
+    }
+
+    /// Runs one of pgwarp's own queries with text parameters (`$1`, ...) through the unnamed
+    /// statement, collecting rows as text. Parameters never become SQL text.
+    pub async fn query_with_params(&mut self, sql: &str, params: &[Option<&str>]) -> Result<QueryOutcome, OriginError> {
+        self.statements.unnamed = None;
+        let mut out = BytesMut::new();
+        build::parse_into(&mut out, "", sql, &[]);
+        build::bind_text_into(&mut out, "", params);
+        build::execute_into(&mut out);
+        out.extend_from_slice(&build::sync());
+        self.write(&out).await?;
+        self.collect_outcome().await
+    }
+
+    /// Reads the answer to one of pgwarp's own queries up to ReadyForQuery.
+    async fn collect_outcome(&mut self) -> Result<QueryOutcome, OriginError> {
         let mut out = QueryOutcome::default();
         loop {
             let msg = self.read().await?;

@@ -6,7 +6,7 @@ pub mod queue;
 pub mod settings;
 pub mod statements;
 
-pub use conn::{BackendKey, Credentials, OriginConn};
+pub use conn::{BackendKey, Credentials, OriginConn, OriginSecret};
 pub use queue::{Decision, Expect, Owner, ResponseQueue, Undo};
 pub use statements::ServerStatements;
 
@@ -23,8 +23,8 @@ pub enum OriginError {
     Refused(ErrorFields),
     #[error("origin asked for an authentication method pgwarp does not support ({0})")]
     UnsupportedAuth(String),
-    #[error("origin asked for a password but none is configured")]
-    NoPassword,
+    #[error("origin asked for {asked}, but pgwarp holds {held} for this role")]
+    CannotAnswer { asked: String, held: &'static str },
     #[error("SCRAM with the origin failed: {0}")]
     Scram(String),
     #[error("origin connection lost: {0}")]
@@ -45,7 +45,7 @@ impl OriginError {
                 "pgwarp could not log in to the origin database; check pgwarp's origin credentials".into(),
             ),
             OriginError::Refused(f) => (f.code.clone(), f.message.clone()),
-            OriginError::UnsupportedAuth(_) | OriginError::NoPassword | OriginError::Scram(_) => {
+            OriginError::UnsupportedAuth(_) | OriginError::CannotAnswer { .. } | OriginError::Scram(_) => {
                 (SqlState::CONNECTION_REJECTED.code().into(), "pgwarp could not log in to the origin database".into())
             }
             // The TLS reason (bad certificate, host name mismatch) is the operator's to fix, but

@@ -39,7 +39,7 @@ use live::LiveSettings;
 
 use crate::config::Config;
 use crate::origin::settings::{sync_sql, Settings};
-use crate::origin::{Credentials, OriginConn, OriginError};
+use crate::origin::{Credentials, OriginConn, OriginError, OriginSecret};
 use crate::protocol::error::ErrorFields;
 use crate::roster::{Roster, ServerEntry, ServerFacts};
 use crate::transport::OriginTarget;
@@ -192,7 +192,12 @@ struct Slot {
 
 pub struct Pool {
     target: Arc<OriginTarget>,
-    creds: Credentials,
+    /// Who its connections log in as. The secret is the latest a login brought (a changed
+    /// password, new pass-through keys): connections opened from then on use it.
+    creds: Mutex<Credentials>,
+    /// The role and database, which never change.
+    user: String,
+    database: String,
     /// Most connections lent at once.
     size: AtomicUsize,
     live: LiveSettings,
@@ -209,7 +214,7 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pool({:?})", self.creds)
+        write!(f, "Pool({}@{})", self.user, self.database)
     }
 }
 
@@ -238,7 +243,9 @@ impl Pool {
             .collect();
         let pool = Arc::new(Pool {
             target,
-            creds,
+            user: creds.user.clone(),
+            database: creds.database.clone(),
+            creds: Mutex::new(creds),
             size: AtomicUsize::new(config.size),
             live: LiveSettings::new(&config),
             held: Mutex::new((0..n).map(|_| Vec::new()).collect()),
@@ -254,6 +261,14 @@ impl Pool {
 
     pub fn target(&self) -> &Arc<OriginTarget> {
         &self.target
+    }
+
+    /// Takes the secret a login brought, if it differs from the one in use.
+    fn renew_secret(&self, latest: &OriginSecret) {
+        let mut creds = self.creds.lock().unwrap_or_else(|e| e.into_inner());
+        if creds.secret != *latest {
+            creds.secret = latest.clone();
+        }
     }
 
     /// Waits (FIFO, up to pool_timeout) for a slot, then reuses an idle connection or opens one,
@@ -367,9 +382,10 @@ impl Pool {
     async fn connect_new(self: &Arc<Self>, slot: Slot, client: u64) -> Result<PooledConn, PoolError> {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
+        let creds = self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let connected = Box::pin(OriginConn::connect(
             &self.target,
-            &self.creds,
+            &creds,
             self.live.statement_cache(),
             self.live.connect_timeout(),
         ))
@@ -380,8 +396,8 @@ impl Pool {
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         let listing = self.servers.add(ServerEntry::new(ServerFacts {
             id: conn.id,
-            user: self.creds.user.clone(),
-            database: self.creds.database.clone(),
+            user: self.user.clone(),
+            database: self.database.clone(),
             pid: conn.key.pid,
             transport: conn.carrier,
         }));
@@ -470,8 +486,8 @@ impl Pool {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PoolSnapshot {
-            user: self.creds.user.clone(),
-            database: self.creds.database.clone(),
+            user: self.user.clone(),
+            database: self.database.clone(),
             size: self.size.load(Ordering::Acquire),
             active: self.active_count(),
             idle: self.idle_count(),

@@ -20,7 +20,8 @@ pub struct PoolSet {
     workers: usize,
     /// While paused: cancelled by RESUME.
     pub(super) paused: Mutex<Option<CancellationToken>>,
-    pools: Mutex<HashMap<Credentials, Arc<Pool>>>,
+    /// By (origin user, database).
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     /// Every pool's open connections, for `SHOW SERVERS`.
     pub servers: Arc<Roster<ServerEntry>>,
 }
@@ -38,9 +39,13 @@ impl PoolSet {
         }
     }
 
+    /// The pool of `creds`' user and database; the secret, if it changed, is used for the
+    /// connections it opens from now on.
     pub fn get(&self, creds: &Credentials) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = pools.get(creds) {
+        let key = (creds.user.clone(), creds.database.clone());
+        if let Some(pool) = pools.get(&key) {
+            pool.renew_secret(&creds.secret);
             return pool.clone();
         }
         let config = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -49,7 +54,7 @@ impl PoolSet {
             // Under the pools lock, so PAUSE and RESUME see this pool either way round.
             pool.hold_free_slots();
         }
-        pools.insert(creds.clone(), pool.clone());
+        pools.insert(key, pool.clone());
         pool
     }
 
@@ -86,5 +91,5 @@ pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Durat
 
 #[cfg(test)]
 pub(crate) fn test_creds() -> Credentials {
-    Credentials { user: "app".into(), password: None, database: "shop".into() }
+    Credentials::with_password("app".into(), None, "shop".into())
 }

@@ -208,6 +208,35 @@ pub fn parse_into(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u32]
     });
 }
 
+/// Bind of the unnamed portal to statement `statement`, with text parameters (None: NULL) and
+/// text results.
+pub fn bind_text_into(out: &mut BytesMut, statement: &str, params: &[Option<&str>]) {
+    frame_into(out, b'B', |b| {
+        put_cstr(b, "");
+        put_cstr(b, statement);
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+}
+
+/// Execute of the unnamed portal, all rows.
+pub fn execute_into(out: &mut BytesMut) {
+    frame_into(out, b'E', |b| {
+        put_cstr(b, "");
+        b.put_i32(0);
+    });
+}
+
 /// Close of a prepared statement by name.
 pub fn close_statement_into(out: &mut BytesMut, name: &str) {
     frame_into(out, b'C', |b| {

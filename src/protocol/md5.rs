@@ -1,4 +1,6 @@
-//! MD5 password authentication, server side: `md5(md5(password || user) || salt)`.
+//! MD5 password authentication: `md5(md5(password || user) || salt)`. The server side checks a
+//! client's answer; the client side can answer from the stored hash alone, which is how pgwarp
+//! logs in to the origin as a user whose md5 hash it holds (pass-through).
 
 use md5::{Digest, Md5};
 
@@ -17,13 +19,19 @@ pub fn stored_hash(user: &str, password: &str) -> String {
     format!("md5{}", hex_md5(&[password.as_bytes(), user.as_bytes()]))
 }
 
+/// The answer to a server's md5 challenge with `salt`, from the stored hash; None if `stored`
+/// is not an md5 hash.
+pub fn answer(stored: &str, salt: [u8; 4]) -> Option<String> {
+    let inner = stored.strip_prefix("md5").filter(|h| h.len() == 32)?;
+    Some(format!("md5{}", hex_md5(&[inner.as_bytes(), &salt])))
+}
+
 /// Checks a client's PasswordMessage answer against the stored hash and the salt we sent.
 pub fn verify(stored: &str, salt: [u8; 4], answer: &str) -> bool {
-    let Some(inner) = stored.strip_prefix("md5") else {
-        return false;
-    };
-    let expected = format!("md5{}", hex_md5(&[inner.as_bytes(), &salt]));
-    constant_time_eq(expected.as_bytes(), answer.as_bytes())
+    match self::answer(stored, salt) {
+        Some(expected) => constant_time_eq(expected.as_bytes(), answer.as_bytes()),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -37,5 +45,6 @@ mod tests {
         assert!(verify(&stored_hash("alice", "pw"), salt, &answer));
         assert!(!verify(&stored_hash("alice", "other"), salt, &answer));
         assert!(!verify("plain", salt, &answer));
+        assert_eq!(super::answer(&stored_hash("alice", "pw"), salt), Some(answer));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! `codec` frames messages out of a byte stream with hard length limits; `frontend` and `backend`
 //! read the fields of the messages pgwarp has to look inside; `build` encodes the messages pgwarp
-//! writes itself; `startup` handles the untagged packets a connection opens with; `scram` and `md5`
-//! are the password exchanges. Nothing here knows about pools, sessions or caches.
+//! writes itself; `startup` handles the untagged packets a connection opens with; `scram`,
+//! `scram_client` and `md5` are the password exchanges. Nothing here knows about pools, sessions
+//! or caches.
 
 pub mod backend;
 pub mod build;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod frontend;
 pub mod md5;
 pub mod scram;
+pub mod scram_client;
 pub mod spare;
 pub mod startup;
 

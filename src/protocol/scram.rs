@@ -1,5 +1,6 @@
 //! SCRAM-SHA-256 (RFC 5802/7677), the server side: checking a client's proof against a stored
-//! verifier. The client side (pgwarp logging in to the origin) uses `postgres-protocol`.
+//! verifier. The client side (pgwarp logging in to the origin) uses `postgres-protocol` with a
+//! password, or `scram_client` with the keys a client's proof revealed here.
 //!
 //! Deriving a verifier from a password (PBKDF2) is deliberately slow; callers run
 //! `ScramSecret::from_password` on a blocking thread. Checking a proof is a few HMACs.
@@ -79,6 +80,28 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     out
 }
 
+/// What logging in with SCRAM takes, short of the password: the keys a client's proof reveals to
+/// a server holding the verifier, and the salt and iteration count they belong to. pgwarp logs
+/// in to the origin as that client with them (pass-through, as PgBouncer does). Secret: Debug
+/// shows none of it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScramKeys {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
+    }
+}
+
+pub(crate) fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    hmac(key, data)
+}
+
 /// Compares two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -138,8 +161,9 @@ impl ScramExchange {
         ))
     }
 
-    /// Checks the client-final-message; returns the server-final-message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    /// Checks the client-final-message; on success returns the server-final-message and the
+    /// client's keys (its ClientKey, recovered from the proof, is what logging in again takes).
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, ScramKeys), ScramError> {
         let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof_b64) = text.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
         let mut channel_binding = None;
@@ -174,7 +198,13 @@ impl ScramExchange {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        let keys = ScramKeys {
+            iterations: self.secret.iterations,
+            salt: self.secret.salt,
+            client_key,
+            server_key: self.secret.server_key,
+        };
+        Ok((format!("v={}", B64.encode(server_signature)), keys))
     }
 }
 
@@ -189,7 +219,7 @@ mod tests {
         let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let (ex, server_first) = ScramExchange::start(secret, "servernonce".into(), client.message())?;
         client.update(server_first.as_bytes()).unwrap();
-        let server_final = ex.finish(client.message())?;
+        let (server_final, _) = ex.finish(client.message())?;
         client.finish(server_final.as_bytes()).map_err(|_| ScramError::BadProof)
     }
 

@@ -147,7 +147,7 @@ fn warm_default_pool(ctx: &Arc<ServerContext>, workers: &Workers) {
     if config.min_pool_size == 0 {
         return;
     }
-    let creds = Credentials { user: origin.user, password: origin.password, database: origin.database };
+    let creds = Credentials::with_password(origin.user, origin.password, origin.database);
     let ctx = ctx.clone();
     workers.spawn(move || async move {
         ctx.pools.get(&creds);

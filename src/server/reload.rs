@@ -38,7 +38,11 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
     };
     let (next, changes) = reconcile(&running, loaded);
     next.validate()?;
-    let users = if changes.applied.iter().any(|k| matches!(*k, "users" | "auth_method")) {
+    let users = if changes
+        .applied
+        .iter()
+        .any(|k| matches!(*k, "users" | "auth_method" | "auth_query" | "auth_user" | "auth_dbname"))
+    {
         Some(UserDirectory::build(&next, &next.origin_url()?).await?)
     } else {
         None

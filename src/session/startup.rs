@@ -12,14 +12,15 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Session;
 use crate::admin::console;
-use crate::auth::{random_bytes, ClientSecret};
+use crate::auth::lookup::LookupError;
+use crate::auth::{random_bytes, ClientSecret, UserEntry};
 use crate::config::AuthMethod;
 use crate::origin::settings::{is_reserved, Settings};
 use crate::origin::Credentials;
 use crate::pool::{PoolError, StartupParamsError};
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::PASSWORD;
-use crate::protocol::scram::{ScramError, ScramExchange};
+use crate::protocol::scram::{ScramError, ScramExchange, ScramKeys};
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{build, Fields, Message, MessageReader};
 use crate::roster::{ClientEntry, ClientFacts, Listed};
@@ -183,10 +184,10 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         .map_err(|_| Refusal::new(SqlState::TOO_MANY_CONNECTIONS, "sorry, too many clients already"))?;
 
     let mut reader = MessageReader::new(MAX_AUTH_MESSAGE);
-    let entry = ctx.users().get(&startup.user);
-    authenticate(ctx, stream, &mut reader, &startup.user, entry.as_ref().map(|e| &e.secret)).await?;
-    let entry = entry.ok_or_else(|| password_failed(&startup.user))?;
     let console = startup.database == console::DATABASE && !ctx.config().admin_users.is_empty();
+    let entry = find_user(ctx, &startup.user).await?;
+    let keys = authenticate(ctx, stream, &mut reader, &startup.user, entry.as_ref().map(|e| &e.secret)).await?;
+    let entry = entry.ok_or_else(|| password_failed(&startup.user))?;
     if console && !ctx.config().admin_users.contains(&startup.user) {
         let message = format!("user \"{}\" may not use the admin console (see admin_users)", startup.user);
         return Err(Refusal::new(SqlState::INVALID_AUTHORIZATION, message));
@@ -199,11 +200,12 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
         return Ok(Some(Login::Console { reader, permit, user: startup.user, application_name }));
     }
 
-    let creds = Credentials {
-        user: entry.origin_user.clone(),
-        password: entry.origin_password.clone(),
-        database: startup.database.clone(),
-    };
+    let secret = entry.origin_secret(keys).ok_or_else(|| {
+        // Pass-through needs the keys of a SCRAM login; a client admitted without one (trust)
+        // cannot be carried to the origin.
+        Refusal::new(SqlState::CONNECTION_REJECTED, "pgwarp has no way to log in to the origin as this user")
+    })?;
+    let creds = Credentials { user: entry.origin_user.clone(), secret, database: startup.database.clone() };
     let pool = ctx.pools.get(&creds);
     let (params, validated, settings) = pool.startup_params(startup.settings).await.map_err(|e| match e {
         StartupParamsError::Rejected(f) => Refusal { code: f.code, message: f.message },
@@ -291,25 +293,49 @@ impl StartupParams {
     }
 }
 
+/// The user's entry: from the directory, else from `auth_query` when it is on.
+async fn find_user(ctx: &Arc<ServerContext>, user: &str) -> Result<Option<Arc<UserEntry>>, Refusal> {
+    let users = ctx.users();
+    if let Some(entry) = users.get(user) {
+        return Ok(Some(entry));
+    }
+    let Some(lookup) = users.lookup() else {
+        return Ok(None);
+    };
+    match lookup.find(&ctx.pools, user).await {
+        Ok(entry) => Ok(entry.map(Arc::new)),
+        Err(e) => {
+            tracing::warn!(user, error = %e, "auth_query could not look the user up");
+            let reason = match &e {
+                LookupError::Pool(PoolError::Origin(o)) | LookupError::Origin(o) => o.client_facing().1,
+                LookupError::Pool(PoolError::Timeout(t)) => format!("no origin connection became free within {t:?}"),
+                other => other.to_string(),
+            };
+            Err(Refusal::new(SqlState::CONNECTION_REJECTED, format!("pgwarp could not look the user up: {reason}")))
+        }
+    }
+}
+
 /// Runs the password exchange. Unknown users go through a SCRAM exchange that cannot succeed,
-/// so a client cannot tell a wrong user from a wrong password.
+/// so a client cannot tell a wrong user from a wrong password. A SCRAM login returns the keys
+/// the client's proof revealed (what logging in to the origin as this user takes).
 async fn authenticate(
     ctx: &ServerContext,
     stream: &mut ClientStream,
     reader: &mut MessageReader,
     user: &str,
     secret: Option<&ClientSecret>,
-) -> Result<(), Refusal> {
+) -> Result<Option<ScramKeys>, Refusal> {
     let io_err = |_| Refusal::new(SqlState::CONNECTION_FAILURE, "");
     let scram_secret = match (secret, ctx.config().auth_method) {
-        (Some(ClientSecret::Trust), _) => return Ok(()),
+        (Some(ClientSecret::Trust), _) => return Ok(None),
         (Some(ClientSecret::Md5(stored)), _) => {
             let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
             stream.write_all(&build::auth_md5(salt)).await.map_err(io_err)?;
             let msg = read_password(stream, reader).await?;
             let answer = Fields::new(PASSWORD, msg.body()).cstr().map_err(|_| password_failed(user))?;
             return if crate::protocol::md5::verify(stored, salt, answer) {
-                Ok(())
+                Ok(None)
             } else {
                 Err(password_failed(user))
             };
@@ -345,7 +371,7 @@ async fn authenticate(
     let msg = read_password(stream, reader).await?;
     // A wrong proof is a wrong password; a message that is not SCRAM is a protocol violation,
     // as Postgres has it (neither depends on the secret, so neither tells whether the user exists).
-    let server_final = exchange.finish(msg.body()).map_err(|e| match e {
+    let (server_final, keys) = exchange.finish(msg.body()).map_err(|e| match e {
         ScramError::BadProof => password_failed(user),
         other => Refusal::new(SqlState::PROTOCOL_VIOLATION, other.to_string()),
     })?;
@@ -353,7 +379,7 @@ async fn authenticate(
         return Err(password_failed(user));
     }
     stream.write_all(&build::auth_sasl_final(server_final.as_bytes())).await.map_err(io_err)?;
-    Ok(())
+    Ok(Some(keys))
 }
 
 async fn read_password(stream: &mut ClientStream, reader: &mut MessageReader) -> Result<Message, Refusal> {

@@ -1,6 +1,9 @@
 //! Who may log in to pgwarp, how their password is checked, and which origin role their work
-//! runs as. Built once at start-up; deriving SCRAM verifiers from plaintext passwords (PBKDF2)
-//! runs on a blocking thread.
+//! runs as, with what secret. Built once at start-up (and on RELOAD); deriving SCRAM verifiers
+//! from plaintext passwords (PBKDF2) runs on a blocking thread. Users the directory does not
+//! list may be looked up in the origin with `auth_query` (`lookup`).
+
+pub mod lookup;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,8 +11,11 @@ use std::sync::Arc;
 use rand::RngCore;
 
 use crate::config::{AuthMethod, Config, ConfigError, OriginUrl};
+use crate::origin::OriginSecret;
 use crate::protocol::md5;
-use crate::protocol::scram::ScramSecret;
+use crate::protocol::scram::{ScramKeys, ScramSecret};
+
+pub use lookup::AuthLookup;
 
 /// SCRAM iterations for verifiers pgwarp derives itself (Postgres' default).
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -24,11 +30,32 @@ pub enum ClientSecret {
     Trust,
 }
 
+/// How pgwarp logs in to the origin for one user.
+#[derive(Clone, Debug)]
+pub enum OriginLogin {
+    /// With this secret.
+    Fixed(OriginSecret),
+    /// With the SCRAM keys the client's own login revealed (pass-through): the user's secret
+    /// is the origin role's own verifier.
+    ClientKeys,
+}
+
 #[derive(Clone, Debug)]
 pub struct UserEntry {
     pub secret: ClientSecret,
     pub origin_user: String,
-    pub origin_password: Option<String>,
+    pub origin_login: OriginLogin,
+}
+
+impl UserEntry {
+    /// The secret to log in to the origin with, given the keys this client's SCRAM login
+    /// revealed; None when pass-through needs keys the login did not give.
+    pub fn origin_secret(&self, keys: Option<ScramKeys>) -> Option<OriginSecret> {
+        match &self.origin_login {
+            OriginLogin::Fixed(secret) => Some(secret.clone()),
+            OriginLogin::ClientKeys => keys.map(OriginSecret::ScramKeys),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -36,41 +63,41 @@ pub struct UserDirectory {
     users: HashMap<String, Arc<UserEntry>>,
     /// A verifier that matches no password, so unknown users go through the same exchange.
     decoy: ScramSecret,
+    /// How to look up users not listed here, when `auth_query` or `auth_user` is set.
+    lookup: Option<Arc<AuthLookup>>,
 }
 
 impl UserDirectory {
     pub async fn build(config: &Config, origin: &OriginUrl) -> Result<UserDirectory, ConfigError> {
         let method = config.auth_method;
-        let mut plan: Vec<(String, Option<String>, UserEntryTemplate)> = Vec::new();
+        let mut plan: Vec<(String, Option<String>, String, OriginLogin)> = Vec::new();
+        let origin_secret = || origin.password.clone().map_or(OriginSecret::None, OriginSecret::Password);
         plan.push((
             origin.user.clone(),
             origin.password.clone(),
-            UserEntryTemplate { origin_user: origin.user.clone(), origin_password: origin.password.clone() },
+            origin.user.clone(),
+            OriginLogin::Fixed(origin_secret()),
         ));
         for (name, u) in &config.users {
-            let plaintext = !u.password.starts_with("SCRAM-SHA-256$") && !u.password.starts_with("md5");
-            let origin_password = u
-                .origin_password
-                .clone()
-                .or_else(|| plaintext.then(|| u.password.clone()))
-                .or_else(|| origin.password.clone());
-            plan.push((
-                name.clone(),
-                Some(u.password.clone()),
-                UserEntryTemplate {
-                    origin_user: u.origin_user.clone().unwrap_or_else(|| name.clone()),
-                    origin_password,
-                },
-            ));
+            let origin_user = u.origin_user.clone().unwrap_or_else(|| name.clone());
+            let login = if let Some(p) = &u.origin_password {
+                OriginLogin::Fixed(OriginSecret::Password(p.clone()))
+            } else if u.password.starts_with("SCRAM-SHA-256$") && origin_user == *name && origin_user != origin.user {
+                OriginLogin::ClientKeys
+            } else if u.password.starts_with("md5") && origin_user == *name && origin_user != origin.user {
+                OriginLogin::Fixed(OriginSecret::Md5Hash(u.password.clone()))
+            } else if !u.password.starts_with("SCRAM-SHA-256$") && !u.password.starts_with("md5") {
+                OriginLogin::Fixed(OriginSecret::Password(u.password.clone()))
+            } else {
+                OriginLogin::Fixed(origin_secret())
+            };
+            plan.push((name.clone(), Some(u.password.clone()), origin_user, login));
         }
         let built = tokio::task::spawn_blocking(move || {
             plan.into_iter()
-                .map(|(name, password, t)| {
+                .map(|(name, password, origin_user, origin_login)| {
                     let secret = client_secret(method, &name, password.as_deref())?;
-                    Ok((
-                        name,
-                        Arc::new(UserEntry { secret, origin_user: t.origin_user, origin_password: t.origin_password }),
-                    ))
+                    Ok((name, Arc::new(UserEntry { secret, origin_user, origin_login })))
                 })
                 .collect::<Result<HashMap<_, _>, ConfigError>>()
         })
@@ -82,7 +109,8 @@ impl UserDirectory {
             stored_key: [0; 32],
             server_key: [0; 32],
         };
-        Ok(UserDirectory { users: built, decoy })
+        let lookup = AuthLookup::from_config(config, &built)?.map(Arc::new);
+        Ok(UserDirectory { users: built, decoy, lookup })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<UserEntry>> {
@@ -92,11 +120,11 @@ impl UserDirectory {
     pub fn decoy(&self) -> &ScramSecret {
         &self.decoy
     }
-}
 
-struct UserEntryTemplate {
-    origin_user: String,
-    origin_password: Option<String>,
+    /// How to look up users not listed, if `auth_query` is on.
+    pub fn lookup(&self) -> Option<&Arc<AuthLookup>> {
+        self.lookup.as_ref()
+    }
 }
 
 fn client_secret(method: AuthMethod, user: &str, password: Option<&str>) -> Result<ClientSecret, ConfigError> {
@@ -148,10 +176,33 @@ mod tests {
         let dir = UserDirectory::build(&config, &config.origin_url().unwrap()).await.unwrap();
         let app = dir.get("app").unwrap();
         assert!(matches!(app.secret, ClientSecret::Scram(_)));
-        assert_eq!(app.origin_password.as_deref(), Some("secret"));
+        assert_eq!(app.origin_secret(None), Some(OriginSecret::Password("secret".into())));
         let alice = dir.get("alice").unwrap();
-        assert_eq!((alice.origin_user.as_str(), alice.origin_password.as_deref()), ("app", Some("pw")));
+        assert_eq!(alice.origin_user, "app");
+        assert_eq!(alice.origin_secret(None), Some(OriginSecret::Password("pw".into())));
         assert!(dir.get("carol").is_none());
+        assert!(dir.lookup().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_copied_verifier_logs_in_to_the_origin_with_the_clients_own_keys() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        let toml = format!(
+            "[users.carol]\npassword = \"{verifier}\"\n\
+             [users.dave]\npassword = \"{verifier}\"\norigin_user = \"app\"\n\
+             [users.erin]\npassword = \"{verifier}\"\norigin_password = \"e\"\n"
+        );
+        let mut config = Config::from_toml(&toml).unwrap();
+        config.origin = Some("postgres://app:secret@h/db".into());
+        let dir = UserDirectory::build(&config, &config.origin_url().unwrap()).await.unwrap();
+        let keys = ScramKeys { iterations: 4096, salt: vec![1], client_key: [1; 32], server_key: [2; 32] };
+        let carol = dir.get("carol").unwrap();
+        assert!(matches!(carol.origin_login, OriginLogin::ClientKeys));
+        assert_eq!(carol.origin_secret(Some(keys.clone())), Some(OriginSecret::ScramKeys(keys)));
+        assert_eq!(carol.origin_secret(None), None);
+        // Mapped to the origin URL's role: its password; an origin_password always wins.
+        assert_eq!(dir.get("dave").unwrap().origin_secret(None), Some(OriginSecret::Password("secret".into())));
+        assert_eq!(dir.get("erin").unwrap().origin_secret(None), Some(OriginSecret::Password("e".into())));
     }
 
     #[tokio::test]
