@@ -28,6 +28,8 @@ pub enum LookupError {
     Query(ErrorFields),
     #[error("auth_query returned {0} rows for one user")]
     Rows(usize),
+    #[error("auth_query returned {0} columns; it must return the user name and its secret")]
+    Columns(usize),
 }
 
 /// How to look users up: the query and who runs it.
@@ -100,14 +102,23 @@ impl AuthLookup {
             }
             conn.set_applied(Settings::new());
         }
-        let outcome = conn.query_with_params(&self.query, &[Some(user)]).await?;
+        let outcome = conn.query_with_params(&self.query, &[Some(user)], 1).await?;
         pool.checkin(conn);
         if let Some(e) = outcome.error {
             return Err(LookupError::Query(e));
         }
+        if outcome.rows_left_out > 0 {
+            return Err(LookupError::Rows(outcome.rows.len() + outcome.rows_left_out));
+        }
         let secret = match outcome.rows.as_slice() {
             [] => return Ok(None),
-            [row] => row.get(1).or(row.first()).cloned().flatten(),
+            // The name column must say the user asked for: a query that ignores $1 logs
+            // nobody in as someone else.
+            [row] => match row.as_slice() {
+                [Some(name), secret] if name == user => secret.clone(),
+                [_, _] => return Ok(None),
+                other => return Err(LookupError::Columns(other.len())),
+            },
             rows => return Err(LookupError::Rows(rows.len())),
         };
         let (method, name, secret) = (self.method, user.to_owned(), secret);

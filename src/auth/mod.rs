@@ -61,8 +61,6 @@ impl UserEntry {
 #[derive(Debug)]
 pub struct UserDirectory {
     users: HashMap<String, Arc<UserEntry>>,
-    /// A verifier that matches no password, so unknown users go through the same exchange.
-    decoy: ScramSecret,
     /// How to look up users not listed here, when `auth_query` or `auth_user` is set.
     lookup: Option<Arc<AuthLookup>>,
 }
@@ -103,22 +101,23 @@ impl UserDirectory {
         })
         .await
         .map_err(|e| ConfigError::Invalid { key: "users", message: e.to_string() })??;
-        let decoy = ScramSecret {
-            iterations: SCRAM_ITERATIONS,
-            salt: random_bytes(16),
-            stored_key: [0; 32],
-            server_key: [0; 32],
-        };
         let lookup = AuthLookup::from_config(config, &built)?.map(Arc::new);
-        Ok(UserDirectory { users: built, decoy, lookup })
+        Ok(UserDirectory { users: built, lookup })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<UserEntry>> {
         self.users.get(name).cloned()
     }
 
-    pub fn decoy(&self) -> &ScramSecret {
-        &self.decoy
+    /// A verifier that matches no password, for a user that does not exist (or cannot log in),
+    /// so it goes through the same exchange as one that does. Its salt is the same for the same
+    /// name every time, as a real user's is, and differs between names (Postgres' mock salt):
+    /// probing twice tells nothing.
+    pub fn decoy_for(&self, user: &str) -> ScramSecret {
+        static KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(|| random_bytes(32));
+        let salt = crate::protocol::scram::hmac_sha256(key, user.as_bytes())[..16].to_vec();
+        ScramSecret { iterations: SCRAM_ITERATIONS, salt, stored_key: [0; 32], server_key: [0; 32] }
     }
 
     /// How to look up users not listed, if `auth_query` is on.
@@ -182,6 +181,8 @@ mod tests {
         assert_eq!(alice.origin_secret(None), Some(OriginSecret::Password("pw".into())));
         assert!(dir.get("carol").is_none());
         assert!(dir.lookup().is_none());
+        assert_eq!(dir.decoy_for("carol"), dir.decoy_for("carol"));
+        assert_ne!(dir.decoy_for("carol").salt, dir.decoy_for("dave").salt);
     }
 
     #[tokio::test]

@@ -47,9 +47,12 @@ pub fn check_busy_poll(busy_poll: Option<Duration>) -> Result<(), &'static str> 
     }
 }
 
-/// The `auth_query` that `auth_user` alone turns on (PgBouncer's default). Reading `pg_shadow`
-/// takes a superuser; a SECURITY DEFINER function that returns the same two columns does not.
-pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1";
+/// The `auth_query` that `auth_user` alone turns on (PgBouncer's since 1.21): no secret for a
+/// role that may not log in or whose password has expired, as Postgres would refuse those.
+/// Reading `pg_authid` takes a superuser; a SECURITY DEFINER function that returns the same
+/// two columns does not.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END \
+     FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
 
 /// How pgwarp checks client passwords.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]

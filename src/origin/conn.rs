@@ -72,6 +72,8 @@ pub struct BackendKey {
 #[derive(Debug, Default)]
 pub struct QueryOutcome {
     pub rows: Vec<Vec<Option<String>>>,
+    /// Rows past the caller's limit: counted, not kept.
+    pub rows_left_out: usize,
     pub error: Option<ErrorFields>,
     pub status: u8,
 }
@@ -89,6 +91,13 @@ impl std::fmt::Debug for OriginSecret {
 }
 
 impl OriginSecret {
+    /// Whether a newer login may replace this secret in a pool: pass-through secrets, which a
+    /// client proved against the role's own verifier. A configured password is part of the
+    /// pool's identity instead, so one login's mistake never breaks another's pool.
+    pub fn renewable(&self) -> bool {
+        matches!(self, OriginSecret::ScramKeys(_) | OriginSecret::Md5Hash(_))
+    }
+
     /// What kind of secret this is, for errors (never the secret).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -219,6 +228,11 @@ impl OriginConn {
             let request = be::auth_request(msg.body()).map_err(protocol)?;
             let cannot = |asked: &str| OriginError::CannotAnswer { asked: asked.to_owned(), held: creds.secret.kind() };
             match (request, &creds.secret) {
+                // A SCRAM exchange ends with the origin's proof that it holds the verifier;
+                // an origin that skips it may not be the origin.
+                (AuthRequest::Ok, _) if scram.is_some() => {
+                    return Err(OriginError::Scram("the origin ended SCRAM without proving itself".into()))
+                }
                 (AuthRequest::Ok, _) => return Ok(()),
                 (AuthRequest::Cleartext, OriginSecret::Password(password)) => {
                     let mut data = password.as_bytes().to_vec();
@@ -447,12 +461,18 @@ impl OriginConn {
         // an earlier batch gets it replayed at its Bind, as on a connection that never had it.
         self.statements.unnamed = None;
         self.write(&build::query(sql)).await?;
-        self.collect_outcome().await
+        self.collect_outcome(usize::MAX).await
     }
 
     /// Runs one of pgwarp's own queries with text parameters (`$1`, ...) through the unnamed
-    /// statement, collecting rows as text. Parameters never become SQL text.
-    pub async fn query_with_params(&mut self, sql: &str, params: &[Option<&str>]) -> Result<QueryOutcome, OriginError> {
+    /// statement, collecting rows as text; rows past `max_rows` are counted, not kept.
+    /// Parameters never become SQL text.
+    pub async fn query_with_params(
+        &mut self,
+        sql: &str,
+        params: &[Option<&str>],
+        max_rows: usize,
+    ) -> Result<QueryOutcome, OriginError> {
         self.statements.unnamed = None;
         let mut out = BytesMut::new();
         build::parse_into(&mut out, "", sql, &[]);
@@ -460,15 +480,17 @@ impl OriginConn {
         build::execute_into(&mut out);
         out.extend_from_slice(&build::sync());
         self.write(&out).await?;
-        self.collect_outcome().await
+        self.collect_outcome(max_rows).await
     }
 
-    /// Reads the answer to one of pgwarp's own queries up to ReadyForQuery.
-    async fn collect_outcome(&mut self) -> Result<QueryOutcome, OriginError> {
+    /// Reads the answer to one of pgwarp's own queries up to ReadyForQuery, keeping at most
+    /// `max_rows` rows.
+    async fn collect_outcome(&mut self, max_rows: usize) -> Result<QueryOutcome, OriginError> {
         let mut out = QueryOutcome::default();
         loop {
             let msg = self.read().await?;
             match msg.tag() {
+                be::DATA_ROW if out.rows.len() >= max_rows => out.rows_left_out += 1,
                 be::DATA_ROW => out.rows.push(be::data_row_text(msg.body()).map_err(protocol)?),
                 be::PARAMETER_STATUS => self.note_parameter(msg.body()),
                 be::ERROR_RESPONSE => {

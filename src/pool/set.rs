@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Pool, PoolConfig};
-use crate::origin::Credentials;
+use crate::origin::{Credentials, OriginSecret};
 use crate::roster::{Roster, ServerEntry};
 use crate::transport::OriginTarget;
 
@@ -20,8 +20,7 @@ pub struct PoolSet {
     workers: usize,
     /// While paused: cancelled by RESUME.
     pub(super) paused: Mutex<Option<CancellationToken>>,
-    /// By (origin user, database).
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// Every pool's open connections, for `SHOW SERVERS`.
     pub servers: Arc<Roster<ServerEntry>>,
 }
@@ -39,13 +38,15 @@ impl PoolSet {
         }
     }
 
-    /// The pool of `creds`' user and database; the secret, if it changed, is used for the
+    /// The pool of `creds`. A pass-through secret newer than the pool's is used for the
     /// connections it opens from now on.
     pub fn get(&self, creds: &Credentials) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (creds.user.clone(), creds.database.clone());
+        let key = PoolKey::of(creds);
         if let Some(pool) = pools.get(&key) {
-            pool.renew_secret(&creds.secret);
+            if creds.secret.renewable() {
+                pool.renew_secret(&creds.secret);
+            }
             return pool.clone();
         }
         let config = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -65,6 +66,26 @@ impl PoolSet {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+/// What tells pools apart: the origin user and database, and a configured password (logins
+/// mapped to one role with different passwords get pools of their own, as before pass-through
+/// secrets existed); pass-through secrets of one role share a pool, which takes the newest.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    user: String,
+    database: String,
+    fixed: Option<OriginSecret>,
+}
+
+impl PoolKey {
+    fn of(creds: &Credentials) -> PoolKey {
+        PoolKey {
+            user: creds.user.clone(),
+            database: creds.database.clone(),
+            fixed: (!creds.secret.renewable()).then(|| creds.secret.clone()),
+        }
     }
 }
 
@@ -92,4 +113,32 @@ pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Durat
 #[cfg(test)]
 pub(crate) fn test_creds() -> Credentials {
     Credentials::with_password("app".into(), None, "shop".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::scram::ScramKeys;
+
+    #[tokio::test]
+    async fn configured_passwords_keep_pools_apart_and_pass_through_keys_renew_one() {
+        let pools = unreachable_pools(2, 1, Duration::from_millis(50));
+        let with = |secret: OriginSecret| Credentials { secret, ..test_creds() };
+        let app = pools.get(&with(OriginSecret::Password("secret".into())));
+        // Another login mapped to the same role with another password: its own pool, and the
+        // first pool's secret is untouched.
+        let other = pools.get(&with(OriginSecret::Password("pw".into())));
+        assert!(!Arc::ptr_eq(&app, &other));
+        assert!(Arc::ptr_eq(&app, &pools.get(&with(OriginSecret::Password("secret".into())))));
+        assert_eq!(app.creds.lock().unwrap().secret, OriginSecret::Password("secret".into()));
+
+        let keys = |k: u8| {
+            OriginSecret::ScramKeys(ScramKeys { iterations: 1, salt: vec![], client_key: [k; 32], server_key: [k; 32] })
+        };
+        let first = pools.get(&with(keys(1)));
+        assert!(!Arc::ptr_eq(&first, &app));
+        let second = pools.get(&with(keys(2)));
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(first.creds.lock().unwrap().secret, keys(2));
+    }
 }

@@ -306,10 +306,10 @@ async fn find_user(ctx: &Arc<ServerContext>, user: &str) -> Result<Option<Arc<Us
         Ok(entry) => Ok(entry.map(Arc::new)),
         Err(e) => {
             tracing::warn!(user, error = %e, "auth_query could not look the user up");
+            // The client has proven nothing yet: the reason goes to the log only.
             let reason = match &e {
-                LookupError::Pool(PoolError::Origin(o)) | LookupError::Origin(o) => o.client_facing().1,
                 LookupError::Pool(PoolError::Timeout(t)) => format!("no origin connection became free within {t:?}"),
-                other => other.to_string(),
+                _ => "see pgwarp's log".to_owned(),
             };
             Err(Refusal::new(SqlState::CONNECTION_REJECTED, format!("pgwarp could not look the user up: {reason}")))
         }
@@ -342,11 +342,12 @@ async fn authenticate(
         }
         (Some(ClientSecret::Scram(s)), _) => s.clone(),
         (None, AuthMethod::Md5) => {
-            stream.write_all(&build::auth_md5([1, 2, 3, 4])).await.map_err(io_err)?;
+            let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
+            stream.write_all(&build::auth_md5(salt)).await.map_err(io_err)?;
             read_password(stream, reader).await?;
             return Err(password_failed(user));
         }
-        (None, AuthMethod::ScramSha256) => ctx.users().decoy().clone(),
+        (None, AuthMethod::ScramSha256) => ctx.users().decoy_for(user),
     };
     stream.write_all(&build::auth_sasl(&["SCRAM-SHA-256"])).await.map_err(io_err)?;
     let msg = read_password(stream, reader).await?;
