@@ -37,6 +37,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "listen" => listen,
         "origin" => origin,
         "workers" => workers,
+        "max_db_connections" => max_db_connections,
         "busy_poll" => busy_poll,
         "log_level" => log_level,
         "admin_listen" => admin_listen,

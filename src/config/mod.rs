@@ -102,6 +102,10 @@ pub struct Config {
     /// Origin connections idle this long are closed. Default 10m.
     #[serde(deserialize_with = "units::de_duration")]
     pub idle_timeout: Duration,
+    /// Origin connections to one database over all its pools (every user's), as PgBouncer's:
+    /// at the cap, a pool closes another's idle connection or waits (up to `pool_timeout`).
+    /// Default 0: no cap beyond `pool_size` per pool.
+    pub max_db_connections: usize,
     /// Origin connections each pool keeps open even when idle (at most `pool_size`), opened
     /// ahead of need, so the first transactions after a quiet spell, or after start for the
     /// origin URL's own login, do not wait for a login to a far origin. Default 0.
@@ -199,6 +203,7 @@ impl Default for Config {
             max_client_conn: 10_000,
             pool_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            max_db_connections: 0,
             min_pool_size: 0,
             server_lifetime: Duration::from_secs(3600),
             idle_transaction_timeout: Duration::ZERO,

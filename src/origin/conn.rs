@@ -147,6 +147,8 @@ pub struct OriginConn {
     pub carrier: &'static str,
     /// Its entry in `SHOW SERVERS`, once the pool has listed it; unlisted when this drops.
     pub listing: Option<Listed<ServerEntry>>,
+    /// Its share of a cap on open connections (`max_db_connections`), given back when it goes.
+    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for OriginConn {
@@ -196,6 +198,7 @@ impl OriginConn {
             needs_sync: false,
             carrier,
             listing: None,
+            hold: None,
         };
         conn.authenticate(creds).await?;
         loop {

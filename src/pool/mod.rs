@@ -6,6 +6,7 @@
 //! checked before reuse, so an origin restart costs no client a dead connection. A connection
 //! older than `server_lifetime` is closed when it comes back, or by the reaper when idle. The
 //! reaper also keeps `min_pool_size` connections open, opening them ahead of need.
+//! `max_db_connections` caps the connections of all pools of one database (`db_limit`).
 //!
 //! The pool is split into one shard per worker thread (`workers`), each with its share of
 //! `size`: a client takes a slot and a connection of its own worker's shard, so the socket's
@@ -17,6 +18,7 @@
 //! only ever returned by `checkin`; one that is dropped instead is closed, which is the safe
 //! default for anything whose state pgwarp is unsure of.
 
+mod db_limit;
 mod live;
 mod pause;
 mod resize;
@@ -35,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use db_limit::DbLimit;
 use live::LiveSettings;
 
 use crate::config::Config;
@@ -59,6 +62,8 @@ pub struct PoolConfig {
     /// Limits on clients of this pool that hold still (zero: none).
     pub idle_transaction_timeout: Duration,
     pub client_idle_timeout: Duration,
+    /// Connections to one database over all its pools (zero: no limit).
+    pub max_db_connections: usize,
 }
 
 impl From<&Config> for PoolConfig {
@@ -73,6 +78,7 @@ impl From<&Config> for PoolConfig {
             statement_cache: c.statement_cache_size,
             idle_transaction_timeout: c.idle_transaction_timeout,
             client_idle_timeout: c.client_idle_timeout,
+            max_db_connections: c.max_db_connections,
         }
     }
 }
@@ -210,6 +216,8 @@ pub struct Pool {
     base_params: Mutex<Option<BTreeMap<String, String>>>,
     /// Where its connections are listed for `SHOW SERVERS`.
     servers: Arc<Roster<ServerEntry>>,
+    /// The cap on its database's connections over all pools, if set.
+    db_limit: Option<Arc<DbLimit>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -227,6 +235,7 @@ impl Pool {
         config: PoolConfig,
         workers: usize,
         servers: Arc<Roster<ServerEntry>>,
+        db_limit: Option<Arc<DbLimit>>,
     ) -> Arc<Pool> {
         let n = workers.clamp(1, config.size.max(1));
         let shards = (0..n)
@@ -254,6 +263,7 @@ impl Pool {
             startup_params: Mutex::new(HashMap::new()),
             base_params: Mutex::new(None),
             servers,
+            db_limit,
         });
         spawn_reaper(Arc::downgrade(&pool));
         pool
@@ -375,11 +385,21 @@ impl Pool {
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
-        self.connect_new(slot, client).await
+        let hold = match &self.db_limit {
+            Some(limit) => Some(Box::pin(limit.admit(self.live.pool_timeout())).await?),
+            None => None,
+        };
+        self.connect_new(slot, client, hold).await
     }
 
-    /// Opens a new connection in `slot`, lent to `client`.
-    async fn connect_new(self: &Arc<Self>, slot: Slot, client: u64) -> Result<PooledConn, PoolError> {
+    /// Opens a new connection in `slot`, lent to `client`, holding `hold` (its share of
+    /// `max_db_connections`) for as long as it is open.
+    async fn connect_new(
+        self: &Arc<Self>,
+        slot: Slot,
+        client: u64,
+        hold: Option<OwnedSemaphorePermit>,
+    ) -> Result<PooledConn, PoolError> {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
         let creds = self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -393,6 +413,7 @@ impl Pool {
         let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
         counter.fetch_add(1, Ordering::Relaxed);
         let mut conn = Box::new(connected?);
+        conn.hold = hold;
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         let listing = self.servers.add(ServerEntry::new(ServerFacts {
             id: conn.id,
@@ -424,6 +445,13 @@ impl Pool {
             return;
         };
         if conn.broken || !conn.is_quiet() {
+            tokio::spawn(conn.close());
+            return;
+        }
+        // Another pool of this database waits to open a connection and nobody here waits for
+        // this one: it is worth more there.
+        if self.db_limit.as_ref().is_some_and(|l| l.wanted()) && self.counters.waiting.load(Ordering::Relaxed) == 0 {
+            tracing::debug!(conn = conn.id, "closing origin connection: max_db_connections, wanted by another pool");
             tokio::spawn(conn.close());
             return;
         }
@@ -598,7 +626,15 @@ impl Pool {
     async fn refill(self: &Arc<Self>) {
         while self.open_count() < self.min_open() {
             let Some(slot) = self.emptiest_free_slot() else { return };
-            match self.connect_new(slot, 0).await {
+            // Never past max_db_connections, nor at another pool's expense.
+            let hold = match &self.db_limit {
+                Some(limit) => match limit.try_admit() {
+                    Some(permit) => Some(permit),
+                    None => return,
+                },
+                None => None,
+            };
+            match self.connect_new(slot, 0, hold).await {
                 Ok(pooled) => self.checkin(pooled),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the connections min_pool_size keeps");
@@ -618,6 +654,31 @@ impl Pool {
             let permit = self.shards[shard].permits.clone().try_acquire_owned().ok()?;
             Some(Slot { shard, permit })
         })
+    }
+
+    /// When the least recently used idle connection was last used.
+    fn oldest_idle_use(&self) -> Option<Instant> {
+        self.shards
+            .iter()
+            .filter_map(|s| s.idle.lock().unwrap_or_else(|e| e.into_inner()).first().map(|c| c.last_used))
+            .min()
+    }
+
+    /// Closes the least recently used idle connection, if any.
+    fn close_oldest_idle(&self) {
+        let oldest = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.idle.lock().unwrap_or_else(|e| e.into_inner()).first().map(|c| (c.last_used, i)))
+            .min();
+        let Some((_, shard)) = oldest else { return };
+        let mut idle = self.shards[shard].idle.lock().unwrap_or_else(|e| e.into_inner());
+        if !idle.is_empty() {
+            let conn = idle.remove(0);
+            tracing::debug!(conn = conn.id, "closing idle origin connection for another pool (max_db_connections)");
+            tokio::spawn(conn.close());
+        }
     }
 
     /// Closes every idle connection (shutdown).

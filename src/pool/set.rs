@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::db_limit::DbLimit;
 use super::{Pool, PoolConfig};
 use crate::origin::{Credentials, OriginSecret};
 use crate::roster::{Roster, ServerEntry};
@@ -21,6 +22,8 @@ pub struct PoolSet {
     /// While paused: cancelled by RESUME.
     pub(super) paused: Mutex<Option<CancellationToken>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// `max_db_connections`, by database (when set).
+    db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
     /// Every pool's open connections, for `SHOW SERVERS`.
     pub servers: Arc<Roster<ServerEntry>>,
 }
@@ -34,6 +37,7 @@ impl PoolSet {
             workers,
             paused: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
+            db_limits: Mutex::new(HashMap::new()),
             servers: Arc::new(Roster::default()),
         }
     }
@@ -50,7 +54,15 @@ impl PoolSet {
             return pool.clone();
         }
         let config = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let pool = Pool::new(self.target.clone(), creds.clone(), config, self.workers, self.servers.clone());
+        let db_limit = (config.max_db_connections > 0).then(|| {
+            let mut limits = self.db_limits.lock().unwrap_or_else(|e| e.into_inner());
+            limits.entry(creds.database.clone()).or_insert_with(|| DbLimit::new(config.max_db_connections)).clone()
+        });
+        let pool =
+            Pool::new(self.target.clone(), creds.clone(), config, self.workers, self.servers.clone(), db_limit.clone());
+        if let Some(limit) = db_limit {
+            limit.register(&pool);
+        }
         if self.is_paused() {
             // Under the pools lock, so PAUSE and RESUME see this pool either way round.
             pool.hold_free_slots();

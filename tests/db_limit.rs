@@ -1,0 +1,103 @@
+//! `max_db_connections`: the origin connections of every pool of one database together stay
+//! under the cap (as PgBouncer's), with several logins each having a pool of its own; a pool
+//! at the cap takes another pool's idle connection rather than waiting. Against a real Postgres.
+
+mod common;
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Origin connections to the app database by pgwarp's roles, as Postgres counts them.
+async fn open_on_origin(monitor: &tokio_postgres::Client) -> i64 {
+    monitor
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND usename IN ('app', 'alice')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn start(origin: &Origin, pool_size: usize, max_db_connections: usize) -> Pgwarp {
+    origin.cluster.create_user("alice", "alice-pw");
+    origin.sql("GRANT CONNECT ON DATABASE app TO alice");
+    Pgwarp::start(origin, |c| {
+        c.pool_size = pool_size;
+        c.max_db_connections = max_db_connections;
+        c.pool_timeout = Duration::from_secs(10);
+        c.users.insert(
+            "alice".into(),
+            pgwarp::config::UserConfig { password: "alice-pw".into(), origin_user: None, origin_password: None },
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_pools_of_one_database_together_stay_under_max_db_connections() {
+    let origin = Origin::start();
+    let pgwarp = start(&origin, 3, 3).await;
+    let monitor = common::connect(&origin.cluster.superuser_url("app")).await.unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicI64::new(0));
+    let watcher = {
+        let (done, most) = (done.clone(), most.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                most.fetch_max(open_on_origin(&monitor).await, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Two logins, each with a pool of 3, six clients: without the cap 6 connections.
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let url = if i % 2 == 0 { pgwarp.url() } else { pgwarp.url_as("alice", "alice-pw") };
+        clients.push(tokio::spawn(async move {
+            let client = common::connect(&url).await.unwrap();
+            for _ in 0..3 {
+                let row = client.query_one("SELECT current_user::text FROM pg_sleep(0.1)", &[]).await.unwrap();
+                assert!(["app", "alice"].contains(&row.get::<_, String>(0).as_str()));
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!((1..=3).contains(&most), "{most} origin connections were open at once");
+}
+
+#[tokio::test]
+async fn at_the_cap_a_pool_takes_another_pools_idle_connection_instead_of_waiting() {
+    let origin = Origin::start();
+    let pgwarp = start(&origin, 2, 2).await;
+    let monitor = common::connect(&origin.cluster.superuser_url("app")).await.unwrap();
+
+    // app's pool opens both connections the cap allows, and leaves them idle.
+    let (a, b) = (pgwarp.client().await, pgwarp.client().await);
+    let (x, y) = tokio::join!(
+        a.query_one("SELECT pg_backend_pid() FROM pg_sleep(0.2)", &[]),
+        b.query_one("SELECT pg_backend_pid() FROM pg_sleep(0.2)", &[])
+    );
+    assert_ne!(x.unwrap().get::<_, i32>(0), y.unwrap().get::<_, i32>(0));
+    assert_eq!(open_on_origin(&monitor).await, 2);
+
+    // alice's pool, at the cap, closes one of them and is served at once.
+    let started = Instant::now();
+    let alice = common::connect(&pgwarp.url_as("alice", "alice-pw")).await.unwrap();
+    let user: String = alice.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "alice");
+    assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open_on_origin(&monitor).await, 2);
+    // And app still works, within the same cap.
+    let user: String = a.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "app");
+    assert!(open_on_origin(&monitor).await <= 2);
+}
