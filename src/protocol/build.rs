@@ -137,18 +137,21 @@ pub fn row_description_into(out: &mut BytesMut, columns: &[(&str, u32)]) {
 
 /// A DataRow of text values; `None` is NULL.
 pub fn data_row_into(out: &mut BytesMut, values: &[Option<String>]) {
-    frame_into(out, b'D', |b| {
-        b.put_i16(values.len().min(i16::MAX as usize) as i16);
-        for v in values {
-            match v {
-                Some(v) => {
-                    b.put_i32(v.len() as i32);
-                    b.put_slice(v.as_bytes());
-                }
-                None => b.put_i32(-1),
+    frame_into(out, b'D', |b| put_values(b, values.iter().map(Option::as_deref)));
+}
+
+/// A count, then each value with its length (-1 for NULL), as DataRow and Bind carry them.
+fn put_values<'a>(b: &mut BytesMut, values: impl ExactSizeIterator<Item = Option<&'a str>>) {
+    b.put_i16(values.len().min(i16::MAX as usize) as i16);
+    for v in values {
+        match v {
+            Some(v) => {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
             }
+            None => b.put_i32(-1),
         }
-    });
+    }
 }
 
 /// A NoticeResponse (severity NOTICE, SQLSTATE 00000).
@@ -215,16 +218,7 @@ pub fn bind_text_into(out: &mut BytesMut, statement: &str, params: &[Option<&str
         put_cstr(b, "");
         put_cstr(b, statement);
         b.put_i16(0);
-        b.put_i16(params.len() as i16);
-        for p in params {
-            match p {
-                Some(v) => {
-                    b.put_i32(v.len() as i32);
-                    b.put_slice(v.as_bytes());
-                }
-                None => b.put_i32(-1),
-            }
-        }
+        put_values(b, params.iter().copied());
         b.put_i16(0);
     });
 }

@@ -330,7 +330,7 @@ async fn authenticate(
     let scram_secret = match (secret, ctx.config().auth_method) {
         (Some(ClientSecret::Trust), _) => return Ok(None),
         (Some(ClientSecret::Md5(stored)), _) => {
-            let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
+            let salt = md5_salt();
             stream.write_all(&build::auth_md5(salt)).await.map_err(io_err)?;
             let msg = read_password(stream, reader).await?;
             let answer = Fields::new(PASSWORD, msg.body()).cstr().map_err(|_| password_failed(user))?;
@@ -342,7 +342,7 @@ async fn authenticate(
         }
         (Some(ClientSecret::Scram(s)), _) => s.clone(),
         (None, AuthMethod::Md5) => {
-            let salt: [u8; 4] = random_bytes(4).try_into().unwrap_or([7, 7, 7, 7]);
+            let salt = md5_salt();
             stream.write_all(&build::auth_md5(salt)).await.map_err(io_err)?;
             read_password(stream, reader).await?;
             return Err(password_failed(user));
@@ -381,6 +381,13 @@ async fn authenticate(
     }
     stream.write_all(&build::auth_sasl_final(server_final.as_bytes())).await.map_err(io_err)?;
     Ok(Some(keys))
+}
+
+/// A fresh salt for an md5 challenge.
+fn md5_salt() -> [u8; 4] {
+    let mut salt = [0u8; 4];
+    salt.copy_from_slice(&random_bytes(4));
+    salt
 }
 
 async fn read_password(stream: &mut ClientStream, reader: &mut MessageReader) -> Result<Message, Refusal> {
