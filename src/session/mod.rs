@@ -153,14 +153,13 @@ pub struct Session {
 
 impl Session {
     fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established, listing: Listed<ClientEntry>) -> Session {
-        let pool = ctx.pools.get(&e.creds);
-        let cancel = ctx.cancels.register(pool.target().clone());
+        let cancel = ctx.cancels.register(e.pool.target().clone());
         let statements = StatementMap::new(ctx.config().max_client_statement_bytes);
         Session {
             client,
             reader: e.reader,
             to_client: BytesMut::new(),
-            pool,
+            pool: e.pool,
             wanted: e.settings.clone(),
             startup_settings: e.settings,
             status: b'I',

@@ -17,7 +17,7 @@ use crate::auth::{random_bytes, ClientSecret, UserEntry};
 use crate::config::AuthMethod;
 use crate::origin::settings::{is_reserved, Settings};
 use crate::origin::Credentials;
-use crate::pool::{PoolError, StartupParamsError};
+use crate::pool::{Pool, PoolError, StartupParamsError};
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::PASSWORD;
 use crate::protocol::scram::{ScramError, ScramExchange, ScramKeys};
@@ -105,7 +105,8 @@ pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: 
 pub struct Established {
     pub user: String,
     pub database: String,
-    pub creds: Credentials,
+    /// The pool of the origin role and database this client's work runs on.
+    pub pool: Arc<Pool>,
     /// Shared with every client that logged in with the same settings.
     pub settings: Arc<Settings>,
     /// The origin has accepted these settings (else the session checks them on first use).
@@ -233,7 +234,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     Ok(Some(Login::Pooled(Established {
         user: startup.user,
         database: startup.database,
-        creds,
+        pool,
         settings,
         settings_validated: validated,
         reader,
