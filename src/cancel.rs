@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -55,7 +55,12 @@ impl Stop {
 /// shared lock or a shared `Notify` here cost measurable throughput.
 #[derive(Debug)]
 pub struct CancelSlot {
-    target: Arc<OriginTarget>,
+    /// Where the connection the client's work last ran on is (RELOAD may move the origin, and
+    /// a connection opened before keeps its old address until it closes).
+    target: Mutex<Arc<OriginTarget>>,
+    /// `target`'s address, so `attach` can tell a new target without taking the lock. The
+    /// mutex holds that `Arc`, so the address cannot be reused while it is recorded here.
+    target_addr: AtomicUsize,
     /// The origin connection's BackendKeyData packed as `pid << 32 | secret`; 0 when idle
     /// (Postgres never uses pid 0), with `CANCEL_READ` set once a cancel has read it.
     key: AtomicU64,
@@ -71,8 +76,15 @@ pub struct CancelSlot {
 const CANCEL_READ: u64 = 1 << 63;
 
 impl CancelSlot {
-    /// Records the origin connection the client's work now runs on. Only when it has none.
-    pub fn attach(&self, key: BackendKey) {
+    /// Records the origin connection the client's work now runs on, and where it is. Only when
+    /// it has none.
+    pub fn attach(&self, key: BackendKey, target: &Arc<OriginTarget>) {
+        // Before the key is published: a cancel that reads the key finds its target.
+        let addr = Arc::as_ptr(target) as usize;
+        if self.target_addr.load(Ordering::Acquire) != addr {
+            *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target.clone();
+            self.target_addr.store(addr, Ordering::Release);
+        }
         let packed = (u64::from(key.pid as u32) << 32) | u64::from(key.secret as u32);
         self.key.store(packed, Ordering::Release);
     }
@@ -172,7 +184,8 @@ impl CancelRegistry {
         // Read under the lock, so `stop_all` either sees this slot or this slot sees its stage.
         let stop = AtomicU8::new(self.stop.load(Ordering::Acquire));
         let slot = Arc::new(CancelSlot {
-            target,
+            target_addr: AtomicUsize::new(Arc::as_ptr(&target) as usize),
+            target: Mutex::new(target),
             key: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             settled: Notify::new(),
@@ -218,7 +231,8 @@ impl CancelRegistry {
             return;
         };
         tokio::spawn(async move {
-            send_cancel(slot.target.clone(), key).await;
+            let target = slot.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            send_cancel(target, key).await;
             slot.cancel_done();
         });
     }
@@ -290,7 +304,7 @@ mod tests {
         let h = reg.register(target());
         assert_eq!(h.slot.get(), None);
         for (pid, secret) in [(1, 0), (i32::MAX, -1), (12345, i32::MIN), (7, 42)] {
-            h.slot.attach(BackendKey { pid, secret });
+            h.slot.attach(BackendKey { pid, secret }, &h.slot.target.lock().unwrap().clone());
             assert_eq!(h.slot.get(), Some(BackendKey { pid, secret }));
             assert_eq!(h.slot.read_for_cancel(), Some(BackendKey { pid, secret }));
             assert!(h.slot.detach());
@@ -303,9 +317,10 @@ mod tests {
     async fn a_connection_whose_key_a_cancel_read_waits_for_that_cancel() {
         let reg = Arc::new(CancelRegistry::default());
         let h = reg.register(target());
-        h.slot.attach(BackendKey { pid: 5, secret: 6 });
+        let at = target();
+        h.slot.attach(BackendKey { pid: 5, secret: 6 }, &at);
         assert!(!h.slot.detach(), "no cancel: released at once");
-        h.slot.attach(BackendKey { pid: 5, secret: 6 });
+        h.slot.attach(BackendKey { pid: 5, secret: 6 }, &at);
         h.slot.in_flight.fetch_add(1, Ordering::AcqRel);
         assert!(h.slot.read_for_cancel().is_some());
         assert!(h.slot.detach());
@@ -315,6 +330,19 @@ mod tests {
         assert!(!waiting.is_finished());
         h.slot.cancel_done();
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_cancel_goes_where_the_connection_is() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register(target());
+        let moved = Arc::new(OriginTarget { host: "standby".into(), ..(*target()).clone() });
+        h.slot.attach(BackendKey { pid: 5, secret: 6 }, &moved);
+        assert_eq!(h.slot.target.lock().unwrap().host, "standby");
+        assert!(!h.slot.detach());
+        let back = target();
+        h.slot.attach(BackendKey { pid: 5, secret: 6 }, &back);
+        assert!(Arc::ptr_eq(&h.slot.target.lock().unwrap(), &back));
     }
 
     #[tokio::test]

@@ -4,8 +4,8 @@
 //! Users named in `admin_users` log in with their usual password; the database name `pgwarp`
 //! then reaches this console instead of the origin. It takes simple queries only, one command
 //! each. `SHOW ...` answers from the same snapshot as `/metrics` (or from the rosters, for
-//! CLIENTS and SERVERS); `PAUSE`, `RESUME` and `RELOAD` act on the server. `parse` and `answer`
-//! are pure; `serve` owns the socket.
+//! CLIENTS and SERVERS); `PAUSE`, `RESUME`, `RELOAD`, `RECONNECT` and `WAIT_CLOSE` act on the
+//! server. `parse` and `answer` are pure; `serve` owns the socket.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -43,12 +43,16 @@ pub enum Show {
     Config,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Show(Show),
     Pause,
     Resume,
     Reload,
+    /// Replace the origin connections of one database (or all) as they come back.
+    Reconnect(Option<String>),
+    /// Wait until no connection a RECONNECT (or a new origin) replaced is open.
+    WaitClose(Option<String>),
 }
 
 const SHOWS: [(&str, Show, &str); 8] = [
@@ -68,28 +72,57 @@ const ACTIONS: [(&str, Command, &str); 3] = [
     ("RELOAD", Command::Reload, "re-read the config file and apply what can change without a restart"),
 ];
 
+/// Commands that take an optional database name.
+type ForDatabase = fn(Option<String>) -> Command;
+
+const DATABASE_ACTIONS: [(&str, ForDatabase, &str); 2] = [
+    (
+        "RECONNECT",
+        Command::Reconnect,
+        "close each origin connection (of database db, or all) once its transaction ends; new ones open as needed",
+    ),
+    (
+        "WAIT_CLOSE",
+        Command::WaitClose,
+        "answer once every connection RECONNECT or a new origin replaced (of database db, or all) has closed",
+    ),
+];
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConsoleError {
     #[error("unknown admin command: try SHOW HELP")]
     Unknown,
 }
 
-/// The command in a simple query: `SHOW <NAME>`, `PAUSE`, `RESUME` or `RELOAD`, any case, an
-/// optional trailing semicolon.
+/// The command in a simple query: `SHOW <NAME>`, `PAUSE`, `RESUME`, `RELOAD`, `RECONNECT [db]`
+/// or `WAIT_CLOSE [db]`, any case, an optional trailing semicolon. A database name is taken as
+/// written, or from inside double quotes.
 pub fn parse(sql: &str) -> Result<Command, ConsoleError> {
     let sql = sql.trim().trim_end_matches(';').trim_end();
     let words: Vec<&str> = sql.split_whitespace().collect();
+    let for_database = |action: &str| DATABASE_ACTIONS.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(action));
     match words.as_slice() {
         [show, name] if show.eq_ignore_ascii_case("SHOW") => SHOWS
             .iter()
             .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, s, _)| Command::Show(*s))
             .ok_or(ConsoleError::Unknown),
-        [action] => ACTIONS
-            .iter()
-            .find(|(n, _, _)| n.eq_ignore_ascii_case(action))
-            .map(|(_, c, _)| *c)
-            .ok_or(ConsoleError::Unknown),
+        [action] => match for_database(action) {
+            Some((_, command, _)) => Ok(command(None)),
+            None => ACTIONS
+                .iter()
+                .find(|(n, _, _)| n.eq_ignore_ascii_case(action))
+                .map(|(_, c, _)| c.clone())
+                .ok_or(ConsoleError::Unknown),
+        },
+        [action, database] => {
+            let (_, command, _) = for_database(action).ok_or(ConsoleError::Unknown)?;
+            let name = database.strip_prefix('"').and_then(|d| d.strip_suffix('"')).unwrap_or(database);
+            if name.is_empty() {
+                return Err(ConsoleError::Unknown);
+            }
+            Ok(command(Some(name.to_owned())))
+        }
         _ => Err(ConsoleError::Unknown),
     }
 }
@@ -132,6 +165,7 @@ pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Confi
                 .iter()
                 .map(|(n, _, what)| vec![format!("SHOW {n}"), (*what).to_owned()])
                 .chain(ACTIONS.iter().map(|(n, _, what)| vec![(*n).to_owned(), (*what).to_owned()]))
+                .chain(DATABASE_ACTIONS.iter().map(|(n, _, what)| vec![format!("{n} [db]"), (*what).to_owned()]))
                 .collect(),
         ),
         Show::Version => Table::text(vec![("version", TEXT)], vec![vec![format!("pgwarp {}", snapshot.version)]]),
@@ -343,6 +377,24 @@ async fn run(
             Some(answer) => out.extend_from_slice(&answer),
             None => return false,
         },
+        Command::Reconnect(database) => {
+            let pools = ctx.pools.reconnect(database.as_deref());
+            tracing::info!(database = database.as_deref().unwrap_or("(all)"), pools, "RECONNECT");
+            if pools == 0 {
+                out.extend_from_slice(&build::notice(&match &database {
+                    Some(d) => format!("no pool serves database {d:?} yet"),
+                    None => "no pools yet".to_owned(),
+                }));
+            }
+            out.extend_from_slice(&build::command_complete("RECONNECT"));
+        }
+        Command::WaitClose(database) => {
+            let closed = ctx.pools.wait_close(database.as_deref());
+            if answer_when(ctx, stream, reader, backlog, closed).await.is_none() {
+                return false;
+            }
+            out.extend_from_slice(&build::command_complete("WAIT_CLOSE"));
+        }
         Command::Resume => match ctx.pools.resume() {
             Ok(()) => out.extend_from_slice(&build::command_complete("RESUME")),
             Err(e) => out.extend_from_slice(&refused(&e)),
@@ -388,8 +440,7 @@ async fn next_message(ctx: &ServerContext, stream: &mut ClientStream, reader: &m
 }
 
 /// PAUSE: the answer once every origin connection is back in its pool (or why not), or `None`
-/// when the console went away meanwhile (the pause stays in effect). Messages the client sends
-/// while it waits go to `backlog`.
+/// when the console went away meanwhile (the pause stays in effect).
 async fn pause(
     ctx: &ServerContext,
     stream: &mut ClientStream,
@@ -402,23 +453,38 @@ async fn pause(
             return Some(build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string()))
         }
     };
+    let Some(held) = answer_when(ctx, stream, reader, backlog, done).await else {
+        tracing::warn!("the console that sent PAUSE left before the answer; pgwarp stays paused until RESUME");
+        return None;
+    };
+    Some(if held {
+        tracing::info!("PAUSE: every origin connection is back in its pool");
+        build::command_complete("PAUSE")
+    } else {
+        build::error(
+            Severity::Error,
+            SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "RESUME came before every origin connection was back",
+        )
+    })
+}
+
+/// Waits for `done` while still reading the console: what it sends meanwhile goes to
+/// `backlog`, to be handled after. `None` when the console went away first.
+async fn answer_when<T>(
+    ctx: &ServerContext,
+    stream: &mut ClientStream,
+    reader: &mut MessageReader,
+    backlog: &mut VecDeque<Message>,
+    done: impl std::future::Future<Output = T>,
+) -> Option<T> {
     tokio::pin!(done);
     loop {
         tokio::select! {
-            held = &mut done => {
-                return Some(if held {
-                    tracing::info!("PAUSE: every origin connection is back in its pool");
-                    build::command_complete("PAUSE")
-                } else {
-                    build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "RESUME came before every origin connection was back")
-                });
-            }
+            value = &mut done => return Some(value),
             msg = next_message(ctx, stream, reader) => match msg {
                 Some(msg) if msg.tag() != TERMINATE => backlog.push_back(msg),
-                _ => {
-                    tracing::warn!("the console that sent PAUSE left before the answer; pgwarp stays paused until RESUME");
-                    return None;
-                }
+                _ => return None,
             },
         }
     }
@@ -439,6 +505,10 @@ mod tests {
         assert_eq!(parse("pause;"), Ok(Command::Pause));
         assert_eq!(parse(" Resume "), Ok(Command::Resume));
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
+        assert_eq!(parse("reconnect;"), Ok(Command::Reconnect(None)));
+        assert_eq!(parse("RECONNECT shop"), Ok(Command::Reconnect(Some("shop".into()))));
+        assert_eq!(parse("WAIT_CLOSE \"shop\""), Ok(Command::WaitClose(Some("shop".into()))));
+        assert_eq!(parse("WAIT_CLOSE"), Ok(Command::WaitClose(None)));
         for bad in [
             "",
             "SHOW",
@@ -450,6 +520,9 @@ mod tests {
             "SHOW PAUSE",
             "RELOAD NOW",
             "POOLS",
+            "RECONNECT a b",
+            "RECONNECT \"\"",
+            "WAIT_CLOSE;;x",
         ] {
             assert_eq!(parse(bad), Err(ConsoleError::Unknown), "{bad:?}");
         }
@@ -459,9 +532,9 @@ mod tests {
     fn help_lists_every_command() {
         let help = answer(Show::Help, &Snapshot::default(), &Listing::default(), &Config::default());
         let names: Vec<&str> = help.rows.iter().filter_map(|r| r[0].as_deref()).collect();
-        for name in ["SHOW CLIENTS", "SHOW SERVERS", "PAUSE", "RESUME", "RELOAD"] {
+        for name in ["SHOW CLIENTS", "SHOW SERVERS", "PAUSE", "RESUME", "RELOAD", "RECONNECT [db]", "WAIT_CLOSE [db]"] {
             assert!(names.contains(&name), "{name} in {names:?}");
-            let sql = name.to_owned();
+            let sql = name.replace("[db]", "shop");
             assert!(parse(&sql).is_ok(), "{sql}");
         }
     }

@@ -92,7 +92,7 @@ async fn probe(ctx: &ServerContext) -> Result<(), String> {
     let origin = ctx.config().origin_url().map_err(|e| e.to_string())?;
     let creds = Credentials::with_password(origin.user, origin.password, origin.database);
     let target = ctx.pools.target();
-    match OriginConn::connect(target, &creds, 1, PROBE_TIMEOUT).await {
+    match OriginConn::connect(&target, &creds, 1, PROBE_TIMEOUT).await {
         Ok(conn) => {
             conn.close().await;
             Ok(())

@@ -124,6 +124,26 @@ impl UserDirectory {
     pub fn lookup(&self) -> Option<&Arc<AuthLookup>> {
         self.lookup.as_ref()
     }
+
+    /// The configured origin passwords `next` changes: for each user listed in both with the
+    /// same origin role and another fixed secret, `(origin role, old secret, new secret)`, once
+    /// per role and old secret. Pools logged in with the old secret switch to the new one.
+    pub fn rotations(&self, next: &UserDirectory) -> Vec<(String, OriginSecret, OriginSecret)> {
+        let mut out: Vec<(String, OriginSecret, OriginSecret)> = Vec::new();
+        for (name, was) in &self.users {
+            let Some(now) = next.users.get(name) else { continue };
+            let (OriginLogin::Fixed(old), OriginLogin::Fixed(new)) = (&was.origin_login, &now.origin_login) else {
+                continue;
+            };
+            if was.origin_user != now.origin_user || old == new {
+                continue;
+            }
+            if !out.iter().any(|(user, o, _)| *user == was.origin_user && o == old) {
+                out.push((was.origin_user.clone(), old.clone(), new.clone()));
+            }
+        }
+        out
+    }
 }
 
 fn client_secret(method: AuthMethod, user: &str, password: Option<&str>) -> Result<ClientSecret, ConfigError> {
@@ -204,6 +224,31 @@ mod tests {
         // Mapped to the origin URL's role: its password; an origin_password always wins.
         assert_eq!(dir.get("dave").unwrap().origin_secret(None), Some(OriginSecret::Password("secret".into())));
         assert_eq!(dir.get("erin").unwrap().origin_secret(None), Some(OriginSecret::Password("e".into())));
+    }
+
+    #[tokio::test]
+    async fn a_changed_origin_password_is_a_rotation_of_that_role_only() {
+        let build = |origin: &str, toml: &str| {
+            let mut config = Config::from_toml(toml).unwrap();
+            config.origin = Some(origin.into());
+            async move { UserDirectory::build(&config, &config.origin_url().unwrap()).await.unwrap() }
+        };
+        let users = "[users.alice]\npassword = \"a\"\norigin_user = \"app\"\n[users.bob]\npassword = \"b\"\n";
+        let before = build("postgres://app:one@h/db", users).await;
+        let password = |p: &str| OriginSecret::Password(p.into());
+
+        // The origin URL's password. alice is mapped to app too, but logs in to the origin with
+        // her own password ("a"), so only the origin URL's login moves.
+        let after = build("postgres://app:two@h/db", users).await;
+        assert_eq!(before.rotations(&after), vec![("app".to_owned(), password("one"), password("two"))]);
+
+        // bob's plaintext password is also his origin password.
+        let changed = build("postgres://app:one@h/db", &users.replace("\"b\"", "\"b2\"")).await;
+        assert_eq!(before.rotations(&changed), vec![("bob".to_owned(), password("b"), password("b2"))]);
+
+        assert!(before.rotations(&build("postgres://app:one@h/db", users).await).is_empty());
+        // Another role for the origin URL is a new login, not a rotation.
+        assert!(before.rotations(&build("postgres://other:two@h/db", users).await).is_empty());
     }
 
     #[tokio::test]

@@ -625,6 +625,16 @@ impl QueryCache {
         KeyRef { hash: self.hasher.hash_one(bytes), bytes }
     }
 
+    /// The origin moved (RELOAD): nothing stored is served again, and every database's catalog
+    /// is loaded anew from the new origin. Fetches already under way store nothing.
+    pub fn forget_origin(&self) {
+        let databases: Vec<_> = self.databases.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for database in databases {
+            self.invalidate(&database, &WriteScope::Database);
+        }
+        self.entries.invalidate_all();
+    }
+
     /// A write committed: nothing that read these tables (or this database) is served again.
     pub fn invalidate(&self, database: &DatabaseCache, scope: &WriteScope) {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);

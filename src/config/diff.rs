@@ -1,7 +1,8 @@
 //! What RELOAD may change. A re-read config is compared with the running one: settings that
-//! apply to a running server (pool sizes and timeouts, client limits, logins, cache freshness)
-//! are taken; settings that only a restart can change (addresses, the origin, worker threads,
-//! ...) keep their running values and are reported. Pure, so the split is unit-tested here.
+//! apply to a running server (the origin and its tunnel, pool sizes and timeouts, client
+//! limits, logins, cache freshness) are taken; settings that only a restart can change
+//! (pgwarp's own addresses, worker threads, ...) keep their running values and are reported.
+//! Pure, so the split is unit-tested here.
 
 use super::Config;
 
@@ -35,7 +36,6 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
     }
     restart_only! {
         "listen" => listen,
-        "origin" => origin,
         "workers" => workers,
         "max_db_connections" => max_db_connections,
         "busy_poll" => busy_poll,
@@ -43,15 +43,16 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "admin_listen" => admin_listen,
         "tls_cert" => tls_cert,
         "tls_key" => tls_key,
-        "tunnel_url" => tunnel_url,
-        "tunnel_client_id" => tunnel_client_id,
-        "tunnel_client_secret" => tunnel_client_secret,
-        "tunnel_ca_file" => tunnel_ca_file,
         "cache.enabled" => cache.enabled,
         "cache.max_size" => cache.max_size,
         "cache.max_entry_size" => cache.max_entry_size,
     }
     reloadable! {
+        "origin" => origin,
+        "tunnel_url" => tunnel_url,
+        "tunnel_client_id" => tunnel_client_id,
+        "tunnel_client_secret" => tunnel_client_secret,
+        "tunnel_ca_file" => tunnel_ca_file,
         "pool_size" => pool_size,
         "max_client_conn" => max_client_conn,
         "pool_timeout" => pool_timeout,
@@ -76,6 +77,18 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "cache.stale_while_revalidate" => cache.stale_while_revalidate,
     }
     (loaded, changes)
+}
+
+/// Whether origin connections must go somewhere else, or another way: the origin's address or
+/// TLS settings, or the tunnel, differ. A changed user, password or database name alone is no
+/// move (new connections log in differently; see `UserDirectory::rotations`).
+pub fn origin_moved(running: &Config, next: &Config) -> bool {
+    let place =
+        |c: &Config| c.origin_url().ok().map(|u| (u.host, u.port, u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
+    let tunnel = |c: &Config| {
+        (c.tunnel_url.clone(), c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
+    };
+    place(running) != place(next) || tunnel(running) != tunnel(next)
 }
 
 #[cfg(test)]
@@ -106,13 +119,27 @@ mod tests {
         loaded.origin = Some("postgres://app:pw@elsewhere/app".into());
         loaded.cache.max_size = 1 << 20;
         let (next, changes) = reconcile(&running(), loaded);
-        assert_eq!(changes.applied, vec!["pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
-        assert_eq!(changes.kept, vec!["listen", "origin", "workers", "cache.max_size"]);
+        assert_eq!(changes.applied, vec!["origin", "pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
+        assert_eq!(changes.kept, vec!["listen", "workers", "cache.max_size"]);
         assert_eq!((next.pool_size, next.pool_timeout), (3, Duration::from_secs(2)));
         assert_eq!(next.cache.max_age, Duration::from_secs(5));
         assert_eq!((next.listen.as_str(), next.workers), ("127.0.0.1:6432", 0));
-        assert_eq!(next.origin, running().origin);
+        assert_eq!(next.origin.as_deref(), Some("postgres://app:pw@elsewhere/app"));
         assert_eq!(next.cache.max_size, running().cache.max_size);
+    }
+
+    #[test]
+    fn the_origin_moves_with_its_address_tls_or_tunnel_but_not_its_login() {
+        let with = |url: &str| Config { origin: Some(url.into()), ..Config::default() };
+        let base = with("postgres://app:pw@db:5432/app");
+        assert!(!origin_moved(&base, &base.clone()));
+        assert!(!origin_moved(&base, &with("postgres://app:new@db:5432/app")), "a new password");
+        assert!(!origin_moved(&base, &with("postgres://other:pw@db/shop")), "another login and database");
+        assert!(origin_moved(&base, &with("postgres://app:pw@standby:5432/app")));
+        assert!(origin_moved(&base, &with("postgres://app:pw@db:5433/app")));
+        assert!(origin_moved(&base, &with("postgres://app:pw@db:5432/app?sslmode=require")));
+        let tunnelled = Config { tunnel_url: Some("ws://edge:8080".into()), ..base.clone() };
+        assert!(origin_moved(&base, &tunnelled));
     }
 
     #[test]

@@ -149,6 +149,11 @@ pub struct OriginConn {
     pub listing: Option<Listed<ServerEntry>>,
     /// Its share of a cap on open connections (`max_db_connections`), given back when it goes.
     pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its pool's generation (RECONNECT, a new origin): counted open until it goes.
+    pub vintage: Option<crate::pool::Vintage>,
+    /// Where it is connected: a cancel request for its backend goes there, even after the
+    /// origin address changed.
+    pub target: Arc<OriginTarget>,
 }
 
 impl std::fmt::Debug for OriginConn {
@@ -160,7 +165,7 @@ impl std::fmt::Debug for OriginConn {
 impl OriginConn {
     /// Connects and logs in, within `timeout`.
     pub async fn connect(
-        target: &OriginTarget,
+        target: &Arc<OriginTarget>,
         creds: &Credentials,
         statement_cache: usize,
         timeout: Duration,
@@ -171,7 +176,7 @@ impl OriginConn {
     }
 
     async fn connect_inner(
-        target: &OriginTarget,
+        target: &Arc<OriginTarget>,
         creds: &Credentials,
         statement_cache: usize,
     ) -> Result<OriginConn, OriginError> {
@@ -199,6 +204,8 @@ impl OriginConn {
             carrier,
             listing: None,
             hold: None,
+            vintage: None,
+            target: target.clone(),
         };
         conn.authenticate(creds).await?;
         loop {

@@ -7,6 +7,7 @@
 //! older than `server_lifetime` is closed when it comes back, or by the reaper when idle. The
 //! reaper also keeps `min_pool_size` connections open, opening them ahead of need.
 //! `max_db_connections` caps the connections of all pools of one database (`db_limit`).
+//! `RECONNECT` and a new origin address replace connections as they come back (`reconnect`).
 //!
 //! The pool is split into one shard per worker thread (`workers`), each with its share of
 //! `size`: a client takes a slot and a connection of its own worker's shard, so the socket's
@@ -21,10 +22,12 @@
 mod db_limit;
 mod live;
 mod pause;
+mod reconnect;
 mod resize;
 mod set;
 
 pub use pause::PauseError;
+pub use reconnect::{Destination, Vintage};
 pub use set::PoolSet;
 #[cfg(test)]
 pub(crate) use set::{test_creds, unreachable_pools};
@@ -39,6 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use db_limit::DbLimit;
 use live::LiveSettings;
+use reconnect::Generation;
 
 use crate::config::Config;
 use crate::origin::settings::{sync_sql, Settings};
@@ -197,7 +201,12 @@ struct Slot {
 }
 
 pub struct Pool {
-    target: Arc<OriginTarget>,
+    /// Where new connections go (RELOAD may change it; see `reconnect`).
+    destination: Arc<Destination>,
+    /// The current generation's number (`reconnect`): read on every checkin.
+    generation: AtomicU64,
+    /// The current generation (last) and ended ones that still have connections open.
+    generations: Mutex<Vec<Arc<Generation>>>,
     /// Who its connections log in as. The secret is the latest a login brought (a changed
     /// password, new pass-through keys): connections opened from then on use it.
     creds: Mutex<Credentials>,
@@ -230,7 +239,7 @@ impl Pool {
     /// A pool for clients running on `workers` worker threads: one shard per worker, or fewer
     /// when `size` is smaller (workers then share shards).
     pub fn new(
-        target: Arc<OriginTarget>,
+        destination: Arc<Destination>,
         creds: Credentials,
         config: PoolConfig,
         workers: usize,
@@ -251,7 +260,9 @@ impl Pool {
             })
             .collect();
         let pool = Arc::new(Pool {
-            target,
+            destination,
+            generation: AtomicU64::new(0),
+            generations: Mutex::new(vec![Generation::first()]),
             user: creds.user.clone(),
             database: creds.database.clone(),
             creds: Mutex::new(creds),
@@ -269,8 +280,9 @@ impl Pool {
         pool
     }
 
-    pub fn target(&self) -> &Arc<OriginTarget> {
-        &self.target
+    /// Where new connections go now.
+    pub fn target(&self) -> Arc<OriginTarget> {
+        self.destination.get()
     }
 
     /// Takes the secret a login brought, if it differs from the one in use.
@@ -371,7 +383,12 @@ impl Pool {
         self.shards[slot.shard].checkouts.fetch_add(1, Ordering::Relaxed);
         while let Some(mut conn) = self.pop_idle(slot.shard) {
             // One non-blocking read: cheap, and it catches an origin that restarted even a
-            // moment ago (it sends FATAL 57P01 to idle connections and closes them).
+            // moment ago (it sends FATAL 57P01 to idle connections and closes them). One a
+            // reconnect has superseded is closed here if it was still idle.
+            if self.superseded(conn.vintage.as_ref()) {
+                tokio::spawn(conn.close());
+                continue;
+            }
             if conn.is_alive() {
                 if let Some(listing) = &conn.listing {
                     listing.lend(client);
@@ -403,17 +420,17 @@ impl Pool {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
         let creds = self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let connected = Box::pin(OriginConn::connect(
-            &self.target,
-            &creds,
-            self.live.statement_cache(),
-            self.live.connect_timeout(),
-        ))
-        .await;
+        // The generation before the destination (see `reconnect`).
+        let vintage = self.enlist();
+        let target = self.destination.get();
+        let connected =
+            Box::pin(OriginConn::connect(&target, &creds, self.live.statement_cache(), self.live.connect_timeout()))
+                .await;
         let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
         counter.fetch_add(1, Ordering::Relaxed);
         let mut conn = Box::new(connected?);
         conn.hold = hold;
+        conn.vintage = Some(vintage);
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         let listing = self.servers.add(ServerEntry::new(ServerFacts {
             id: conn.id,
@@ -458,6 +475,11 @@ impl Pool {
         let now = Instant::now();
         if self.outlived(&conn, now) {
             tracing::debug!(conn = conn.id, "closing origin connection: server_lifetime reached");
+            tokio::spawn(conn.close());
+            return;
+        }
+        if self.superseded(conn.vintage.as_ref()) {
+            tracing::debug!(conn = conn.id, "closing origin connection: RECONNECT, or the origin changed");
             tokio::spawn(conn.close());
             return;
         }
@@ -606,7 +628,8 @@ impl Pool {
             let mut i = 0;
             while i < idle.len() {
                 let unused = now.duration_since(idle[i].last_used) >= timeout && open > min;
-                if unused || self.outlived(&idle[i], now) || !idle[i].is_alive() {
+                let superseded = self.superseded(idle[i].vintage.as_ref());
+                if unused || superseded || self.outlived(&idle[i], now) || !idle[i].is_alive() {
                     closing.push(idle.swap_remove(i));
                     open = open.saturating_sub(1);
                 } else {
@@ -681,7 +704,7 @@ impl Pool {
         }
     }
 
-    /// Closes every idle connection (shutdown).
+    /// Closes every idle connection (shutdown, RECONNECT).
     pub fn close_idle(&self) {
         let idle: Vec<_> = self
             .shards

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::db_limit::DbLimit;
+use super::reconnect::Destination;
 use super::{Pool, PoolConfig};
 use crate::origin::{Credentials, OriginSecret};
 use crate::roster::{Roster, ServerEntry};
@@ -15,7 +16,7 @@ use crate::transport::OriginTarget;
 
 /// All pools, created on first use.
 pub struct PoolSet {
-    target: Arc<OriginTarget>,
+    pub(super) destination: Arc<Destination>,
     /// What new pools are made with (RELOAD may change it).
     pub(super) config: Mutex<PoolConfig>,
     workers: usize,
@@ -32,7 +33,7 @@ impl PoolSet {
     /// Pools for clients running on `workers` worker threads.
     pub fn new(target: OriginTarget, config: PoolConfig, workers: usize) -> PoolSet {
         PoolSet {
-            target: Arc::new(target),
+            destination: Destination::new(target),
             config: Mutex::new(config),
             workers,
             paused: Mutex::new(None),
@@ -58,8 +59,14 @@ impl PoolSet {
             let mut limits = self.db_limits.lock().unwrap_or_else(|e| e.into_inner());
             limits.entry(creds.database.clone()).or_insert_with(|| DbLimit::new(config.max_db_connections)).clone()
         });
-        let pool =
-            Pool::new(self.target.clone(), creds.clone(), config, self.workers, self.servers.clone(), db_limit.clone());
+        let pool = Pool::new(
+            self.destination.clone(),
+            creds.clone(),
+            config,
+            self.workers,
+            self.servers.clone(),
+            db_limit.clone(),
+        );
         if let Some(limit) = db_limit {
             limit.register(&pool);
         }
@@ -71,9 +78,31 @@ impl PoolSet {
         pool
     }
 
-    /// Where the origin is.
-    pub fn target(&self) -> &Arc<OriginTarget> {
-        &self.target
+    /// Where the origin is now.
+    pub fn target(&self) -> Arc<OriginTarget> {
+        self.destination.get()
+    }
+
+    /// A configured origin password changed (RELOAD): the pools that logged in as `user` with
+    /// `old` use `new` for the connections they open from now on, and keep their clients and
+    /// open connections. A pool that already uses `new` is left as it is.
+    pub fn rotate_password(&self, user: &str, old: &OriginSecret, new: &OriginSecret) -> usize {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let moving: Vec<PoolKey> =
+            pools.keys().filter(|k| k.user == user && k.fixed.as_ref() == Some(old)).cloned().collect();
+        let mut moved = 0;
+        for key in moving {
+            let to = PoolKey { fixed: Some(new.clone()), ..key.clone() };
+            if pools.contains_key(&to) {
+                continue;
+            }
+            if let Some(pool) = pools.remove(&key) {
+                pool.creds.lock().unwrap_or_else(|e| e.into_inner()).secret = new.clone();
+                pools.insert(to, pool);
+                moved += 1;
+            }
+        }
+        moved
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
@@ -152,5 +181,23 @@ mod tests {
         let second = pools.get(&with(keys(2)));
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(first.creds.lock().unwrap().secret, keys(2));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_password_moves_its_pools_and_no_others() {
+        let pools = unreachable_pools(2, 1, Duration::from_millis(50));
+        let password = |p: &str| OriginSecret::Password(p.into());
+        let with = |p: &str, db: &str| Credentials { secret: password(p), database: db.into(), ..test_creds() };
+        let shop = pools.get(&with("old", "shop"));
+        let stock = pools.get(&with("old", "stock"));
+        let other = pools.get(&with("other", "shop"));
+
+        assert_eq!(pools.rotate_password("someone", &password("old"), &password("new")), 0);
+        assert_eq!(pools.rotate_password("app", &password("old"), &password("new")), 2);
+        assert!(Arc::ptr_eq(&shop, &pools.get(&with("new", "shop"))), "the login with the new password finds the pool");
+        assert!(Arc::ptr_eq(&stock, &pools.get(&with("new", "stock"))));
+        assert_eq!(shop.creds.lock().unwrap().secret, password("new"));
+        assert_eq!(other.creds.lock().unwrap().secret, password("other"));
+        assert!(!Arc::ptr_eq(&shop, &pools.get(&with("old", "shop"))), "the old password is no key any more");
     }
 }

@@ -27,7 +27,7 @@ use crate::auth::UserDirectory;
 use crate::cache::QueryCache;
 use crate::cancel::{CancelRegistry, Stop};
 use crate::cli::ConfigSource;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, OriginUrl};
 use crate::origin::Credentials;
 use crate::pool::{PoolConfig, PoolSet};
 use crate::roster::{ClientEntry, Roster};
@@ -138,6 +138,29 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Where and how to reach the origin: its URL's address and sslmode (whose certificate files
+/// are read here), and the tunnel settings. At start and on RELOAD.
+pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<OriginTarget, TlsError> {
+    let origin_tls = OriginTls::new(
+        origin.sslmode,
+        origin.sslrootcert.as_deref().map(Path::new),
+        origin.sslcert.as_deref().map(Path::new),
+        origin.sslkey.as_deref().map(Path::new),
+    )?;
+    let tunnel = config.tunnel_url.as_ref().map(|url| {
+        let mut headers = Vec::new();
+        if let Some(id) = &config.tunnel_client_id {
+            headers.push(("CF-Access-Client-Id".to_owned(), id.clone()));
+        }
+        if let Some(secret) = &config.tunnel_client_secret {
+            headers.push(("CF-Access-Client-Secret".to_owned(), secret.clone()));
+        }
+        let ws = WsConfig { ca_file: config.tunnel_ca_file.clone(), ..WsConfig::default() };
+        Arc::new(TunnelRoute { url: url.clone(), headers, ws })
+    });
+    Ok(OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls), tunnel })
+}
+
 /// With `min_pool_size` set, makes the pool of the origin URL's own login at start, on a
 /// worker, so its connections are open before the first client (other pools are made at their
 /// first login).
@@ -197,24 +220,7 @@ impl Server {
         crate::roster::clock::start();
         let origin = config.origin_url()?;
         let users = UserDirectory::build(&config, &origin).await?;
-        let origin_tls = OriginTls::new(
-            origin.sslmode,
-            origin.sslrootcert.as_deref().map(Path::new),
-            origin.sslcert.as_deref().map(Path::new),
-            origin.sslkey.as_deref().map(Path::new),
-        )?;
-        let tunnel = config.tunnel_url.as_ref().map(|url| {
-            let mut headers = Vec::new();
-            if let Some(id) = &config.tunnel_client_id {
-                headers.push(("CF-Access-Client-Id".to_owned(), id.clone()));
-            }
-            if let Some(secret) = &config.tunnel_client_secret {
-                headers.push(("CF-Access-Client-Secret".to_owned(), secret.clone()));
-            }
-            let ws = WsConfig { ca_file: config.tunnel_ca_file.clone(), ..WsConfig::default() };
-            Arc::new(TunnelRoute { url: url.clone(), headers, ws })
-        });
-        let target = OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls), tunnel };
+        let target = origin_target(&config, &origin)?;
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
             _ => None,

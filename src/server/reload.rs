@@ -4,15 +4,19 @@
 //! The flags and `DATABASE_URL` pgwarp started with are merged with the config file again, as
 //! at start-up, so a flag still wins over the file. `config::diff` decides what changes now and
 //! what keeps its running value until a restart. Everything that can fail (reading and checking
-//! the file, deriving password verifiers, reading the TLS certificate) runs before anything is
+//! the file, deriving password verifiers, reading the TLS certificates) runs before anything is
 //! changed, so a bad file changes nothing.
+//!
+//! A new origin address (or TLS settings, or tunnel) sends new connections there and replaces
+//! the open ones as their transactions end (`pool::reconnect`); the query cache forgets what
+//! the old origin said. A new origin password is taken by the pools that used the old one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ServerContext;
 use crate::auth::UserDirectory;
-use crate::config::diff::{reconcile, Changes};
+use crate::config::diff::{origin_moved, reconcile, Changes};
 use crate::config::{Config, ConfigError};
 use crate::pool::PoolConfig;
 use crate::transport::tls::TlsError;
@@ -41,9 +45,18 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
     let users = if changes
         .applied
         .iter()
-        .any(|k| matches!(*k, "users" | "auth_method" | "auth_query" | "auth_user" | "auth_dbname"))
+        .any(|k| matches!(*k, "origin" | "users" | "auth_method" | "auth_query" | "auth_user" | "auth_dbname"))
     {
         Some(UserDirectory::build(&next, &next.origin_url()?).await?)
+    } else {
+        None
+    };
+    let moved = if origin_moved(&running, &next) {
+        let origin = next.origin_url()?;
+        let config = next.clone();
+        // Reads certificate files: off the async threads.
+        let built = tokio::task::spawn_blocking(move || crate::server::origin_target(&config, &origin));
+        Some(built.await.map_err(|e| ReloadError::Task(e.to_string()))??)
     } else {
         None
     };
@@ -55,10 +68,27 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
     }
 
     // From here on nothing can fail.
+    let mut notes = Vec::new();
     if let Some(users) = users {
-        *ctx.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
+        let users = Arc::new(users);
+        let old = std::mem::replace(&mut *ctx.users.write().unwrap_or_else(|e| e.into_inner()), users.clone());
+        for (user, was, now) in old.rotations(&users) {
+            let pools = ctx.pools.rotate_password(&user, &was, &now);
+            notes.push(format!("the origin password of {user} changed: {pools} pools open new connections with it"));
+        }
     }
-    let mut notes = apply(ctx, &running, &next);
+    if let Some(target) = moved {
+        let through = if target.tunnel.is_some() { " (through the tunnel)" } else { "" };
+        let to = format!("{}:{}{through}", target.host, target.port);
+        ctx.pools.retarget(target);
+        if let Some(cache) = &ctx.cache {
+            cache.forget_origin();
+        }
+        notes.push(format!(
+            "the origin is now {to}: connections to the old one close as their transactions end (WAIT_CLOSE waits for them); the query cache was emptied"
+        ));
+    }
+    notes.extend(apply(ctx, &running, &next));
     *ctx.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
     notes.splice(0..0, describe(&changes, ctx.source.get().and_then(|s| s.file()).is_some(), ctx.tls.is_some()));
     for note in &notes {

@@ -153,7 +153,7 @@ pub struct Session {
 
 impl Session {
     fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established, listing: Listed<ClientEntry>) -> Session {
-        let cancel = ctx.cancels.register(e.pool.target().clone());
+        let cancel = ctx.cancels.register(e.pool.target());
         let statements = StatementMap::new(ctx.config().max_client_statement_bytes);
         Session {
             client,
@@ -479,7 +479,7 @@ impl Session {
                 Box::pin(self.validate_settings(&mut att, &sql)).await?;
             }
         }
-        self.cancel.slot.attach(att.key);
+        self.cancel.slot.attach(att.key, &att.target);
         Ok(att)
     }
 
@@ -734,7 +734,7 @@ impl Session {
                     let feature = "settings pgwarp could not read back";
                     tracing::warn!(feature, "origin connection pinned until the client disconnects");
                     self.session_pin = Some(feature);
-                    self.cancel.slot.attach(att.key);
+                    self.cancel.slot.attach(att.key, &att.target);
                     self.listing.set_state(ClientState::Active);
                     self.origin = Some(att);
                     return Ok(());
@@ -849,7 +849,7 @@ async fn release_after_client(
         slot.cancels_settled().await;
     }
     if conn.queue.has_entries() || !conn.out.is_empty() || conn.broken {
-        cancel::send_cancel(pool.target().clone(), conn.key).await;
+        cancel::send_cancel(conn.target.clone(), conn.key).await;
         return; // dropping closes it; Postgres rolls back when it notices
     }
     let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
