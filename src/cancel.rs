@@ -78,6 +78,7 @@ const CANCEL_READ: u64 = 1 << 63;
 impl CancelSlot {
     /// Records the origin connection the client's work now runs on, and where it is. Only when
     /// it has none.
+    #[inline]
     pub fn attach(&self, key: BackendKey, target: &Arc<OriginTarget>) {
         // Before the key is published: a cancel that reads the key finds its target.
         let addr = Arc::as_ptr(target) as usize;

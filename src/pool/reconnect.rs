@@ -80,6 +80,7 @@ impl Pool {
     }
 
     /// Whether a connection belongs to a generation a reconnect has ended.
+    #[inline]
     pub(super) fn superseded(&self, vintage: Option<&Vintage>) -> bool {
         vintage.is_some_and(|v| v.number() != self.generation.load(Ordering::Acquire))
     }
