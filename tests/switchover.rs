@@ -14,7 +14,7 @@ use support::*;
 /// The config file: `origin`, and the app role as admin; one worker, so that an idle connection
 /// is the one reused next.
 fn write_config(file: &Path, origin: &str) {
-    let text = format!("origin = \"{origin}\"\npool_size = 2\nworkers = 1\nadmin_users = [\"app\"]\n");
+    let text = format!("origin = \"{origin}\"\npool_size = 4\nworkers = 1\nadmin_users = [\"app\"]\n");
     std::fs::write(file, text).unwrap();
 }
 
@@ -98,6 +98,21 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
     let row = reader.query_one(&statement, &[&1i32]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "old");
 
+    // A client pinned to its connection: its LISTEN cannot move.
+    let listener = common::connect(&url).await.unwrap();
+    listener.simple_query("LISTEN moves").await.unwrap();
+    // A query running on the old origin, to cancel after the move.
+    let sleeper = common::connect(&url).await.unwrap();
+    let cancel = sleeper.cancel_token();
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    let asleep = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'";
+    while old.sql(asleep).trim() != "1" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A client that logs in before the move and runs its query after.
+    let latecomer = common::connect(&url).await.unwrap();
+
     let writer = common::connect(&url).await.unwrap();
     writer.simple_query("BEGIN").await.unwrap();
     // A write to another table: the cached answers about `place` stay current.
@@ -118,6 +133,25 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
 
     // The transaction that was open keeps its connection to the old origin until it ends.
     assert_eq!(one(&writer, "SELECT name FROM place").await, "old");
+    // The cancel goes where the query runs: the old origin.
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(code(&cancelled), "57014", "{cancelled}");
+    // And a query on the new origin is cancelled there, whenever its client logged in.
+    let cancel = latecomer.cancel_token();
+    let sleeping = tokio::spawn(async move { latecomer.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    while new.sql(asleep).trim() != "1" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(code(&cancelled), "57014", "{cancelled}");
+    // The pinned client is closed (it is idle), so it reconnects to the new origin.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !listener.is_closed() {
+        assert!(std::time::Instant::now() < deadline, "the LISTEN client still holds the old origin");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     until_backends(&old, 1, "only the open transaction's connection is left on the old origin").await;
     writer.simple_query("COMMIT").await.unwrap();
     console(&new, &process, APP_PASSWORD, "WAIT_CLOSE").await;
@@ -153,6 +187,14 @@ async fn reconnect_replaces_connections_as_their_transactions_end() {
     let second_pid = one(&client, "SELECT pg_backend_pid()").await;
     assert_ne!(second_pid, first_pid, "the idle connection was replaced");
     assert_eq!(one(&inside, "SELECT pg_backend_pid()").await, inside_pid, "never in the middle of a transaction");
+
+    let console_url = process.url(APP_USER, APP_PASSWORD, "pgwarp");
+    let pools = common::connect(&console_url).await.unwrap().simple_query("SHOW POOLS").await.unwrap();
+    let replaced = pools.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get("replaced").map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(replaced.as_deref(), Some("1"), "SHOW POOLS counts the connection still to be replaced");
 
     // WAIT_CLOSE waits for the transaction: it answers only after the COMMIT.
     let waiting = {

@@ -229,6 +229,7 @@ fn pools_table(snapshot: &Snapshot) -> Table {
             ("connects", INT8),
             ("connect_failures", INT8),
             ("paused", BOOL),
+            ("replaced", INT8),
         ],
         snapshot
             .pools
@@ -248,6 +249,7 @@ fn pools_table(snapshot: &Snapshot) -> Table {
                     p.connects.to_string(),
                     p.connect_failures.to_string(),
                     if snapshot.paused { "t" } else { "f" }.to_owned(),
+                    p.replaced.to_string(),
                 ]
             })
             .collect(),
@@ -550,6 +552,7 @@ mod tests {
                 active: 2,
                 idle: 3,
                 waiting: 1,
+                replaced: 0,
                 checkouts: 77,
                 waits: 5,
                 wait_seconds: 0.5,
@@ -563,7 +566,7 @@ mod tests {
         let table = answer(Show::Pools, &snapshot, &Listing::default(), &Config::default());
         assert_eq!(table.columns.len(), table.rows[0].len());
         let row: Vec<&str> = table.rows[0].iter().map(|c| c.as_deref().unwrap_or("NULL")).collect();
-        assert_eq!(row, vec!["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1", "t"]);
+        assert_eq!(row, vec!["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1", "t", "0"]);
         let version = answer(Show::Version, &snapshot, &Listing::default(), &Config::default());
         assert_eq!(version.rows, vec![vec![Some("pgwarp 9.9.9".to_owned())]]);
     }

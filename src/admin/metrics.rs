@@ -122,6 +122,12 @@ impl Collector for Snapshot {
         family(&mut e, "pool_waiting_clients", "Clients waiting for an origin connection", gauge(|p| p.waiting))?;
         family(
             &mut e,
+            "pool_replaced_connections",
+            "Open origin connections that RECONNECT or a new origin replaced, closing when their transaction ends",
+            gauge(|p| p.replaced),
+        )?;
+        family(
+            &mut e,
             "pool_checkouts",
             "Origin connections handed to a client (about one per transaction)",
             count(|p| p.checkouts),
@@ -190,6 +196,7 @@ mod tests {
                 active: 3,
                 idle: 5,
                 waiting: 1,
+                replaced: 2,
                 checkouts: 1000,
                 waits: 4,
                 wait_seconds: 0.25,
@@ -219,6 +226,7 @@ mod tests {
             "pgwarp_pool_active_connections{database=\"shop\",user=\"app\"} 3",
             "pgwarp_pool_idle_connections{database=\"shop\",user=\"app\"} 5",
             "pgwarp_pool_waiting_clients{database=\"shop\",user=\"app\"} 1",
+            "pgwarp_pool_replaced_connections{database=\"shop\",user=\"app\"} 2",
             "pgwarp_pool_checkouts_total{database=\"shop\",user=\"app\"} 1000",
             "pgwarp_pool_wait_seconds_total{database=\"shop\",user=\"app\"} 0.25",
             "pgwarp_pool_timeouts_total{database=\"shop\",user=\"app\"} 1",

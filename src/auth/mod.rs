@@ -127,7 +127,9 @@ impl UserDirectory {
 
     /// The configured origin passwords `next` changes: for each user listed in both with the
     /// same origin role and another fixed secret, `(origin role, old secret, new secret)`, once
-    /// per role and old secret. Pools logged in with the old secret switch to the new one.
+    /// per role and old secret, unless another login of `next` still uses the old secret (the
+    /// pool is also that login's: a configured password is part of a pool's identity). Pools
+    /// logged in with the old secret switch to the new one.
     pub fn rotations(&self, next: &UserDirectory) -> Vec<(String, OriginSecret, OriginSecret)> {
         let mut out: Vec<(String, OriginSecret, OriginSecret)> = Vec::new();
         for (name, was) in &self.users {
@@ -136,6 +138,12 @@ impl UserDirectory {
                 continue;
             };
             if was.origin_user != now.origin_user || old == new {
+                continue;
+            }
+            let still_used = next.users.values().any(|u| {
+                u.origin_user == was.origin_user && matches!(&u.origin_login, OriginLogin::Fixed(s) if s == old)
+            });
+            if still_used {
                 continue;
             }
             if !out.iter().any(|(user, o, _)| *user == was.origin_user && o == old) {
@@ -247,6 +255,14 @@ mod tests {
         assert_eq!(before.rotations(&changed), vec![("bob".to_owned(), password("b"), password("b2"))]);
 
         assert!(before.rotations(&build("postgres://app:one@h/db", users).await).is_empty());
+        // alice moves to a password of her own while the origin URL's login keeps "one": their
+        // shared pool stays with "one", and alice's new password gets a pool of its own.
+        let shared = "[users.alice]\npassword = \"a\"\norigin_user = \"app\"\norigin_password = \"one\"\n";
+        let before_shared = build("postgres://app:one@h/db", shared).await;
+        let split =
+            build("postgres://app:one@h/db", &shared.replace("origin_password = \"one\"", "origin_password = \"x\""))
+                .await;
+        assert!(before_shared.rotations(&split).is_empty());
         // Another role for the origin URL is a new login, not a rotation.
         assert!(before.rotations(&build("postgres://other:two@h/db", users).await).is_empty());
     }

@@ -631,6 +631,9 @@ impl QueryCache {
         let databases: Vec<_> = self.databases.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for database in databases {
             self.invalidate(&database, &WriteScope::Database);
+            // A load from the old origin may hang on it; the next use starts one from the new.
+            // (The old one, if it ends, is dropped by the epoch check.)
+            database.loading.store(false, Ordering::Release);
         }
         self.entries.invalidate_all();
     }
@@ -819,6 +822,32 @@ mod tests {
         c.invalidate(&db, &WriteScope::Tables(vec!["users".into()]));
         c.store(key.clone(), &db, before, Bytes::from_static(b"old"));
         assert!(matches!(c.lookup(&key), Lookup::Miss));
+    }
+
+    #[test]
+    fn a_new_origin_forgets_every_answer_and_catalog_and_what_was_in_flight() {
+        let c = cache();
+        let (db, _, _) = database_with_table_t(&c);
+        let other = c.database("other");
+        let (key, second) = (c.key(b"k".to_vec()), c.key(b"o".to_vec()));
+        c.store(key.clone(), &db, reads(&db, &["t"]), Bytes::from_static(b"old"));
+        c.store(second.clone(), &other, reads(&other, &["t"]), Bytes::from_static(b"old"));
+        let in_flight = reads(&db, &["t"]);
+        // A catalog load from the old origin that never ends.
+        assert!(db.catalog(|| {}).is_some());
+        db.loading.store(true, Ordering::Release);
+        let stuck = db.catalog_epoch();
+
+        c.forget_origin();
+        assert!(matches!(c.lookup(&key), Lookup::Miss));
+        assert!(matches!(c.lookup(&second), Lookup::Miss));
+        c.store(key.clone(), &db, in_flight, Bytes::from_static(b"old"));
+        assert!(matches!(c.lookup(&key), Lookup::Miss), "a fetch from before the move stores nothing");
+        let mut loads = 0;
+        assert!(db.catalog(|| loads += 1).is_none(), "the old catalog is gone");
+        assert_eq!(loads, 1, "and a load from the new origin starts, stuck old load or not");
+        db.set_catalog(Some(Catalog::default()), stuck);
+        assert!(db.catalog(|| {}).is_none(), "the old load, ending late, installs nothing");
     }
 
     #[test]

@@ -79,16 +79,33 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
     (loaded, changes)
 }
 
-/// Whether origin connections must go somewhere else, or another way: the origin's address or
-/// TLS settings, or the tunnel, differ. A changed user, password or database name alone is no
-/// move (new connections log in differently; see `UserDirectory::rotations`).
-pub fn origin_moved(running: &Config, next: &Config) -> bool {
-    let place =
-        |c: &Config| c.origin_url().ok().map(|u| (u.host, u.port, u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
-    let tunnel = |c: &Config| {
-        (c.tunnel_url.clone(), c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
+/// How a reload changes the way to the origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OriginMove {
+    /// Same place, same way (a changed user, password or database name alone is no move: new
+    /// connections log in differently; see `UserDirectory::rotations`).
+    None,
+    /// Same server, reached another way: TLS settings, the tunnel's token or CA. Connections
+    /// are replaced; what the server said (the query cache) still holds.
+    Route,
+    /// Another server: another host or port, or another tunnel. Connections are replaced, and
+    /// the query cache forgets what the old server said.
+    Place,
+}
+
+pub fn origin_move(running: &Config, next: &Config) -> OriginMove {
+    let place = |c: &Config| (c.origin_url().ok().map(|u| (u.host, u.port)), c.tunnel_url.clone());
+    let route = |c: &Config| {
+        let tls = c.origin_url().ok().map(|u| (u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
+        (tls, c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
     };
-    place(running) != place(next) || tunnel(running) != tunnel(next)
+    if place(running) != place(next) {
+        OriginMove::Place
+    } else if route(running) != route(next) {
+        OriginMove::Route
+    } else {
+        OriginMove::None
+    }
 }
 
 #[cfg(test)]
@@ -132,14 +149,17 @@ mod tests {
     fn the_origin_moves_with_its_address_tls_or_tunnel_but_not_its_login() {
         let with = |url: &str| Config { origin: Some(url.into()), ..Config::default() };
         let base = with("postgres://app:pw@db:5432/app");
-        assert!(!origin_moved(&base, &base.clone()));
-        assert!(!origin_moved(&base, &with("postgres://app:new@db:5432/app")), "a new password");
-        assert!(!origin_moved(&base, &with("postgres://other:pw@db/shop")), "another login and database");
-        assert!(origin_moved(&base, &with("postgres://app:pw@standby:5432/app")));
-        assert!(origin_moved(&base, &with("postgres://app:pw@db:5433/app")));
-        assert!(origin_moved(&base, &with("postgres://app:pw@db:5432/app?sslmode=require")));
+        let moved = |next: &Config| origin_move(&base, next);
+        assert_eq!(moved(&base.clone()), OriginMove::None);
+        assert_eq!(moved(&with("postgres://app:new@db:5432/app")), OriginMove::None, "a new password");
+        assert_eq!(moved(&with("postgres://other:pw@db/shop")), OriginMove::None, "another login and database");
+        assert_eq!(moved(&with("postgres://app:pw@standby:5432/app")), OriginMove::Place);
+        assert_eq!(moved(&with("postgres://app:pw@db:5433/app")), OriginMove::Place);
+        assert_eq!(moved(&with("postgres://app:pw@db:5432/app?sslmode=require")), OriginMove::Route);
         let tunnelled = Config { tunnel_url: Some("ws://edge:8080".into()), ..base.clone() };
-        assert!(origin_moved(&base, &tunnelled));
+        assert_eq!(moved(&tunnelled), OriginMove::Place);
+        let token = Config { tunnel_client_secret: Some("rotated".into()), ..tunnelled.clone() };
+        assert_eq!(origin_move(&tunnelled, &token), OriginMove::Route);
     }
 
     #[test]

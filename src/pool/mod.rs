@@ -186,6 +186,8 @@ pub struct PoolSnapshot {
     pub active: usize,
     pub idle: usize,
     pub waiting: usize,
+    /// Open connections a RECONNECT or a new origin replaced, not closed yet.
+    pub replaced: usize,
     pub checkouts: u64,
     pub waits: u64,
     pub wait_seconds: f64,
@@ -223,6 +225,8 @@ pub struct Pool {
     startup_params: Mutex<HashMap<Arc<Settings>, StartupParams>>,
     /// What a fresh connection reports, before any client settings.
     base_params: Mutex<Option<BTreeMap<String, String>>>,
+    /// Notified when a reconnect replaces connections, for sessions pinned to one.
+    replaced: Arc<tokio::sync::Notify>,
     /// Where its connections are listed for `SHOW SERVERS`.
     servers: Arc<Roster<ServerEntry>>,
     /// The cap on its database's connections over all pools, if set.
@@ -273,6 +277,7 @@ impl Pool {
             counters: PoolCounters::default(),
             startup_params: Mutex::new(HashMap::new()),
             base_params: Mutex::new(None),
+            replaced: Arc::new(tokio::sync::Notify::new()),
             servers,
             db_limit,
         });
@@ -419,18 +424,8 @@ impl Pool {
     ) -> Result<PooledConn, PoolError> {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
-        let creds = self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        // The generation before the destination (see `reconnect`).
-        let vintage = self.enlist();
-        let target = self.destination.get();
-        let connected =
-            Box::pin(OriginConn::connect(&target, &creds, self.live.statement_cache(), self.live.connect_timeout()))
-                .await;
-        let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let mut conn = Box::new(connected?);
+        let mut conn = Box::pin(self.connect_current()).await?;
         conn.hold = hold;
-        conn.vintage = Some(vintage);
         tracing::debug!(conn = conn.id, pid = conn.key.pid, "opened origin connection");
         let listing = self.servers.add(ServerEntry::new(ServerFacts {
             id: conn.id,
@@ -441,7 +436,7 @@ impl Pool {
         }));
         listing.lend(client);
         conn.listing = Some(listing);
-        *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
+        self.note_base_params(&conn);
         Ok(PooledConn { conn: Some(conn), shard: slot.shard, _permit: slot.permit, pool: self.clone() })
     }
 
@@ -478,19 +473,23 @@ impl Pool {
             tokio::spawn(conn.close());
             return;
         }
-        if self.superseded(conn.vintage.as_ref()) {
-            tracing::debug!(conn = conn.id, "closing origin connection: RECONNECT, or the origin changed");
-            tokio::spawn(conn.close());
-            return;
-        }
         if conn.out.capacity() > 64 * 1024 {
             conn.out = bytes::BytesMut::new();
         }
         conn.last_used = now;
+        let mut idle = self.shards[pooled.shard].idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the idle lock, which a reconnect takes after starting a new generation: either
+        // this sees the new generation, or the reconnect finds the connection idle and closes it.
+        if self.superseded(conn.vintage.as_ref()) {
+            drop(idle);
+            tracing::debug!(conn = conn.id, "closing origin connection: RECONNECT, or the origin changed");
+            tokio::spawn(conn.close());
+            return;
+        }
         if let Some(listing) = &conn.listing {
             listing.returned(conn.statements.len());
         }
-        self.shards[pooled.shard].idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        idle.push(conn);
         // The permit drops with `pooled`, after the connection is idle again.
     }
 
@@ -542,6 +541,7 @@ impl Pool {
             active: self.active_count(),
             idle: self.idle_count(),
             waiting: c.waiting.load(Ordering::Relaxed),
+            replaced: self.superseded_open(),
             checkouts: self.shards.iter().map(|s| load(&s.checkouts)).sum(),
             waits: load(&c.waits),
             wait_seconds: load(&c.wait_micros) as f64 / 1e6,
@@ -587,17 +587,22 @@ impl Pool {
             }
             pooled.set_applied(wanted.clone());
         }
-        let params = self.remember_params(wanted, &pooled.params);
+        let params = self.remember_params(wanted, &pooled);
         self.checkin(pooled);
         let interned =
             self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).get_key_value(wanted).map(|(k, _)| k.clone());
         Ok((params, true, interned.unwrap_or_else(|| Arc::new(wanted.clone()))))
     }
 
-    /// Caches the parameters a connection reports after `wanted` was applied to it.
-    pub fn remember_params(&self, wanted: &Settings, reported: &BTreeMap<String, String>) -> StartupParams {
-        let params: StartupParams = Arc::new(reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    /// Caches the parameters `conn` reports after `wanted` was applied to it. Not from a
+    /// connection a reconnect replaced: the next origin may report others.
+    pub fn remember_params(&self, wanted: &Settings, conn: &OriginConn) -> StartupParams {
+        let params: StartupParams = Arc::new(conn.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         let mut cache = self.startup_params.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock a reconnect clears the cache under, after starting a new generation.
+        if self.superseded(conn.vintage.as_ref()) {
+            return params;
+        }
         if cache.len() >= MAX_CACHED_PARAM_SETS {
             cache.clear();
         }
@@ -759,6 +764,11 @@ pub struct PooledConn {
 impl PooledConn {
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// Whether a RECONNECT or a new origin replaced this connection: it closes when given back.
+    pub fn is_replaced(&self) -> bool {
+        self.pool.superseded(self.vintage.as_ref())
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::{Pool, PoolSet};
+use crate::origin::{OriginConn, OriginError};
 use crate::transport::OriginTarget;
 
 /// Where new origin connections go. Shared by every pool; RELOAD may replace it.
@@ -68,6 +69,9 @@ impl Drop for Vintage {
 
 /// How often `wait_close` looks again.
 const WAIT_CLOSE_POLL: Duration = Duration::from_millis(50);
+/// Connections opened in a row that a reconnect replaced before they were ready, before a
+/// checkout gives up on the generation race and takes the last one.
+const CONNECT_ATTEMPTS: usize = 3;
 
 impl Pool {
     /// Enrols a connection about to be opened in the current generation. Taken before the
@@ -77,6 +81,46 @@ impl Pool {
         let current = generations.last().cloned().unwrap_or_else(Generation::first);
         current.open.fetch_add(1, Ordering::AcqRel);
         Vintage(current)
+    }
+
+    /// Opens a connection to where connections go now, in the current generation. One that a
+    /// reconnect replaced while it was being opened is closed and opened again, so nothing
+    /// handed out after a RELOAD goes to the old origin.
+    pub(super) async fn connect_current(&self) -> Result<Box<OriginConn>, OriginError> {
+        let mut attempt = 1;
+        loop {
+            let creds = self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            // The generation before the destination (see the module comment).
+            let vintage = self.enlist();
+            let target = self.destination.get();
+            let connected =
+                OriginConn::connect(&target, &creds, self.live.statement_cache(), self.live.connect_timeout()).await;
+            let counter = if connected.is_ok() { &self.counters.connects } else { &self.counters.connect_failures };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let mut conn = Box::new(connected?);
+            conn.vintage = Some(vintage);
+            if !self.superseded(conn.vintage.as_ref()) || attempt == CONNECT_ATTEMPTS {
+                return Ok(conn);
+            }
+            tracing::debug!(conn = conn.id, "closing origin connection replaced while it was opened");
+            tokio::spawn(conn.close());
+            attempt += 1;
+        }
+    }
+
+    /// What a fresh connection reports, for logins while no connection is free. Not from a
+    /// replaced connection (see `remember_params`).
+    pub(super) fn note_base_params(&self, conn: &OriginConn) {
+        let mut base = self.base_params.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.superseded(conn.vintage.as_ref()) {
+            *base = Some(conn.params.clone());
+        }
+    }
+
+    /// Resolves when a reconnect replaces this pool's connections: a session pinned to one
+    /// waits on it (enable it before checking, so none is missed).
+    pub fn replacement(&self) -> tokio::sync::futures::OwnedNotified {
+        self.replaced.clone().notified_owned()
     }
 
     /// Whether a connection belongs to a generation a reconnect has ended.
@@ -99,6 +143,9 @@ impl Pool {
         self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).clear();
         *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.close_idle();
+        // Sessions pinned to a connection (LISTEN, temporary tables) would hold it until they
+        // leave: they are told, and end at their next idle moment (`session`).
+        self.replaced.notify_waiters();
     }
 
     /// Connections still open from generations before the current one.

@@ -85,7 +85,8 @@ impl PoolSet {
 
     /// A configured origin password changed (RELOAD): the pools that logged in as `user` with
     /// `old` use `new` for the connections they open from now on, and keep their clients and
-    /// open connections. A pool that already uses `new` is left as it is.
+    /// open connections. When a login with `new` already made a pool of its own (between the
+    /// new logins and this call), the old pool keeps its key but still takes `new`.
     pub fn rotate_password(&self, user: &str, old: &OriginSecret, new: &OriginSecret) -> usize {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let moving: Vec<PoolKey> =
@@ -93,13 +94,14 @@ impl PoolSet {
         let mut moved = 0;
         for key in moving {
             let to = PoolKey { fixed: Some(new.clone()), ..key.clone() };
-            if pools.contains_key(&to) {
-                continue;
-            }
-            if let Some(pool) = pools.remove(&key) {
+            if let Some(pool) = pools.get(&key) {
                 pool.creds.lock().unwrap_or_else(|e| e.into_inner()).secret = new.clone();
-                pools.insert(to, pool);
                 moved += 1;
+            }
+            if !pools.contains_key(&to) {
+                if let Some(pool) = pools.remove(&key) {
+                    pools.insert(to, pool);
+                }
             }
         }
         moved
@@ -199,5 +201,13 @@ mod tests {
         assert_eq!(shop.creds.lock().unwrap().secret, password("new"));
         assert_eq!(other.creds.lock().unwrap().secret, password("other"));
         assert!(!Arc::ptr_eq(&shop, &pools.get(&with("old", "shop"))), "the old password is no key any more");
+
+        // A login with the newest password came first: its pool stays, and the old one still
+        // takes the password.
+        let early = pools.get(&with("newest", "shop"));
+        let old = pools.get(&with("new", "shop"));
+        assert_eq!(pools.rotate_password("app", &password("new"), &password("newest")), 2, "shop and stock");
+        assert!(Arc::ptr_eq(&early, &pools.get(&with("newest", "shop"))));
+        assert_eq!(old.creds.lock().unwrap().secret, password("newest"));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::ServerContext;
 use crate::auth::UserDirectory;
-use crate::config::diff::{origin_moved, reconcile, Changes};
+use crate::config::diff::{origin_move, reconcile, Changes, OriginMove};
 use crate::config::{Config, ConfigError};
 use crate::pool::PoolConfig;
 use crate::transport::tls::TlsError;
@@ -51,7 +51,8 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
     } else {
         None
     };
-    let moved = if origin_moved(&running, &next) {
+    let how = origin_move(&running, &next);
+    let moved = if how != OriginMove::None {
         let origin = next.origin_url()?;
         let config = next.clone();
         // Reads certificate files: off the async threads.
@@ -81,12 +82,18 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
         let through = if target.tunnel.is_some() { " (through the tunnel)" } else { "" };
         let to = format!("{}:{}{through}", target.host, target.port);
         ctx.pools.retarget(target);
-        if let Some(cache) = &ctx.cache {
-            cache.forget_origin();
+        if how == OriginMove::Place {
+            if let Some(cache) = &ctx.cache {
+                cache.forget_origin();
+            }
+            notes.push(format!(
+                "the origin is now {to}: connections to the old one close as their transactions end (WAIT_CLOSE waits for them); the query cache was emptied"
+            ));
+        } else {
+            notes.push(format!(
+                "the origin {to} is now reached with new TLS or tunnel settings: open connections are replaced as their transactions end (WAIT_CLOSE waits for them)"
+            ));
         }
-        notes.push(format!(
-            "the origin is now {to}: connections to the old one close as their transactions end (WAIT_CLOSE waits for them); the query cache was emptied"
-        ));
     }
     notes.extend(apply(ctx, &running, &next));
     *ctx.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);

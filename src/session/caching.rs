@@ -82,7 +82,7 @@ impl Session {
         if !matches!(batch.last().map(Message::tag), Some(fe::SYNC | fe::QUERY)) {
             return CacheAnswer::Forward;
         }
-        if self.status != b'I' || self.session_pin.is_some() {
+        if self.status != b'I' || self.pinned {
             cache.stats.uncacheable(Reason::InTransaction);
             return CacheAnswer::Forward;
         }

@@ -14,11 +14,15 @@ pub mod startup;
 pub mod statements;
 mod still;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -77,6 +81,8 @@ enum End {
     OriginLost { already_told: bool },
     /// pgwarp is shutting down.
     Shutdown,
+    /// The client is pinned to an origin connection that a RECONNECT or a new origin replaced.
+    Replaced,
     /// The origin refused the client's startup settings.
     Refused { code: String, message: String },
     /// The client sat idle longer than its limit: inside a transaction
@@ -124,8 +130,9 @@ pub struct Session {
     waiting: bool,
     /// The client may have changed settings: read them back before releasing the connection.
     settings_dirty: bool,
-    /// Session-scoped state in use: keep the origin connection until the client leaves.
-    session_pin: Option<&'static str>,
+    /// Session-scoped state in use: keep the origin connection until the client leaves (or a
+    /// reconnect replaces it).
+    pinned: bool,
     /// The origin has accepted `wanted` (startup settings are checked on first use when the
     /// login did not wait for a connection).
     settings_validated: bool,
@@ -146,6 +153,8 @@ pub struct Session {
     /// What the client's uncommitted work wrote, to invalidate in the cache once it ends.
     pending_write: Option<crate::cache::classify::WriteScope>,
     cancel: CancelHandle,
+    /// While pinned: resolves when a reconnect replaces the pool's connections.
+    replaced: Option<Pin<Box<OwnedNotified>>>,
     /// This client in `SHOW CLIENTS`.
     listing: Listed<ClientEntry>,
     _slot: OwnedSemaphorePermit,
@@ -171,7 +180,7 @@ impl Session {
             skip_until_sync: false,
             waiting: false,
             settings_dirty: false,
-            session_pin: None,
+            pinned: false,
             settings_validated: e.settings_validated,
             draining: false,
             cache_db: ctx.cache.as_ref().map(|c| c.database(&e.database)),
@@ -183,6 +192,7 @@ impl Session {
             capture: None,
             pending_write: None,
             cancel,
+            replaced: None,
             listing,
             _slot: e.permit,
             ctx,
@@ -269,6 +279,10 @@ impl Session {
                     Ok(Duplex::Eof) => return Err(self.origin_lost(&OriginError::Closed)),
                     Err(e) => return Err(self.origin_lost(&e)),
                 },
+                () = std::future::poll_fn(|cx| poll_replaced(&mut self.replaced, cx)), if self.replaced.is_some() => {
+                    self.replaced = None;
+                    self.on_replaced()?;
+                }
                 r = std::future::poll_fn(|cx| poll_duplex(cx, &mut self.client, &mut self.reader, &mut self.to_client, read_client)),
                     if client_active => match r {
                     Ok(Duplex::Buffered) => self.on_client().await?,
@@ -284,6 +298,33 @@ impl Session {
                 return if self.draining { Err(End::Shutdown) } else { Ok(()) };
             }
         }
+    }
+
+    /// Pins the client to its origin connection for the rest of its session, watching for a
+    /// reconnect that replaces that connection.
+    fn pin(&mut self) {
+        self.pinned = true;
+        // A reconnect before this is seen by the check at the end of this batch (`maybe_release`).
+        self.replaced = Some(watch_replacement(&self.pool));
+    }
+
+    /// A reconnect replaced the pool's connections. A pinned client quiet outside a transaction
+    /// ends now; one in the middle of something ends when it is done (`maybe_release`).
+    fn on_replaced(&mut self) -> Result<(), End> {
+        if !self.pinned {
+            return Ok(());
+        }
+        let watch = watch_replacement(&self.pool);
+        let Some(att) = self.origin.as_ref() else { return Ok(()) };
+        if !att.is_replaced() {
+            // Its connection was opened after that reconnect: wait for the next one.
+            self.replaced = Some(watch);
+            return Ok(());
+        }
+        if self.holding_still() == Some(false) {
+            return Err(End::Replaced);
+        }
+        Ok(())
     }
 
     /// Whether the client holds an origin connection while nothing is under way in either
@@ -429,7 +470,7 @@ impl Session {
             skip_until_sync: &mut self.skip_until_sync,
             needs_sync: &mut conn.needs_sync,
             aborted,
-            pinned: self.session_pin.is_some(),
+            pinned: self.pinned,
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
@@ -444,12 +485,12 @@ impl Session {
         conn.queue.drain_synthetic(&mut self.to_client);
         self.capture_synthetic(start);
         if let Some(feature) = notes.session_feature {
-            if self.session_pin.is_none() {
+            if !self.pinned {
                 tracing::info!(
                     feature,
                     "client uses session-scoped state: origin connection pinned until it disconnects"
                 );
-                self.session_pin = Some(feature);
+                self.pin();
             }
         }
         self.settings_dirty |= notes.may_change_settings;
@@ -495,7 +536,7 @@ impl Session {
         }
         att.set_applied_from(&self.wanted);
         self.settings_validated = true;
-        self.pool.remember_params(&self.wanted, &att.params);
+        self.pool.remember_params(&self.wanted, att);
         for (name, value) in &att.params {
             if self.wanted.keys().any(|k| k.eq_ignore_ascii_case(name)) {
                 self.to_client.extend_from_slice(&build::parameter_status(name, value));
@@ -620,12 +661,14 @@ impl Session {
                     if inspect::tag_drops_all_statements(command) {
                         att.statements.clear();
                         self.statements.clear();
-                    } else if d.client_sql && command == "PREPARE" && self.session_pin.is_none() {
+                    } else if d.client_sql && command == "PREPARE" && !self.pinned {
                         // A statement under the client's own name, which pgwarp does not
                         // track: it stays with this client's connection, and leaves with it.
                         let feature = "PREPARE inside a larger query";
                         tracing::info!(feature, "origin connection pinned until the client disconnects");
-                        self.session_pin = Some(feature);
+                        // `att` is borrowed: `pin`, field by field.
+                        self.pinned = true;
+                        self.replaced = Some(watch_replacement(&self.pool));
                     } else if d.client_sql && command == "DEALLOCATE" {
                         // It may have dropped one of pgwarp's statements: re-prepare on use.
                         att.statements.invalidate_all();
@@ -703,8 +746,11 @@ impl Session {
             return Ok(());
         };
         let idle = att.queue.is_empty() && !att.needs_sync && att.out.is_empty() && self.batch.is_empty();
-        if !idle || self.copy_in || self.status != b'I' || (self.session_pin.is_some() && !att.broken) {
+        if !idle || self.copy_in || self.status != b'I' {
             return Ok(());
+        }
+        if self.pinned && !att.broken {
+            return if att.is_replaced() { Err(End::Replaced) } else { Ok(()) };
         }
         let Some(mut att) = self.origin.take() else {
             return Ok(());
@@ -713,7 +759,8 @@ impl Session {
         let cancel_in_flight = self.cancel.slot.detach();
         if att.broken {
             // Dropping closes it; the client carries on with the next connection.
-            self.session_pin = None;
+            self.pinned = false;
+            self.replaced = None;
             return Ok(());
         }
         if cancel_in_flight {
@@ -733,7 +780,7 @@ impl Session {
                     // statement_timeout of 1ms cancels the read-back): it keeps the connection.
                     let feature = "settings pgwarp could not read back";
                     tracing::warn!(feature, "origin connection pinned until the client disconnects");
-                    self.session_pin = Some(feature);
+                    self.pin();
                     self.cancel.slot.attach(att.key, &att.target);
                     self.listing.set_state(ClientState::Active);
                     self.origin = Some(att);
@@ -794,6 +841,10 @@ impl Session {
             End::Shutdown => {
                 Some((SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".to_owned()))
             }
+            End::Replaced => Some((
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection: its origin connection was replaced (RECONNECT, or the origin moved), and the session state it holds (LISTEN, advisory locks, temporary tables) cannot move with it; connect again".to_owned(),
+            )),
             End::Protocol(m) => Some((SqlState::PROTOCOL_VIOLATION, m.clone())),
             End::HeldStill { in_transaction: true } => Some((
                 SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
@@ -824,7 +875,7 @@ impl Session {
             let (pool, status) = (self.pool.clone(), self.status);
             // Session state pgwarp has not read back (a SET in the transaction left open, or
             // anything a pinned client did) is discarded before anyone else gets the connection.
-            let reset = self.session_pin.is_some() || self.settings_dirty;
+            let reset = self.pinned || self.settings_dirty;
             let lost = matches!(end, End::OriginLost { .. });
             if !lost {
                 let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
@@ -878,6 +929,22 @@ async fn release_after_client(
             tracing::debug!("closing origin connection left unclean by a client")
         }
     }
+}
+
+/// Polls the watch a pinned session keeps for reconnects, if it has one.
+fn poll_replaced(replaced: &mut Option<Pin<Box<OwnedNotified>>>, cx: &mut Context<'_>) -> Poll<()> {
+    match replaced {
+        Some(r) => r.as_mut().poll(cx),
+        None => Poll::Pending,
+    }
+}
+
+/// Resolves at `pool`'s next reconnect: registered at once, so a reconnect right after this
+/// call is not missed.
+fn watch_replacement(pool: &Pool) -> Pin<Box<OwnedNotified>> {
+    let mut replaced = Box::pin(pool.replacement());
+    replaced.as_mut().enable();
+    replaced
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ pub struct Planner<'a> {
     /// The client's transaction is aborted (ReadyForQuery `E`): Postgres refuses PREPARE,
     /// EXECUTE and DEALLOCATE with 25P02 before it looks at any name, and changes nothing.
     pub aborted: bool,
-    /// The connection is the client's until it leaves (`Session::session_pin`).
+    /// The connection is the client's until it leaves (`Session::pinned`).
     pub pinned: bool,
 }
 
