@@ -39,12 +39,12 @@ fn app_backends(origin: &Origin) -> usize {
     count.trim().parse().unwrap()
 }
 
-/// Waits up to 5 s for `origin` to have `n` backends of pgwarp's (a closed connection's
-/// backend takes a moment to leave `pg_stat_activity`).
-async fn until_backends(origin: &Origin, n: usize, why: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while app_backends(origin) != n {
-        assert!(std::time::Instant::now() < deadline, "{why}: {} backends, not {n}", app_backends(origin));
+/// Waits up to 10 s for `check` to hold (a closed connection's backend takes a moment to
+/// leave `pg_stat_activity`, a query a moment to start).
+async fn eventually(why: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{why}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -106,9 +106,7 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
     let cancel = sleeper.cancel_token();
     let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
     let asleep = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'";
-    while old.sql(asleep).trim() != "1" {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the query started on the old origin", || old.sql(asleep).trim() == "1").await;
 
     // A client that logs in before the move and runs its query after.
     let latecomer = common::connect(&url).await.unwrap();
@@ -140,22 +138,17 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
     // And a query on the new origin is cancelled there, whenever its client logged in.
     let cancel = latecomer.cancel_token();
     let sleeping = tokio::spawn(async move { latecomer.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
-    while new.sql(asleep).trim() != "1" {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the query started on the new origin", || new.sql(asleep).trim() == "1").await;
     cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap().unwrap_err();
     assert_eq!(code(&cancelled), "57014", "{cancelled}");
     // The pinned client is closed (it is idle), so it reconnects to the new origin.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !listener.is_closed() {
-        assert!(std::time::Instant::now() < deadline, "the LISTEN client still holds the old origin");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    until_backends(&old, 1, "only the open transaction's connection is left on the old origin").await;
+    eventually("the LISTEN client still holds the old origin", || listener.is_closed()).await;
+    eventually("only the open transaction's connection is left on the old origin", || app_backends(&old) == 1).await;
     writer.simple_query("COMMIT").await.unwrap();
     console(&new, &process, APP_PASSWORD, "WAIT_CLOSE").await;
-    until_backends(&old, 0, "WAIT_CLOSE answered, so pgwarp has closed its last connection to the old origin").await;
+    let closed = "WAIT_CLOSE answered, so pgwarp has closed its last connection to the old origin";
+    eventually(closed, || app_backends(&old) == 0).await;
     assert_eq!(old.sql("SELECT count(*) FROM note").trim(), "1", "the transaction committed there");
     assert_eq!(one(&writer, "SELECT name FROM place").await, "new");
     assert!(app_backends(&new) >= 1);
@@ -208,12 +201,8 @@ async fn reconnect_replaces_connections_as_their_transactions_end() {
     inside.simple_query("COMMIT").await.unwrap();
     let answered = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
     assert!(answered.status.success(), "{}", String::from_utf8_lossy(&answered.stderr));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid IN ({first_pid}, {inside_pid})");
-    while origin.sql(&gone).trim() != "0" {
-        assert!(std::time::Instant::now() < deadline, "the replaced backends never left");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the replaced backends never left", || origin.sql(&gone).trim() == "0").await;
     assert_ne!(one(&inside, "SELECT pg_backend_pid()").await, inside_pid);
 
     // RECONNECT of a database nobody uses replaces nothing.
