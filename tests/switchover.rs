@@ -5,7 +5,7 @@
 mod common;
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::PgwarpProcess;
@@ -16,6 +16,14 @@ use support::*;
 fn write_config(file: &Path, origin: &str) {
     let text = format!("origin = \"{origin}\"\npool_size = 4\nworkers = 1\nadmin_users = [\"app\"]\n");
     std::fs::write(file, text).unwrap();
+}
+
+/// A temporary config file naming `origin` (gone with the directory).
+fn config_file(origin: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgwarp.toml");
+    write_config(&file, origin);
+    (dir, file)
 }
 
 fn start(file: &Path) -> PgwarpProcess {
@@ -80,9 +88,7 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
              CREATE TABLE note (said text); ALTER TABLE note OWNER TO app"
         ));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pgwarp.toml");
-    write_config(&file, &old.url());
+    let (_dir, file) = config_file(&old.url());
     let process = start(&file);
     let url = process.url(APP_USER, APP_PASSWORD, APP_DB);
 
@@ -161,9 +167,7 @@ async fn a_new_origin_on_reload_takes_new_transactions_while_open_ones_finish_on
 #[tokio::test]
 async fn reconnect_replaces_connections_as_their_transactions_end() {
     let origin = Origin::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pgwarp.toml");
-    write_config(&file, &origin.url());
+    let (_dir, file) = config_file(&origin.url());
     // No cache: its catalog load would be another connection to tell apart.
     let process = PgwarpProcess::start(&["--config", file.to_str().unwrap(), "--no-cache"]);
     let url = process.url(APP_USER, APP_PASSWORD, APP_DB);
@@ -214,9 +218,7 @@ async fn reconnect_replaces_connections_as_their_transactions_end() {
 #[tokio::test]
 async fn a_rotated_origin_password_is_used_by_the_clients_already_connected() {
     let origin = Origin::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pgwarp.toml");
-    write_config(&file, &origin.url());
+    let (_dir, file) = config_file(&origin.url());
     let process = start(&file);
 
     let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
