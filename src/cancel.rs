@@ -38,6 +38,8 @@ pub enum Stop {
     Drain = 1,
     /// Leave now.
     Kill = 2,
+    /// Leave now: an operator killed this client (`KILL`, `KILL_CLIENT`), not shutdown.
+    Killed = 3,
 }
 
 impl Stop {
@@ -45,7 +47,8 @@ impl Stop {
         match v {
             0 => Stop::Running,
             1 => Stop::Drain,
-            _ => Stop::Kill,
+            2 => Stop::Kill,
+            _ => Stop::Killed,
         }
     }
 }
@@ -161,6 +164,11 @@ impl CancelSlot {
                 Poll::Pending
             }
         })
+    }
+
+    /// Ends this client now, on an operator's word.
+    pub fn kill(&self) {
+        self.signal(Stop::Killed);
     }
 
     fn signal(&self, stage: Stop) {
@@ -363,5 +371,23 @@ mod tests {
         reg.stop_all(Stop::Kill);
         late.slot.stopped(Stop::Kill).await;
         assert_eq!(early.slot.stop(), Stop::Kill);
+    }
+
+    #[tokio::test]
+    async fn a_kill_reaches_one_client_and_outranks_shutdown() {
+        let reg = Arc::new(CancelRegistry::default());
+        let (killed, spared) = (reg.register(target()), reg.register(target()));
+        let waiting = {
+            let slot = killed.slot.clone();
+            tokio::spawn(async move { slot.stopped(Stop::Kill).await })
+        };
+        tokio::task::yield_now().await;
+        killed.slot.kill();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!((killed.slot.stop(), spared.slot.stop()), (Stop::Killed, Stop::Running));
+        // A shutdown afterwards does not hide why the client was ended.
+        reg.stop_all(Stop::Kill);
+        assert_eq!((killed.slot.stop(), spared.slot.stop()), (Stop::Killed, Stop::Kill));
+        assert_eq!(reg.register(target()).slot.stop(), Stop::Kill, "a kill is no shutdown stage for new clients");
     }
 }

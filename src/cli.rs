@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// PGWARP_LISTEN=0.0.0.0:6432].
     #[arg(long, value_name = "ADDR", env = "PGWARP_LISTEN")]
     pub listen: Option<String>,
+    /// Bind the listening sockets with SO_REUSEPORT, so a new pgwarp can take over the port
+    /// while this one finishes with its clients (SHUTDOWN WAIT_FOR_CLIENTS) [default: off].
+    #[arg(long)]
+    pub so_reuseport: bool,
     /// Serve /metrics (Prometheus) and /healthz over HTTP on this address, e.g. 127.0.0.1:9930
     /// [default: off; the container image sets PGWARP_ADMIN_LISTEN=0.0.0.0:9930].
     #[arg(long, value_name = "ADDR", env = "PGWARP_ADMIN_LISTEN")]
@@ -181,6 +185,9 @@ impl RunArgs {
         }
         if let Some(v) = self.origin {
             c.origin = Some(v);
+        }
+        if self.so_reuseport {
+            c.so_reuseport = true;
         }
         if let Some(v) = self.admin_listen {
             c.admin_listen = Some(v);

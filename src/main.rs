@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pgwarp::cli::{Cli, Command, ConfigSource, TunnelArgs};
-use pgwarp::server::{ReloadHandle, Server, ShutdownHandle};
+use pgwarp::server::{ReloadHandle, Server, ShutdownHandle, ShutdownMode};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -113,9 +113,12 @@ async fn shutdown_on_signal(handle: ShutdownHandle) {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    // The first signal drains; the next one closes whoever is left at once.
+    for mode in [ShutdownMode::Drain, ShutdownMode::Now] {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(?mode, "SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!(?mode, "SIGINT: shutting down"),
+        }
+        handle.shutdown(mode);
     }
-    handle.shutdown();
 }

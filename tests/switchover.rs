@@ -47,16 +47,6 @@ fn app_backends(origin: &Origin) -> usize {
     count.trim().parse().unwrap()
 }
 
-/// Waits up to 10 s for `check` to hold (a closed connection's backend takes a moment to
-/// leave `pg_stat_activity`, a query a moment to start).
-async fn eventually(why: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "{why}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The extended protocol, which the cache answers.
 async fn place(client: &tokio_postgres::Client) -> String {
     client.query_one("SELECT name FROM place", &[]).await.unwrap().get(0)

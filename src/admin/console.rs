@@ -4,8 +4,8 @@
 //! Users named in `admin_users` log in with their usual password; the database name `pgwarp`
 //! then reaches this console instead of the origin. It takes simple queries only, one command
 //! each. `SHOW ...` answers from the same snapshot as `/metrics` (or from the rosters, for
-//! CLIENTS and SERVERS); `PAUSE`, `RESUME`, `RELOAD`, `RECONNECT` and `WAIT_CLOSE` act on the
-//! server. `parse` and `answer` are pure; `serve` owns the socket.
+//! CLIENTS and SERVERS); the other commands (`SHOW HELP` lists them) act on the server, as
+//! PgBouncer's of the same names do. `parse` and `answer` are pure; `serve` owns the socket.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::protocol::error::{Severity, SqlState};
 use crate::protocol::frontend::{query_text, QUERY, SYNC, TERMINATE};
 use crate::protocol::{build, Message, MessageReader};
-use crate::server::ServerContext;
+use crate::server::{ServerContext, ShutdownMode};
 use crate::transport::ClientStream;
 
 /// The database name that reaches the console.
@@ -43,16 +43,26 @@ pub enum Show {
     Config,
 }
 
+/// A console command. `Option<String>`: one database, or (`None`) all of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Show(Show),
-    Pause,
-    Resume,
+    /// Stop lending origin connections; answered once every one is back.
+    Pause(Option<String>),
+    Resume(Option<String>),
+    /// Refuse new logins to a database; its connected clients carry on.
+    Disable(String),
+    Enable(String),
     Reload,
-    /// Replace the origin connections of one database (or all) as they come back.
+    /// Replace the origin connections as they come back.
     Reconnect(Option<String>),
     /// Wait until no connection a RECONNECT (or a new origin) replaced is open.
     WaitClose(Option<String>),
+    /// End the clients and their origin connections now; the database stays paused.
+    Kill(Option<String>),
+    /// End one client (its `SHOW CLIENTS` id) and its origin connection now.
+    KillClient(u64),
+    Shutdown(ShutdownMode),
 }
 
 const SHOWS: [(&str, Show, &str); 8] = [
@@ -66,25 +76,21 @@ const SHOWS: [(&str, Show, &str); 8] = [
     ("CONFIG", Show::Config, "the settings in effect (no secrets)"),
 ];
 
-const ACTIONS: [(&str, Command, &str); 3] = [
-    ("PAUSE", Command::Pause, "stop lending origin connections; answers once every one is back in its pool"),
-    ("RESUME", Command::Resume, "lend origin connections again after PAUSE"),
-    ("RELOAD", Command::Reload, "re-read the config file and apply what can change without a restart"),
-];
-
-/// Commands that take an optional database name.
-type ForDatabase = fn(Option<String>) -> Command;
-
-const DATABASE_ACTIONS: [(&str, ForDatabase, &str); 2] = [
+/// The commands other than SHOW, as `SHOW HELP` lists them: `[db]` is an optional database
+/// name (without it, every database), `db` a required one.
+const COMMANDS: [(&str, &str); 10] = [
+    ("PAUSE [db]", "stop lending origin connections; answers once every one is back in its pool"),
+    ("RESUME [db]", "lend origin connections again after PAUSE or KILL (without db: end every pause)"),
+    ("DISABLE db", "refuse new logins to db (SQLSTATE 55000); its connected clients carry on"),
+    ("ENABLE db", "take logins to db again after DISABLE"),
+    ("RELOAD", "re-read the config file and apply what can change without a restart"),
+    ("RECONNECT [db]", "close each origin connection once its transaction ends; new ones open as needed"),
+    ("WAIT_CLOSE [db]", "answer once every connection RECONNECT or a new origin replaced has closed"),
+    ("KILL [db]", "close the clients and their origin connections now (57P01); new transactions wait until RESUME"),
+    ("KILL_CLIENT id", "close one client (its SHOW CLIENTS id) and its origin connection now (57P01)"),
     (
-        "RECONNECT",
-        Command::Reconnect,
-        "close each origin connection (of database db, or all) once its transaction ends; new ones open as needed",
-    ),
-    (
-        "WAIT_CLOSE",
-        Command::WaitClose,
-        "answer once every connection RECONNECT or a new origin replaced (of database db, or all) has closed",
+        "SHUTDOWN [WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]",
+        "stop pgwarp: closing every client now, once transactions end (as SIGTERM), or once clients leave",
     ),
 ];
 
@@ -94,37 +100,51 @@ pub enum ConsoleError {
     Unknown,
 }
 
-/// The command in a simple query: `SHOW <NAME>`, `PAUSE`, `RESUME`, `RELOAD`, `RECONNECT [db]`
-/// or `WAIT_CLOSE [db]`, any case, an optional trailing semicolon. A database name is taken as
-/// written, or from inside double quotes.
+/// The command in a simple query: a verb and at most one argument (see `COMMANDS`), any case,
+/// an optional trailing semicolon. A database name is taken as written, or from inside double
+/// quotes.
 pub fn parse(sql: &str) -> Result<Command, ConsoleError> {
     let sql = sql.trim().trim_end_matches(';').trim_end();
     let words: Vec<&str> = sql.split_whitespace().collect();
-    let for_database = |action: &str| DATABASE_ACTIONS.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(action));
-    match words.as_slice() {
-        [show, name] if show.eq_ignore_ascii_case("SHOW") => SHOWS
+    let (verb, arg) = match words.as_slice() {
+        [verb] => (verb.to_ascii_uppercase(), None),
+        [verb, arg] => (verb.to_ascii_uppercase(), Some(*arg)),
+        _ => return Err(ConsoleError::Unknown),
+    };
+    let database = || arg.map(database_name).transpose();
+    match (verb.as_str(), arg) {
+        ("SHOW", Some(name)) => SHOWS
             .iter()
             .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, s, _)| Command::Show(*s))
             .ok_or(ConsoleError::Unknown),
-        [action] => match for_database(action) {
-            Some((_, command, _)) => Ok(command(None)),
-            None => ACTIONS
-                .iter()
-                .find(|(n, _, _)| n.eq_ignore_ascii_case(action))
-                .map(|(_, c, _)| c.clone())
-                .ok_or(ConsoleError::Unknown),
-        },
-        [action, database] => {
-            let (_, command, _) = for_database(action).ok_or(ConsoleError::Unknown)?;
-            let name = database.strip_prefix('"').and_then(|d| d.strip_suffix('"')).unwrap_or(database);
-            if name.is_empty() {
-                return Err(ConsoleError::Unknown);
-            }
-            Ok(command(Some(name.to_owned())))
+        ("PAUSE", _) => database().map(Command::Pause),
+        ("RESUME", _) => database().map(Command::Resume),
+        ("RECONNECT", _) => database().map(Command::Reconnect),
+        ("WAIT_CLOSE", _) => database().map(Command::WaitClose),
+        ("KILL", _) => database().map(Command::Kill),
+        ("DISABLE", Some(name)) => database_name(name).map(Command::Disable),
+        ("ENABLE", Some(name)) => database_name(name).map(Command::Enable),
+        ("RELOAD", None) => Ok(Command::Reload),
+        ("KILL_CLIENT", Some(id)) => id.parse().map(Command::KillClient).map_err(|_| ConsoleError::Unknown),
+        ("SHUTDOWN", None) => Ok(Command::Shutdown(ShutdownMode::Now)),
+        ("SHUTDOWN", Some(mode)) if mode.eq_ignore_ascii_case("WAIT_FOR_SERVERS") => {
+            Ok(Command::Shutdown(ShutdownMode::Drain))
+        }
+        ("SHUTDOWN", Some(mode)) if mode.eq_ignore_ascii_case("WAIT_FOR_CLIENTS") => {
+            Ok(Command::Shutdown(ShutdownMode::WaitForClients))
         }
         _ => Err(ConsoleError::Unknown),
     }
+}
+
+/// A database name as written, or from inside double quotes; never empty.
+fn database_name(word: &str) -> Result<String, ConsoleError> {
+    let name = word.strip_prefix('"').and_then(|d| d.strip_suffix('"')).unwrap_or(word);
+    if name.is_empty() {
+        return Err(ConsoleError::Unknown);
+    }
+    Ok(name.to_owned())
 }
 
 /// A result set: columns `(name, type oid)` and text rows (`None` is NULL).
@@ -164,8 +184,7 @@ pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Confi
             SHOWS
                 .iter()
                 .map(|(n, _, what)| vec![format!("SHOW {n}"), (*what).to_owned()])
-                .chain(ACTIONS.iter().map(|(n, _, what)| vec![(*n).to_owned(), (*what).to_owned()]))
-                .chain(DATABASE_ACTIONS.iter().map(|(n, _, what)| vec![format!("{n} [db]"), (*what).to_owned()]))
+                .chain(COMMANDS.iter().map(|(usage, what)| vec![(*usage).to_owned(), (*what).to_owned()]))
                 .collect(),
         ),
         Show::Version => Table::text(vec![("version", TEXT)], vec![vec![format!("pgwarp {}", snapshot.version)]]),
@@ -180,6 +199,7 @@ pub fn answer(show: Show, snapshot: &Snapshot, listing: &Listing, config: &Confi
                 ("uptime_seconds", format!("{:.0}", snapshot.uptime_seconds)),
                 ("draining", snapshot.draining.to_string()),
                 ("paused", snapshot.paused.to_string()),
+                ("disabled", snapshot.disabled.join(",")),
             ];
             let mut table = Table::settings(rows);
             table.rows.extend(
@@ -248,7 +268,7 @@ fn pools_table(snapshot: &Snapshot) -> Table {
                     p.timeouts.to_string(),
                     p.connects.to_string(),
                     p.connect_failures.to_string(),
-                    if snapshot.paused { "t" } else { "f" }.to_owned(),
+                    if p.paused { "t" } else { "f" }.to_owned(),
                     p.replaced.to_string(),
                 ]
             })
@@ -263,6 +283,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
     let duration = |d: std::time::Duration| humantime::format_duration(d).to_string();
     vec![
         ("listen", c.listen.clone()),
+        ("so_reuseport", c.so_reuseport.to_string()),
         ("origin", origin),
         ("pool_size", c.pool_size.to_string()),
         ("max_client_conn", c.max_client_conn.to_string()),
@@ -375,10 +396,60 @@ async fn run(
                 if matches!(show, Show::Clients | Show::Servers) { Listing::take(ctx) } else { Listing::default() };
             answer(show, &Snapshot::take(ctx), &listing, &ctx.config()).encode_into(out);
         }
-        Command::Pause => match pause(ctx, stream, reader, backlog).await {
+        Command::Pause(database) => match pause(ctx, database.as_deref(), stream, reader, backlog).await {
             Some(answer) => out.extend_from_slice(&answer),
             None => return false,
         },
+        Command::Disable(database) => {
+            if ctx.pools.disable(&database) {
+                tracing::info!(database, "DISABLE: new logins are refused");
+            } else {
+                out.extend_from_slice(&build::notice(&format!("database {database:?} was already disabled")));
+            }
+            out.extend_from_slice(&build::command_complete("DISABLE"));
+        }
+        Command::Enable(database) => {
+            if ctx.pools.enable(&database) {
+                tracing::info!(database, "ENABLE: logins are taken again");
+            } else {
+                out.extend_from_slice(&build::notice(&format!("database {database:?} was not disabled")));
+            }
+            out.extend_from_slice(&build::command_complete("ENABLE"));
+        }
+        Command::Kill(database) => {
+            let killed = kill(ctx, database.as_deref());
+            let what = database.as_ref().map_or_else(|| "every database".to_owned(), |d| format!("database {d:?}"));
+            out.extend_from_slice(&build::notice(&format!(
+                "closed {killed} client(s); {what} is paused: new transactions wait until RESUME"
+            )));
+            out.extend_from_slice(&build::command_complete("KILL"));
+        }
+        Command::KillClient(id) => match ctx.client_roster.list().into_iter().find(|c| c.id == id) {
+            Some(client) if client.kill() => {
+                tracing::info!(client = id, user = %client.user, database = %client.database, "KILL_CLIENT");
+                out.extend_from_slice(&build::command_complete("KILL_CLIENT"));
+            }
+            Some(_) => {
+                out.extend_from_slice(&refused(&format!("client {id} is an admin console: it cannot be killed")))
+            }
+            None => out.extend_from_slice(&build::error(
+                Severity::Error,
+                SqlState::UNDEFINED_OBJECT,
+                &format!("no client with id {id} (see SHOW CLIENTS)"),
+            )),
+        },
+        Command::Shutdown(mode) => {
+            tracing::info!(?mode, "SHUTDOWN from the admin console");
+            ctx.shutdown(mode);
+            // Answered once the port is let go, so whoever asked may count on it. (The other
+            // modes close this console right after the answer.)
+            if mode == ShutdownMode::WaitForClients
+                && answer_when(ctx, stream, reader, backlog, ctx.listener_closed()).await.is_none()
+            {
+                return false;
+            }
+            out.extend_from_slice(&build::command_complete("SHUTDOWN"));
+        }
         Command::Reconnect(database) => {
             let pools = ctx.pools.reconnect(database.as_deref());
             tracing::info!(database = database.as_deref().unwrap_or("(all)"), pools, "RECONNECT");
@@ -397,7 +468,7 @@ async fn run(
             }
             out.extend_from_slice(&build::command_complete("WAIT_CLOSE"));
         }
-        Command::Resume => match ctx.pools.resume() {
+        Command::Resume(database) => match ctx.pools.resume(database.as_deref()) {
             Ok(()) => out.extend_from_slice(&build::command_complete("RESUME")),
             Err(e) => out.extend_from_slice(&refused(&e)),
         },
@@ -441,15 +512,29 @@ async fn next_message(ctx: &ServerContext, stream: &mut ClientStream, reader: &m
     }
 }
 
+/// KILL: holds back new transactions of `database` (every database when `None`), replaces its
+/// origin connections, and closes its clients. The number of clients closed.
+fn kill(ctx: &ServerContext, database: Option<&str>) -> usize {
+    // First the pause, so that no connection a killed client gives up is lent again; it stays
+    // in effect (already paused is fine) until RESUME. Its holders run on their own.
+    drop(ctx.pools.pause(database));
+    ctx.pools.close_connections(database);
+    let killed =
+        ctx.client_roster.list().into_iter().filter(|c| database.is_none_or(|d| *c.database == *d) && c.kill()).count();
+    tracing::info!(database = database.unwrap_or("(all)"), clients = killed, "KILL");
+    killed
+}
+
 /// PAUSE: the answer once every origin connection is back in its pool (or why not), or `None`
 /// when the console went away meanwhile (the pause stays in effect).
 async fn pause(
     ctx: &ServerContext,
+    database: Option<&str>,
     stream: &mut ClientStream,
     reader: &mut MessageReader,
     backlog: &mut VecDeque<Message>,
 ) -> Option<bytes::Bytes> {
-    let done = match ctx.pools.pause() {
+    let done = match ctx.pools.pause(database) {
         Ok(done) => done,
         Err(e) => {
             return Some(build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string()))
@@ -504,9 +589,20 @@ mod tests {
         assert_eq!(parse("Show Cache;"), Ok(Command::Show(Show::Cache)));
         assert_eq!(parse("show clients"), Ok(Command::Show(Show::Clients)));
         assert_eq!(parse("SHOW SERVERS;"), Ok(Command::Show(Show::Servers)));
-        assert_eq!(parse("pause;"), Ok(Command::Pause));
-        assert_eq!(parse(" Resume "), Ok(Command::Resume));
+        assert_eq!(parse("pause;"), Ok(Command::Pause(None)));
+        assert_eq!(parse("PAUSE shop"), Ok(Command::Pause(Some("shop".into()))));
+        assert_eq!(parse(" Resume "), Ok(Command::Resume(None)));
+        assert_eq!(parse("resume \"Shop Db\""), Err(ConsoleError::Unknown), "one word only");
+        assert_eq!(parse("resume \"Shop\""), Ok(Command::Resume(Some("Shop".into()))));
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
+        assert_eq!(parse("disable shop"), Ok(Command::Disable("shop".into())));
+        assert_eq!(parse("ENABLE shop;"), Ok(Command::Enable("shop".into())));
+        assert_eq!(parse("KILL"), Ok(Command::Kill(None)));
+        assert_eq!(parse("kill shop"), Ok(Command::Kill(Some("shop".into()))));
+        assert_eq!(parse("KILL_CLIENT 42"), Ok(Command::KillClient(42)));
+        assert_eq!(parse("shutdown"), Ok(Command::Shutdown(ShutdownMode::Now)));
+        assert_eq!(parse("SHUTDOWN wait_for_servers"), Ok(Command::Shutdown(ShutdownMode::Drain)));
+        assert_eq!(parse("SHUTDOWN WAIT_FOR_CLIENTS;"), Ok(Command::Shutdown(ShutdownMode::WaitForClients)));
         assert_eq!(parse("reconnect;"), Ok(Command::Reconnect(None)));
         assert_eq!(parse("RECONNECT shop"), Ok(Command::Reconnect(Some("shop".into()))));
         assert_eq!(parse("WAIT_CLOSE \"shop\""), Ok(Command::WaitClose(Some("shop".into()))));
@@ -518,7 +614,14 @@ mod tests {
             "SELECT 1",
             "SHOW POOLS; SHOW STATS",
             "SHOW POOLS EXTRA",
-            "PAUSE app",
+            "PAUSE a b",
+            "DISABLE",
+            "ENABLE",
+            "KILL_CLIENT",
+            "KILL_CLIENT x",
+            "KILL_CLIENT -1",
+            "SHUTDOWN NOW",
+            "SHUTDOWN WAIT_FOR_CLIENTS x",
             "SHOW PAUSE",
             "RELOAD NOW",
             "POOLS",
@@ -534,10 +637,19 @@ mod tests {
     fn help_lists_every_command() {
         let help = answer(Show::Help, &Snapshot::default(), &Listing::default(), &Config::default());
         let names: Vec<&str> = help.rows.iter().filter_map(|r| r[0].as_deref()).collect();
-        for name in ["SHOW CLIENTS", "SHOW SERVERS", "PAUSE", "RESUME", "RELOAD", "RECONNECT [db]", "WAIT_CLOSE [db]"] {
-            assert!(names.contains(&name), "{name} in {names:?}");
-            let sql = name.replace("[db]", "shop");
-            assert!(parse(&sql).is_ok(), "{sql}");
+        assert_eq!(names.len(), SHOWS.len() + COMMANDS.len());
+        for name in ["SHOW CLIENTS", "SHOW SERVERS", "PAUSE [db]", "RELOAD", "KILL_CLIENT id", "SHUTDOWN"] {
+            assert!(names.iter().any(|n| n.starts_with(name)), "{name} in {names:?}");
+        }
+        // Each usage line parses, with and without its optional part.
+        for name in names {
+            let with = name.replace("[db]", "shop").replace(" db", " shop").replace(" id", " 7");
+            let with = with.replace("[WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]", "WAIT_FOR_CLIENTS");
+            assert!(parse(&with).is_ok(), "{with}");
+            let without = name.replace(" [db]", "").replace(" [WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]", "");
+            if !without.contains(" db") && !without.contains(" id") {
+                assert!(parse(&without).is_ok(), "{without}");
+            }
         }
     }
 
@@ -553,6 +665,7 @@ mod tests {
                 idle: 3,
                 waiting: 1,
                 replaced: 0,
+                paused: true,
                 checkouts: 77,
                 waits: 5,
                 wait_seconds: 0.5,

@@ -25,8 +25,10 @@ pub struct Snapshot {
     pub version: &'static str,
     pub uptime_seconds: f64,
     pub draining: bool,
-    /// PAUSE is in effect.
+    /// PAUSE is in effect for every database.
     pub paused: bool,
+    /// Databases whose new logins DISABLE refuses.
+    pub disabled: Vec<String>,
     pub clients: usize,
     pub max_clients: usize,
     pub logins: u64,
@@ -39,13 +41,19 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn take(ctx: &ServerContext) -> Snapshot {
-        let mut pools: Vec<PoolSnapshot> = ctx.pools.all().iter().map(|p| p.snapshot()).collect();
+        let mut pools: Vec<PoolSnapshot> = ctx
+            .pools
+            .all()
+            .iter()
+            .map(|p| PoolSnapshot { paused: ctx.pools.is_paused_database(p.database()), ..p.snapshot() })
+            .collect();
         pools.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
         Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: ctx.started.elapsed().as_secs_f64(),
-            draining: ctx.drain.is_cancelled(),
+            draining: !ctx.accepting(),
             paused: ctx.pools.is_paused(),
+            disabled: ctx.pools.disabled().into_iter().collect(),
             clients: ctx.connected_clients(),
             max_clients: ctx.max_client_conn(),
             logins: ctx.clients.logins(),
@@ -104,7 +112,9 @@ impl Collector for Snapshot {
         one(&mut e, "build", "The running pgwarp version", Info::new(vec![("version", self.version)]))?;
         one(&mut e, "uptime_seconds", "Seconds since pgwarp started", ConstGauge::new(self.uptime_seconds))?;
         one(&mut e, "draining", "1 while shutting down", ConstGauge::new(i64::from(self.draining)))?;
-        one(&mut e, "paused", "1 while PAUSE holds back origin connections", ConstGauge::new(i64::from(self.paused)))?;
+        one(&mut e, "paused", "1 while PAUSE holds back every database", ConstGauge::new(i64::from(self.paused)))?;
+        let disabled = self.disabled.iter().map(|d| (vec![("database", d.as_str())], ConstGauge::new(1i64)));
+        family(&mut e, "database_disabled", "1 for a database whose new logins DISABLE refuses", disabled)?;
 
         one(&mut e, "clients", "Client connections logged in or logging in", ConstGauge::new(self.clients as i64))?;
         one(&mut e, "max_clients", "Client connections accepted at once", ConstGauge::new(self.max_clients as i64))?;
@@ -120,6 +130,7 @@ impl Collector for Snapshot {
         family(&mut e, "pool_active_connections", "Origin connections serving a client", gauge(|p| p.active))?;
         family(&mut e, "pool_idle_connections", "Open origin connections waiting for a client", gauge(|p| p.idle))?;
         family(&mut e, "pool_waiting_clients", "Clients waiting for an origin connection", gauge(|p| p.waiting))?;
+        family(&mut e, "pool_paused", "1 while PAUSE holds the pool back", gauge(|p| usize::from(p.paused)))?;
         family(
             &mut e,
             "pool_replaced_connections",
@@ -185,6 +196,7 @@ mod tests {
             uptime_seconds: 12.5,
             draining: false,
             paused: false,
+            disabled: vec!["old".to_owned()],
             clients: 7,
             max_clients: 100,
             logins: 40,
@@ -197,6 +209,7 @@ mod tests {
                 idle: 5,
                 waiting: 1,
                 replaced: 2,
+                paused: true,
                 checkouts: 1000,
                 waits: 4,
                 wait_seconds: 0.25,
@@ -227,6 +240,8 @@ mod tests {
             "pgwarp_pool_idle_connections{database=\"shop\",user=\"app\"} 5",
             "pgwarp_pool_waiting_clients{database=\"shop\",user=\"app\"} 1",
             "pgwarp_pool_replaced_connections{database=\"shop\",user=\"app\"} 2",
+            "pgwarp_pool_paused{database=\"shop\",user=\"app\"} 1",
+            "pgwarp_database_disabled{database=\"old\"} 1",
             "pgwarp_pool_checkouts_total{database=\"shop\",user=\"app\"} 1000",
             "pgwarp_pool_wait_seconds_total{database=\"shop\",user=\"app\"} 0.25",
             "pgwarp_pool_timeouts_total{database=\"shop\",user=\"app\"} 1",

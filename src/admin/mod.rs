@@ -3,7 +3,8 @@
 //!
 //! - `GET /metrics`: pools, clients and the query cache in the OpenMetrics text format
 //!   (`metrics`), for Prometheus.
-//! - `GET /healthz`: `200 ok` while pgwarp accepts clients, `503 draining` once shutdown began,
+//! - `GET /healthz`: `200 ok` while pgwarp accepts clients, `503 draining` once shutdown began
+//!   (in any mode: also while `SHUTDOWN WAIT_FOR_CLIENTS` serves the clients it has),
 //!   for container health checks and load balancers (liveness).
 //! - `GET /readyz`: `200 ok` while the origin is reachable, `503` with the reason when it is
 //!   not (readiness; see `ready`).
@@ -47,8 +48,11 @@ pub struct AdminListener {
 }
 
 impl AdminListener {
-    pub async fn bind(addr: &str) -> Result<AdminListener, AdminError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| AdminError { addr: addr.to_owned(), source })?;
+    /// Listens on `addr` (an IP address and port), with SO_REUSEPORT when `reuse_port`.
+    pub fn bind(addr: &str, reuse_port: bool) -> Result<AdminListener, AdminError> {
+        let error = |source| AdminError { addr: addr.to_owned(), source };
+        let parsed = addr.parse().map_err(|e| error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let listener = crate::transport::listen::listen(parsed, reuse_port).map_err(error)?;
         Ok(AdminListener { listener })
     }
 
@@ -129,7 +133,7 @@ fn respond(ctx: &ServerContext, head: &RequestHead) -> Response {
             content_type: metrics::CONTENT_TYPE,
             body: metrics::encode(metrics::Snapshot::take(ctx)).into_bytes(),
         },
-        ("/healthz", Method::Get | Method::Head) => health(ctx.drain.is_cancelled()),
+        ("/healthz", Method::Get | Method::Head) => health(!ctx.accepting()),
         ("/metrics" | "/healthz" | "/readyz", Method::Other) => Response::text(405, "method not allowed\n"),
         _ => Response::text(404, "not found: try /metrics, /healthz or /readyz\n"),
     }

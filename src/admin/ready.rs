@@ -60,7 +60,7 @@ impl Readiness {
     }
 
     async fn evidence(&self, ctx: &ServerContext) -> Evidence {
-        if ctx.drain.is_cancelled() {
+        if !ctx.accepting() {
             return Evidence::Draining;
         }
         if ctx.pools.is_paused() {

@@ -36,6 +36,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
     }
     restart_only! {
         "listen" => listen,
+        "so_reuseport" => so_reuseport,
         "workers" => workers,
         "max_db_connections" => max_db_connections,
         "busy_poll" => busy_poll,

@@ -89,6 +89,10 @@ pub struct UserConfig {
 pub struct Config {
     /// Address to accept clients on. Default 127.0.0.1:6432 (0.0.0.0:6432 in the container).
     pub listen: String,
+    /// Bind `listen` (and `admin_listen`) with SO_REUSEPORT, so a second pgwarp can listen on
+    /// the same port: start the new one, then `SHUTDOWN WAIT_FOR_CLIENTS` the old one, and no
+    /// client is refused during an upgrade (a rolling restart). Default false.
+    pub so_reuseport: bool,
     /// The origin database as a libpq-style URL: postgres://user:password@host:port/database.
     /// Its user and password are also the default client login (drop-in use).
     pub origin: Option<String>,
@@ -198,6 +202,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:6432".into(),
+            so_reuseport: false,
             origin: None,
             pool_size: 20,
             max_client_conn: 10_000,

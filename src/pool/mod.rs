@@ -188,6 +188,9 @@ pub struct PoolSnapshot {
     pub waiting: usize,
     /// Open connections a RECONNECT or a new origin replaced, not closed yet.
     pub replaced: usize,
+    /// PAUSE holds the pool back (its database's, or everything's). Filled in by the caller:
+    /// the pool does not know.
+    pub paused: bool,
     pub checkouts: u64,
     pub waits: u64,
     pub wait_seconds: f64,
@@ -283,6 +286,11 @@ impl Pool {
         });
         spawn_reaper(Arc::downgrade(&pool));
         pool
+    }
+
+    /// The origin database its connections log in to.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// Where new connections go now.
@@ -542,6 +550,7 @@ impl Pool {
             idle: self.idle_count(),
             waiting: c.waiting.load(Ordering::Relaxed),
             replaced: self.superseded_open(),
+            paused: false,
             checkouts: self.shards.iter().map(|s| load(&s.checkouts)).sum(),
             waits: load(&c.waits),
             wait_seconds: load(&c.wait_micros) as f64 / 1e6,

@@ -1,6 +1,7 @@
 //! PAUSE and RESUME, as PgBouncer has them: stop lending origin connections for new
-//! transactions, wait until every connection is back in its pool, and later let the waiting
-//! clients go.
+//! transactions (of every database, or of one), wait until every connection is back in its
+//! pool, and later let the waiting clients go. And DISABLE and ENABLE, which refuse a database's
+//! new logins while its connected clients carry on.
 //!
 //! A pause holds every slot of every shard itself: it takes the free ones at once and queues
 //! for the rest like a client would, so each slot that a finishing transaction gives back goes
@@ -12,7 +13,11 @@
 //!
 //! The slots are taken by tasks of their own, not by the console that asked: the pool stays
 //! paused when that console disconnects, until a RESUME from any console.
+//!
+//! A pause of everything takes over the pauses of single databases in effect: their slots stay
+//! held, and one RESUME ends it all.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -25,6 +30,23 @@ pub enum PauseError {
     AlreadyPaused,
     #[error("not paused")]
     NotPaused,
+    #[error("every database is paused: RESUME without a database name ends that")]
+    AllPaused,
+}
+
+/// What PAUSE holds back now: every pool, or the pools of some databases. Each pause has the
+/// token its RESUME cancels.
+#[derive(Debug, Default)]
+pub(super) struct Pauses {
+    all: Option<CancellationToken>,
+    databases: HashMap<String, CancellationToken>,
+}
+
+impl Pauses {
+    /// Whether `database`'s pools are paused.
+    pub(super) fn covers(&self, database: &str) -> bool {
+        self.all.is_some() || self.databases.contains_key(database)
+    }
 }
 
 impl Pool {
@@ -89,42 +111,104 @@ impl Pool {
 }
 
 impl PoolSet {
-    /// Pauses every pool, present and future. The returned future resolves once every origin
-    /// connection is back in its pool: true, or false if a RESUME came first.
-    pub fn pause(&self) -> Result<impl std::future::Future<Output = bool> + Send + 'static, PauseError> {
+    /// Pauses the pools of `database` (every pool when `None`), present and future. The
+    /// returned future resolves once each of their origin connections is back in its pool:
+    /// true, or false if a RESUME came first.
+    pub fn pause(
+        &self,
+        database: Option<&str>,
+    ) -> Result<impl std::future::Future<Output = bool> + Send + 'static, PauseError> {
         let resume = {
             let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-            if state.is_some() {
+            if state.all.is_some() {
                 return Err(PauseError::AlreadyPaused);
             }
             let token = CancellationToken::new();
-            *state = Some(token.clone());
+            match database {
+                None => {
+                    // Their holders stop; the slots they hold stay held, now for this pause.
+                    for (_, single) in state.databases.drain() {
+                        single.cancel();
+                    }
+                    state.all = Some(token.clone());
+                }
+                Some(db) if state.databases.contains_key(db) => return Err(PauseError::AlreadyPaused),
+                Some(db) => {
+                    state.databases.insert(db.to_owned(), token.clone());
+                }
+            }
             token
         };
         // A pool created from here on sees the pause itself (`get`); one created before is in
         // this list. One in both is held twice over harmlessly: each holder stops at `size`.
         let holders: Vec<_> =
-            self.all().into_iter().map(|pool| tokio::spawn(pool.hold_slots(resume.clone()))).collect();
-        tracing::info!(pools = holders.len(), "PAUSE: no new transactions; waiting for running ones to finish");
+            self.of_database(database).into_iter().map(|pool| tokio::spawn(pool.hold_slots(resume.clone()))).collect();
+        tracing::info!(
+            database = database.unwrap_or("(all)"),
+            pools = holders.len(),
+            "PAUSE: no new transactions; waiting for running ones to finish"
+        );
         Ok(async move {
             futures_util::future::join_all(holders).await;
             !resume.is_cancelled()
         })
     }
 
-    /// Ends the pause: waiting clients go ahead.
-    pub fn resume(&self) -> Result<(), PauseError> {
-        let token = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(PauseError::NotPaused)?;
-        token.cancel();
-        for pool in self.all() {
+    /// Ends the pause of `database`, or every pause when `None`: waiting clients go ahead.
+    pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
+        let ended: Vec<CancellationToken> = {
+            let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            let state = &mut *state;
+            match database {
+                None => state.databases.drain().map(|(_, token)| token).chain(state.all.take()).collect(),
+                Some(db) => match state.databases.remove(db) {
+                    Some(token) => vec![token],
+                    None if state.all.is_some() => return Err(PauseError::AllPaused),
+                    None => vec![],
+                },
+            }
+        };
+        if ended.is_empty() {
+            return Err(PauseError::NotPaused);
+        }
+        for token in ended {
+            token.cancel();
+        }
+        for pool in self.of_database(database) {
             pool.release_held();
         }
-        tracing::info!("RESUME: origin connections are lent again");
+        tracing::info!(database = database.unwrap_or("(all)"), "RESUME: origin connections are lent again");
         Ok(())
     }
 
+    /// Whether PAUSE holds back every pool.
     pub fn is_paused(&self) -> bool {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).all.is_some()
+    }
+
+    /// Whether `database`'s pools are paused (all of them, or that database's).
+    pub fn is_paused_database(&self, database: &str) -> bool {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).covers(database)
+    }
+
+    /// DISABLE: new logins to `database` are refused from now on. False if they already were.
+    pub fn disable(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner()).insert(database.to_owned())
+    }
+
+    /// ENABLE: `database` takes logins again. False if it was not disabled.
+    pub fn enable(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner()).remove(database)
+    }
+
+    /// Whether logins to `database` are refused. Asked once per login.
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner()).contains(database)
+    }
+
+    /// The databases DISABLE refuses logins to.
+    pub fn disabled(&self) -> BTreeSet<String> {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -142,11 +226,13 @@ mod tests {
         let in_use = pool.acquire_slot().await.unwrap();
         assert_eq!(pool.active_count(), 1);
 
-        let done = tokio::spawn(pools.pause().unwrap());
+        let done = tokio::spawn(pools.pause(None).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!done.is_finished(), "a slot is still in use");
         assert!(pools.is_paused());
-        assert_eq!(pools.pause().err(), Some(PauseError::AlreadyPaused));
+        assert_eq!(pools.pause(None).err(), Some(PauseError::AlreadyPaused));
+        assert_eq!(pools.pause(Some("shop")).err(), Some(PauseError::AlreadyPaused));
+        assert_eq!(pools.resume(Some("shop")), Err(PauseError::AllPaused));
         // A new transaction finds no slot and times out as in a busy pool.
         assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
 
@@ -163,10 +249,57 @@ mod tests {
             tokio::spawn(async move { pool.acquire_slot().await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        pools.resume().unwrap();
+        pools.resume(None).unwrap();
         waiting.await.unwrap().expect("RESUME lets a waiting client go");
         assert_eq!((pool.held_total(), other.held_total()), (0, 0));
-        assert_eq!(pools.resume(), Err(PauseError::NotPaused));
+        assert_eq!(pools.resume(None), Err(PauseError::NotPaused));
+    }
+
+    #[tokio::test]
+    async fn a_database_pauses_alone_and_a_pause_of_everything_takes_it_over() {
+        let pools = unreachable_pools(2, 1, Duration::from_millis(100));
+        let shop = pools.get(&test_creds());
+        let stock = pools.get(&crate::origin::Credentials { database: "stock".into(), ..test_creds() });
+        assert!(tokio::time::timeout(Duration::from_secs(5), pools.pause(Some("shop")).unwrap()).await.unwrap());
+        assert_eq!((shop.held_total(), stock.held_total()), (2, 0), "only shop is held");
+        assert!(!pools.is_paused() && pools.is_paused_database("shop") && !pools.is_paused_database("stock"));
+        assert_eq!(pools.pause(Some("shop")).err(), Some(PauseError::AlreadyPaused));
+        assert!(stock.acquire_slot().await.is_ok(), "another database lends as usual");
+        assert!(matches!(shop.acquire_slot().await, Err(PoolError::Timeout(_))));
+        // A pool of the paused database made later starts held.
+        let late = pools.get(&crate::origin::Credentials { user: "other".into(), ..test_creds() });
+        assert_eq!(late.held_total(), 2);
+        assert_eq!(pools.resume(Some("stock")), Err(PauseError::NotPaused));
+
+        // Everything paused: shop's slots stay held, stock's are taken, one RESUME frees both.
+        assert!(tokio::time::timeout(Duration::from_secs(5), pools.pause(None).unwrap()).await.unwrap());
+        assert_eq!((shop.held_total(), stock.held_total()), (2, 2));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(shop.held_total(), 2, "the taken-over holder gave nothing back");
+        pools.resume(None).unwrap();
+        assert_eq!((shop.held_total(), stock.held_total(), late.held_total()), (0, 0, 0));
+        assert!(!pools.is_paused_database("shop"));
+
+        // RESUME of one database frees only its pools.
+        assert!(tokio::time::timeout(Duration::from_secs(5), pools.pause(Some("stock")).unwrap()).await.unwrap());
+        assert!(tokio::time::timeout(Duration::from_secs(5), pools.pause(Some("shop")).unwrap()).await.unwrap());
+        pools.resume(Some("stock")).unwrap();
+        assert_eq!((shop.held_total(), stock.held_total()), (2, 0));
+        pools.resume(None).unwrap();
+        assert_eq!(shop.held_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn disable_and_enable_say_whether_they_changed_anything() {
+        let pools = unreachable_pools(1, 1, Duration::from_millis(100));
+        assert!(!pools.is_disabled("shop"));
+        assert!(pools.disable("shop"));
+        assert!(!pools.disable("shop"));
+        assert!(pools.is_disabled("shop") && !pools.is_disabled("stock"));
+        assert_eq!(pools.disabled().into_iter().collect::<Vec<_>>(), vec!["shop".to_owned()]);
+        assert!(pools.enable("shop"));
+        assert!(!pools.enable("shop"));
+        assert!(!pools.is_disabled("shop"));
     }
 
     #[tokio::test]
@@ -174,9 +307,9 @@ mod tests {
         let pools = unreachable_pools(1, 1, Duration::from_secs(5));
         let pool = pools.get(&test_creds());
         let in_use = pool.acquire_slot().await.unwrap();
-        let done = tokio::spawn(pools.pause().unwrap());
+        let done = tokio::spawn(pools.pause(None).unwrap());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        pools.resume().unwrap();
+        pools.resume(None).unwrap();
         assert!(!tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap());
         drop(in_use);
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -129,10 +129,17 @@ impl Pool {
         vintage.is_some_and(|v| v.number() != self.generation.load(Ordering::Acquire))
     }
 
-    /// Starts a new generation: idle connections are closed now, lent ones when they come
-    /// back. The parameters cached for logins are forgotten too, since a new origin may report
-    /// others (a new server_version).
+    /// Starts a new generation (`supersede`), and forgets the parameters cached for logins,
+    /// since a new origin may report others (a new server_version).
     pub fn reconnect(&self) {
+        self.supersede();
+        self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Starts a new generation: idle connections are closed now, lent ones when they come
+    /// back.
+    fn supersede(&self) {
         {
             let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
             generations.retain(|g| g.open.load(Ordering::Acquire) > 0);
@@ -140,8 +147,6 @@ impl Pool {
             generations.push(Arc::new(Generation { number, open: AtomicUsize::new(0) }));
             self.generation.store(number, Ordering::Release);
         }
-        self.startup_params.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        *self.base_params.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.close_idle();
         // Sessions pinned to a connection (LISTEN, temporary tables) would hold it until they
         // leave: they are told, and end at their next idle moment (`session`).
@@ -158,7 +163,7 @@ impl Pool {
 
 impl PoolSet {
     /// The pools of `database`, or all of them.
-    fn of_database(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
+    pub(super) fn of_database(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
         self.all().into_iter().filter(|p| database.is_none_or(|d| p.database == d)).collect()
     }
 
@@ -170,6 +175,15 @@ impl PoolSet {
             pool.reconnect();
         }
         pools.len()
+    }
+
+    /// KILL: closes the connections of `database`'s pools (all pools when `None`), idle ones now
+    /// and lent ones as they come back. Unlike RECONNECT it keeps what logins learnt from them:
+    /// the origin is the same, and a login to a paused pool need not wait for a connection.
+    pub fn close_connections(&self, database: Option<&str>) {
+        for pool in self.of_database(database) {
+            pool.supersede();
+        }
     }
 
     /// Sends new connections to `target` from now on, and replaces every open one as it comes

@@ -98,10 +98,9 @@ impl PoolSet {
         // round), so a pool created in between is either listed or made with `config`.
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
         let pools = self.all();
-        let paused = self.is_paused();
         for pool in pools {
             pool.reconfigure(&config);
-            if paused {
+            if self.is_paused_database(&pool.database) {
                 // New slots of a paused pool are held like the others.
                 pool.hold_free_slots();
             }

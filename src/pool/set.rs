@@ -1,13 +1,12 @@
 //! The set of all pools, one per (origin user, database), created on first use.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 #[cfg(test)]
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use super::db_limit::DbLimit;
+use super::pause::Pauses;
 use super::reconnect::Destination;
 use super::{Pool, PoolConfig};
 use crate::origin::{Credentials, OriginSecret};
@@ -20,8 +19,10 @@ pub struct PoolSet {
     /// What new pools are made with (RELOAD may change it).
     pub(super) config: Mutex<PoolConfig>,
     workers: usize,
-    /// While paused: cancelled by RESUME.
-    pub(super) paused: Mutex<Option<CancellationToken>>,
+    /// What PAUSE holds back (`pause`).
+    pub(super) paused: Mutex<Pauses>,
+    /// Databases whose new logins DISABLE refuses.
+    pub(super) disabled: Mutex<BTreeSet<String>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// `max_db_connections`, by database (when set).
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
@@ -36,7 +37,8 @@ impl PoolSet {
             destination: Destination::new(target),
             config: Mutex::new(config),
             workers,
-            paused: Mutex::new(None),
+            paused: Mutex::new(Pauses::default()),
+            disabled: Mutex::new(BTreeSet::new()),
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
             servers: Arc::new(Roster::default()),
@@ -70,7 +72,7 @@ impl PoolSet {
         if let Some(limit) = db_limit {
             limit.register(&pool);
         }
-        if self.is_paused() {
+        if self.is_paused_database(&creds.database) {
             // Under the pools lock, so PAUSE and RESUME see this pool either way round.
             pool.hold_free_slots();
         }

@@ -26,6 +26,7 @@ impl SqlState {
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
     pub fn code(&self) -> &'static str {

@@ -3,10 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::{clock, Listable};
+use crate::cancel::CancelSlot;
 
 /// Packs a state (2 bits) with the clock reading it began at.
 fn pack(state: u8, since_ms: u64) -> u64 {
@@ -63,6 +64,8 @@ pub struct ClientEntry {
     state: AtomicU64,
     /// Named prepared statements the client holds in pgwarp.
     statements: AtomicU32,
+    /// How to end the client (`KILL`, `KILL_CLIENT`); `None` for an admin console.
+    stop: Option<Arc<CancelSlot>>,
 }
 
 /// The facts a client entry starts with.
@@ -72,6 +75,8 @@ pub struct ClientFacts {
     pub peer: SocketAddr,
     pub tls: bool,
     pub application_name: String,
+    /// The client's cancel slot, whose stop signal ends it; `None` for an admin console.
+    pub stop: Option<Arc<CancelSlot>>,
 }
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
@@ -90,7 +95,18 @@ impl ClientEntry {
             connected_at: SystemTime::now(),
             state: AtomicU64::new(pack(ClientState::Idle as u8, clock::now_ms())),
             statements: AtomicU32::new(0),
+            stop: facts.stop,
         }
+    }
+
+    /// Ends the client at once with FATAL 57P01; false for an admin console, which cannot be.
+    pub fn kill(&self) -> bool {
+        self.stop.as_ref().map(|slot| slot.kill()).is_some()
+    }
+
+    /// Whether this is an admin console rather than a client of the origin.
+    pub fn is_console(&self) -> bool {
+        self.stop.is_none()
     }
 
     /// Notes a new state, from now.
@@ -251,7 +267,9 @@ mod tests {
             peer: "127.0.0.1:5000".parse().unwrap(),
             tls: false,
             application_name: "psql".into(),
+            stop: None,
         });
+        assert!(client.is_console() && !client.kill(), "a console has no stop signal");
         assert_eq!(client.state().0, ClientState::Idle);
         client.set_state(ClientState::Waiting);
         assert_eq!(client.state().0, ClientState::Waiting);

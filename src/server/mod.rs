@@ -1,10 +1,14 @@
 //! The accept loop, the state every session shares, graceful shutdown, and (in `reload`)
 //! RELOAD and SIGHUP.
 //!
-//! Shutdown has two phases. Drain (SIGTERM/SIGINT): stop accepting, close idle clients with
-//! 57P01, and let clients inside a transaction finish. Kill (after shutdown_timeout): close
-//! everyone that is left. Clients hear both through their slot in the cancel registry
-//! (`cancel::Stop`), which costs them nothing per transaction.
+//! Shutdown has up to three phases (`ShutdownMode`). Close (console `SHUTDOWN
+//! WAIT_FOR_CLIENTS`): stop accepting and serve the clients already connected until they leave,
+//! however long that takes; with `so_reuseport`, a new pgwarp on the same port takes the new
+//! ones meanwhile. Drain (SIGTERM/SIGINT, `SHUTDOWN WAIT_FOR_SERVERS`): also close idle clients
+//! with 57P01 and let clients inside a transaction finish. Kill (after shutdown_timeout, a
+//! second signal, or plain `SHUTDOWN`): close everyone that is left. Clients hear drain and
+//! kill through their slot in the cancel registry (`cancel::Stop`), which costs them nothing
+//! per transaction.
 
 mod reload;
 
@@ -16,6 +20,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
+
+use std::io::ErrorKind;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -34,7 +40,7 @@ use crate::roster::{ClientEntry, Roster};
 use crate::session;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
-use crate::transport::{ClientStream, OriginTarget, TunnelRoute};
+use crate::transport::{self, ClientStream, OriginTarget, TunnelRoute};
 use crate::workers::{self, Workers};
 
 /// What every session shares.
@@ -52,7 +58,11 @@ pub struct ServerContext {
     pub cache: Option<Arc<QueryCache>>,
     /// TLS for clients, when configured.
     pub tls: Option<ClientTls>,
-    /// Stops the accept loop.
+    /// Stops the accept loop: shutdown began, in any mode.
+    closing: CancellationToken,
+    /// Cancelled once the listening socket is closed.
+    closed: CancellationToken,
+    /// Shutdown is draining clients (every mode but WAIT_FOR_CLIENTS).
     pub drain: CancellationToken,
     /// Logins and refusals so far.
     pub clients: ClientStats,
@@ -86,6 +96,41 @@ impl ServerContext {
         let slots = self.max_client_conn() + self.client_slots_owed.load(Ordering::Acquire);
         slots.saturating_sub(self.client_slots.available_permits())
     }
+
+    /// Whether new clients are accepted (no shutdown has begun).
+    pub fn accepting(&self) -> bool {
+        !self.closing.is_cancelled()
+    }
+
+    /// Resolves once shutdown has closed the listening socket: from then on, connections to
+    /// the port go to another process listening there (`so_reuseport`), or are refused.
+    pub async fn listener_closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// Begins (or hastens) shutdown. A milder mode than one already under way changes nothing.
+    pub fn shutdown(&self, mode: ShutdownMode) {
+        self.closing.cancel();
+        if mode >= ShutdownMode::Drain {
+            self.drain.cancel();
+            self.cancels.stop_all(Stop::Drain);
+        }
+        if mode >= ShutdownMode::Now {
+            self.cancels.stop_all(Stop::Kill);
+        }
+    }
+}
+
+/// How shutdown treats the clients still connected. Ordered: each mode is harsher than the last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ShutdownMode {
+    /// Stop accepting; serve connected clients until they leave (`SHUTDOWN WAIT_FOR_CLIENTS`).
+    WaitForClients,
+    /// Stop accepting, close idle clients, let open transactions finish within
+    /// `shutdown_timeout` (SIGTERM, SIGINT, `SHUTDOWN WAIT_FOR_SERVERS`).
+    Drain,
+    /// Close every client now (plain `SHUTDOWN`, or a second signal).
+    Now,
 }
 
 /// Client logins and refusals, for the metrics endpoint.
@@ -184,9 +229,8 @@ pub struct ShutdownHandle {
 }
 
 impl ShutdownHandle {
-    pub fn shutdown(&self) {
-        self.ctx.drain.cancel();
-        self.ctx.cancels.stop_all(Stop::Drain);
+    pub fn shutdown(&self, mode: ShutdownMode) {
+        self.ctx.shutdown(mode);
     }
 }
 
@@ -229,11 +273,11 @@ impl Server {
         let workers =
             Workers::start(n, workers::resolve_busy_poll(config.busy_poll, n)).map_err(ServerError::Workers)?;
         let pools = PoolSet::new(target, PoolConfig::from(&config), workers.len());
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| ServerError::Listen { addr: config.listen.clone(), source })?;
+        let listen_error = |source| ServerError::Listen { addr: config.listen.clone(), source };
+        let addr = config.listen.parse().map_err(|e| listen_error(std::io::Error::new(ErrorKind::InvalidInput, e)))?;
+        let listener = transport::listen::listen(addr, config.so_reuseport).map_err(listen_error)?;
         let admin = match &config.admin_listen {
-            Some(addr) => Some(AdminListener::bind(addr).await?),
+            Some(addr) => Some(AdminListener::bind(addr, config.so_reuseport)?),
             None => None,
         };
         let ctx = Arc::new(ServerContext {
@@ -246,6 +290,8 @@ impl Server {
             client_slots: Arc::new(Semaphore::new(config.max_client_conn)),
             cache: config.cache.enabled.then(|| QueryCache::new(config.cache.clone())),
             tls,
+            closing: CancellationToken::new(),
+            closed: CancellationToken::new(),
             drain: CancellationToken::new(),
             clients: ClientStats::default(),
             started: Instant::now(),
@@ -303,7 +349,7 @@ impl Server {
         });
         loop {
             tokio::select! {
-                _ = ctx.drain.cancelled() => break,
+                _ = ctx.closing.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
@@ -331,7 +377,18 @@ impl Server {
             }
         }
         drop(listener);
+        ctx.closed.cancel();
         tracker.close();
+        if !ctx.drain.is_cancelled() {
+            tracing::info!(
+                clients = tracker.len(),
+                "no longer accepting clients: serving those connected until they leave"
+            );
+            tokio::select! {
+                () = tracker.wait() => {}
+                () = ctx.drain.cancelled() => {}
+            }
+        }
         tracing::info!(clients = tracker.len(), "shutting down: letting running transactions finish");
         if tokio::time::timeout(ctx.config().shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");

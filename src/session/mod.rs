@@ -81,6 +81,8 @@ enum End {
     OriginLost { already_told: bool },
     /// pgwarp is shutting down.
     Shutdown,
+    /// An operator ended this client (`KILL`, `KILL_CLIENT`).
+    Killed,
     /// The client is pinned to an origin connection that a RECONNECT or a new origin replaced.
     Replaced,
     /// The origin refused the client's startup settings.
@@ -105,6 +107,10 @@ enum AttachError {
     Pool(#[from] PoolError),
     #[error("origin refused the client's settings: {}", .0.message)]
     Rejected(ErrorFields),
+    /// Told to leave (shutdown's kill stage, or an operator's KILL) while waiting for a
+    /// connection.
+    #[error("stopped while waiting for an origin connection")]
+    Stopped,
 }
 
 pub struct Session {
@@ -161,8 +167,13 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(ctx: Arc<ServerContext>, client: ClientStream, e: Established, listing: Listed<ClientEntry>) -> Session {
-        let cancel = ctx.cancels.register(e.pool.target());
+    fn new(
+        ctx: Arc<ServerContext>,
+        client: ClientStream,
+        e: Established,
+        listing: Listed<ClientEntry>,
+        cancel: CancelHandle,
+    ) -> Session {
         let statements = StatementMap::new(ctx.config().max_client_statement_bytes);
         Session {
             client,
@@ -210,7 +221,7 @@ impl Session {
         loop {
             if self.origin.is_none() && !self.reader.has_bytes() && self.to_client.is_empty() {
                 if self.draining || self.cancel.slot.stop() >= Stop::Drain {
-                    return End::Shutdown;
+                    return self.stopped();
                 }
                 // Idle: hold no buffers while waiting.
                 self.reader.shrink_if_empty();
@@ -225,7 +236,7 @@ impl Session {
                 tokio::select! {
                     r = self.client.readable() => if r.is_err() { return End::ClientGone },
                     r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(drain.as_mut(), cx)) => {
-                        return r.map_or(End::Shutdown, |in_transaction| End::HeldStill { in_transaction });
+                        return r.map_or_else(|| self.stopped(), |in_transaction| End::HeldStill { in_transaction });
                     }
                 }
             }
@@ -262,7 +273,7 @@ impl Session {
             tokio::select! {
                 biased;
                 r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(kill.as_mut(), cx)) => {
-                    return Err(r.map_or(End::Shutdown, |in_transaction| End::HeldStill { in_transaction }));
+                    return Err(r.map_or_else(|| self.stopped(), |in_transaction| End::HeldStill { in_transaction }));
                 }
                 r = std::future::poll_fn(|cx| match self.origin.as_mut() {
                     Some(a) => a.poll_io(cx, read_origin),
@@ -295,8 +306,17 @@ impl Session {
             // Draining matters only once the client is idle, so a flag check per turn suffices.
             self.draining |= slot.stop() >= Stop::Drain;
             if self.origin.is_none() && self.to_client.is_empty() && !self.reader.has_bytes() {
-                return if self.draining { Err(End::Shutdown) } else { Ok(()) };
+                return if self.draining { Err(self.stopped()) } else { Ok(()) };
             }
+        }
+    }
+
+    /// Why the session ends once its stop signal has fired: shutdown, or an operator's KILL.
+    fn stopped(&self) -> End {
+        if self.cancel.slot.stop() == Stop::Killed {
+            End::Killed
+        } else {
+            End::Shutdown
         }
     }
 
@@ -449,6 +469,7 @@ impl Session {
                     return Ok(());
                 }
                 Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
+                Err(AttachError::Stopped) => return Err(self.stopped()),
             }
         }
         // A batch being recorded for the cache was classified as reads only: it writes nothing.
@@ -501,11 +522,18 @@ impl Session {
     /// round trip as the client's first message.
     async fn attach(&mut self) -> Result<PooledConn, AttachError> {
         self.listing.set_state(ClientState::Waiting);
-        let mut att = match self.pool.checkout(self.listing.id).await {
+        // A client left waiting (a busy or paused pool) still hears a kill. Checked only when
+        // the checkout has to wait.
+        let checkout = tokio::select! {
+            biased;
+            checkout = self.pool.checkout(self.listing.id) => checkout.map_err(AttachError::from),
+            () = self.cancel.slot.stopped(Stop::Kill) => Err(AttachError::Stopped),
+        };
+        let mut att = match checkout {
             Ok(att) => att,
             Err(e) => {
                 self.listing.set_state(ClientState::Idle);
-                return Err(e.into());
+                return Err(e);
             }
         };
         self.listing.set_state(ClientState::Active);
@@ -841,6 +869,10 @@ impl Session {
             End::Shutdown => {
                 Some((SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".to_owned()))
             }
+            End::Killed => Some((
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command (KILL in pgwarp's console)".to_owned(),
+            )),
             End::Replaced => Some((
                 SqlState::ADMIN_SHUTDOWN,
                 "terminating connection: its origin connection was replaced (RECONNECT, or the origin moved), and the session state it holds (LISTEN, advisory locks, temporary tables) cannot move with it; connect again".to_owned(),
@@ -876,10 +908,16 @@ impl Session {
             // Session state pgwarp has not read back (a SET in the transaction left open, or
             // anything a pinned client did) is discarded before anyone else gets the connection.
             let reset = self.pinned || self.settings_dirty;
-            let lost = matches!(end, End::OriginLost { .. });
-            if !lost {
-                let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
-                tokio::spawn(release_after_client(pool, att, status, reset, cancel));
+            match end {
+                End::OriginLost { .. } => {}
+                // The connection goes too, and nobody gets it back half-used.
+                End::Killed => {
+                    tokio::spawn(close_killed(att));
+                }
+                _ => {
+                    let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
+                    tokio::spawn(release_after_client(pool, att, status, reset, cancel));
+                }
             }
         }
     }
@@ -929,6 +967,15 @@ async fn release_after_client(
             tracing::debug!("closing origin connection left unclean by a client")
         }
     }
+}
+
+/// Closes the connection a killed client held. What runs on it is cancelled first: closing the
+/// socket alone does not stop a running query (Postgres notices only when it next writes).
+async fn close_killed(conn: PooledConn) {
+    if conn.queue.has_entries() || !conn.out.is_empty() {
+        cancel::send_cancel(conn.target.clone(), conn.key).await;
+    }
+    drop(conn);
 }
 
 /// Polls the watch a pinned session keeps for reconnects, if it has one.

@@ -62,14 +62,16 @@ pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: 
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, run(&ctx, &mut stream)).await {
         Ok(Ok(Some(Login::Pooled(parts)))) => {
             ctx.clients.logged_in();
+            let cancel = ctx.cancels.register(parts.pool.target());
             let listing = ctx.client_roster.add(ClientEntry::new(ClientFacts {
                 user: parts.user.clone(),
                 database: parts.database.clone(),
                 peer,
                 tls: stream.is_tls(),
                 application_name: parts.settings.get("application_name").cloned().unwrap_or_default(),
+                stop: Some(cancel.slot.clone()),
             }));
-            Some(Admitted::Session(Box::new(Session::new(ctx, stream, parts, listing))))
+            Some(Admitted::Session(Box::new(Session::new(ctx, stream, parts, listing, cancel))))
         }
         Ok(Ok(Some(Login::Console { reader, permit, user, application_name }))) => {
             ctx.clients.logged_in();
@@ -79,6 +81,7 @@ pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: 
                 peer,
                 tls: stream.is_tls(),
                 application_name,
+                stop: None,
             }));
             Some(Admitted::Console { ctx, stream, reader, listing, _permit: permit })
         }
@@ -192,6 +195,13 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     if console && !ctx.config().admin_users.contains(&startup.user) {
         let message = format!("user \"{}\" may not use the admin console (see admin_users)", startup.user);
         return Err(Refusal::new(SqlState::INVALID_AUTHORIZATION, message));
+    }
+    if !console && ctx.pools.is_disabled(&startup.database) {
+        let message = format!(
+            "database \"{}\" is not currently accepting connections (DISABLE in pgwarp's console)",
+            startup.database
+        );
+        return Err(Refusal::new(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, message));
     }
     stream.write_all(&build::auth_ok()).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     if console {

@@ -4,9 +4,9 @@
 //! AsyncWrite + Send + Sync + Unpin), whether it is plain TCP, TLS or a WebSocket tunnel, and a
 //! client as a `ClientStream`. Only this layer knows which.
 
-pub mod websocket;
-
+pub mod listen;
 pub mod tls;
+pub mod websocket;
 
 use std::io;
 use std::pin::Pin;

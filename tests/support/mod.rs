@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod console;
 
 use std::time::Duration;
 
@@ -109,7 +110,7 @@ impl Pgwarp {
 
 impl Drop for Pgwarp {
     fn drop(&mut self) {
-        self.shutdown.shutdown();
+        self.shutdown.shutdown(pgwarp::server::ShutdownMode::Drain);
     }
 }
 
@@ -342,4 +343,14 @@ pub fn copy_fail(reason: &str) -> BytesMut {
     let mut out = BytesMut::new();
     build::frame_into(&mut out, b'f', |b| build::put_cstr(b, reason));
     out
+}
+
+/// Waits up to 10 s for `check` to hold (a closed connection's backend takes a moment to
+/// leave `pg_stat_activity`, a query a moment to start).
+pub async fn eventually(why: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
