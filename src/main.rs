@@ -113,12 +113,15 @@ async fn shutdown_on_signal(handle: ShutdownHandle) {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    // The first signal drains; the next one closes whoever is left at once.
-    for mode in [ShutdownMode::Drain, ShutdownMode::Now] {
-        tokio::select! {
-            _ = term.recv() => tracing::info!(?mode, "SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!(?mode, "SIGINT: shutting down"),
-        }
+    // A signal drains; one while draining already (after another, or the console's SHUTDOWN
+    // WAIT_FOR_SERVERS) closes whoever is left at once.
+    loop {
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        let mode = if handle.draining() { ShutdownMode::Now } else { ShutdownMode::Drain };
+        tracing::info!(?mode, "{signal}: shutting down");
         handle.shutdown(mode);
     }
 }

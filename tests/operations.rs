@@ -57,6 +57,16 @@ async fn exited(process: &mut PgwarpProcess, timeout: Duration) -> Option<std::p
     }
 }
 
+/// The status line of `GET /healthz` on `port`.
+fn healthz(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin port");
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    socket.read_to_string(&mut reply).unwrap();
+    reply.split(' ').take(2).collect::<Vec<_>>().join(" ")
+}
+
 /// Waits up to 10 s for `client`'s connection to be closed.
 async fn closed(client: &tokio_postgres::Client, who: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -78,8 +88,13 @@ async fn pause_disable_and_kill_act_on_one_database_and_spare_the_other() {
     app.simple_query("SELECT 1").await.unwrap();
     other.simple_query("SELECT 1").await.unwrap();
 
-    // PAUSE of one database: its new transactions wait, the other database's run.
-    admin.simple_query(&format!("PAUSE {OTHER_DB}")).await.unwrap();
+    // PAUSE of one database answers at once while the other database has a transaction open;
+    // its new transactions wait, the other database's run.
+    app.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pause = format!("PAUSE {OTHER_DB}");
+    let paused = tokio::time::timeout(Duration::from_secs(5), admin.simple_query(&pause));
+    paused.await.expect("PAUSE other does not wait for app's transaction").unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
     let pools = show(&admin, "POOLS").await;
     assert_eq!(cell(row_where(&pools, "database", OTHER_DB), "paused"), Some("t"), "{pools:#?}");
     assert_eq!(cell(row_where(&pools, "database", APP_DB), "paused"), Some("f"));
@@ -130,8 +145,6 @@ async fn pause_disable_and_kill_act_on_one_database_and_spare_the_other() {
     eventually("the killed client's origin backend is gone", || !origin_has_backend(&origin, &holder_pid)).await;
     assert_eq!(origin.sql("SELECT id FROM t FOR UPDATE NOWAIT").trim(), "1", "the row lock went with it");
     assert_eq!(first(&other.simple_query("SELECT 3").await.unwrap()), "3", "the other database is spared");
-    let log = process.log();
-    assert!(log.contains("KILL"), "{log}");
 
     // The killed database stays paused: a new client logs in, and its work waits for RESUME.
     let pools = show(&admin, "POOLS").await;
@@ -167,12 +180,15 @@ async fn kill_client_closes_a_running_or_waiting_client_and_spares_everyone_else
     // Waiting is no shelter (pool_timeout is a minute away).
     admin.simple_query(&format!("KILL_CLIENT {}", id("queued"))).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("closed while waiting");
-    assert!(answer.unwrap().is_err());
+    assert_eq!(code(&answer.unwrap().unwrap_err()), "57P01");
 
     // A running query is cancelled on the origin, and its connection closed.
     admin.simple_query(&format!("KILL_CLIENT {}", id("sleeper"))).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), sleeping).await.expect("the client is closed at once");
-    assert!(answer.unwrap().is_err(), "the killed client's query does not finish");
+    let err = answer.unwrap().expect_err("the killed client's query does not finish");
+    assert_eq!(code(&err), "57P01", "{err}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("KILL"), "says why: {message}");
     eventually("the query is cancelled on the origin", || !origin_runs(&origin, "pg_sleep(60)")).await;
     until_shown(&admin, "CLIENTS", |c| {
         !c.iter().any(|r| matches!(cell(r, "application_name"), Some("sleeper" | "queued")))
@@ -195,7 +211,9 @@ async fn kill_client_closes_a_running_or_waiting_client_and_spares_everyone_else
 async fn shutdown_wait_for_clients_hands_the_port_to_a_new_pgwarp_without_refusing_anyone() {
     let origin = Origin::start();
     let listen = format!("127.0.0.1:{}", common::free_port());
-    let args = ["--listen", listen.as_str(), "--so-reuseport"];
+    let admin_port = common::free_port();
+    let admin_listen = format!("127.0.0.1:{admin_port}");
+    let args = ["--listen", listen.as_str(), "--so-reuseport", "--admin-listen", admin_listen.as_str()];
     let mut old = start(&origin, &args);
     // Both connected before the new process exists, so both are the old one's.
     let staying = named(&old, "staying").await;
@@ -212,6 +230,10 @@ async fn shutdown_wait_for_clients_hands_the_port_to_a_new_pgwarp_without_refusi
         let arrival = named(&new, &format!("arrival{i}")).await;
         assert_eq!(first(&arrival.simple_query("SELECT 1").await.unwrap()), "1");
         arrivals.push(arrival);
+    }
+    // The shared admin port is the new one's too: its health checks never see the old drain.
+    for _ in 0..20 {
+        assert_eq!(healthz(admin_port), "HTTP/1.1 200", "a health check met the old pgwarp");
     }
     let new_admin = client(&new, "pgwarp").await;
     let clients = show(&new_admin, "CLIENTS").await;
@@ -259,6 +281,26 @@ async fn shutdown_waits_for_transactions_or_not_and_a_second_signal_stops_waitin
     let status = exited(&mut process, Duration::from_secs(5)).await.expect("exits at once");
     assert!(status.success(), "{status}");
     assert!(busy.simple_query("SELECT 1").await.is_err());
+
+    // A signal after SHUTDOWN WAIT_FOR_SERVERS, as a second SIGTERM, closes the rest at once.
+    let mut process = start(&origin, &[]);
+    let (busy, admin) = (client(&process, APP_DB).await, client(&process, "pgwarp").await);
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    admin.simple_query("SHUTDOWN WAIT_FOR_SERVERS").await.unwrap();
+    assert!(exited(&mut process, Duration::from_millis(300)).await.is_none(), "the transaction may finish");
+    process.signal("INT");
+    assert!(exited(&mut process, Duration::from_secs(5)).await.is_some(), "SIGINT ends the wait");
+
+    // After SHUTDOWN WAIT_FOR_CLIENTS, SIGTERM drains: idle clients go, then pgwarp exits.
+    let mut process = start(&origin, &[]);
+    let (idle, admin) = (client(&process, APP_DB).await, client(&process, "pgwarp").await);
+    idle.simple_query("SELECT 1").await.unwrap();
+    admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
+    assert!(exited(&mut process, Duration::from_millis(300)).await.is_none(), "its clients stay");
+    assert_eq!(first(&idle.simple_query("SELECT 12").await.unwrap()), "12");
+    process.signal("TERM");
+    closed(&idle, "the idle client").await;
+    assert!(exited(&mut process, Duration::from_secs(10)).await.is_some(), "SIGTERM drains and exits");
 
     // The first SIGTERM waits for the transaction; the second does not.
     let mut process = start(&origin, &[]);

@@ -390,6 +390,20 @@ async fn run(
     let refused = |e: &dyn std::fmt::Display| {
         build::error(Severity::Error, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &e.to_string())
     };
+    // Any name is a database to pgwarp until someone logs in to it: a misspelt one is no
+    // error, but the operator hears that nothing was there.
+    let unknown = |database: Option<&String>| match database {
+        Some(d) if !ctx.pools.serves(d) => build::notice(&format!(
+            "nobody has used database {d:?} yet: this applies to those who log in to it from now on"
+        )),
+        _ => bytes::Bytes::new(),
+    };
+    if let Command::Pause(database) | Command::Kill(database) = &command {
+        out.extend_from_slice(&unknown(database.as_ref()));
+    }
+    if let Command::Disable(database) = &command {
+        out.extend_from_slice(&unknown(Some(database)));
+    }
     match command {
         Command::Show(show) => {
             let listing =

@@ -63,7 +63,10 @@ impl Readiness {
         if !ctx.accepting() {
             return Evidence::Draining;
         }
-        if ctx.pools.is_paused() {
+        // A pause of the origin URL's own database (PAUSE db, KILL db) counts too: that is
+        // the database the probe would reach.
+        let own_database = ctx.config().origin_url().map(|o| o.database).unwrap_or_default();
+        if ctx.pools.is_paused() || ctx.pools.is_paused_database(&own_database) {
             return Evidence::Paused;
         }
         let recent_ms = u64::try_from(RECENT.as_millis()).unwrap_or(u64::MAX);

@@ -3,9 +3,10 @@
 //! pool, and later let the waiting clients go. And DISABLE and ENABLE, which refuse a database's
 //! new logins while its connected clients carry on.
 //!
-//! A pause holds every slot of every shard itself: it takes the free ones at once and queues
-//! for the rest like a client would, so each slot that a finishing transaction gives back goes
-//! to the pause. Clients that ask for a connection meanwhile find no free slot and wait in the
+//! A pause holds every slot of every shard itself: it takes the free ones at once (before PAUSE
+//! returns) and queues for all the rest in one request, like a client asking for many, so each
+//! slot that a finishing transaction gives back goes to the pause, ahead of any client that
+//! asked after it. Clients that ask for a connection meanwhile find no free slot and wait in the
 //! pool's queue behind it, with `pool_timeout` running as usual. Clients that were already
 //! queued before the pause are served first (the queue is first come, first served), so their
 //! transactions are among those the pause waits for. Checkout and checkin are unchanged: a
@@ -14,11 +15,16 @@
 //! The slots are taken by tasks of their own, not by the console that asked: the pool stays
 //! paused when that console disconnects, until a RESUME from any console.
 //!
-//! A pause of everything takes over the pauses of single databases in effect: their slots stay
-//! held, and one RESUME ends it all.
+//! A pause of everything leaves the pauses of single databases in effect to their own holders
+//! (and waits for them too); one RESUME ends it all. PAUSE and RESUME run one at a time, so a
+//! RESUME never gives back slots a PAUSE being set up counts as held.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures_util::future::{FutureExt, Shared};
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,12 +40,20 @@ pub enum PauseError {
     AllPaused,
 }
 
-/// What PAUSE holds back now: every pool, or the pools of some databases. Each pause has the
-/// token its RESUME cancels.
-#[derive(Debug, Default)]
+/// Resolves once a pause's holders are done.
+type Held = Shared<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// One pause: the token its RESUME cancels, and its holders' completion.
+struct Pause {
+    resume: CancellationToken,
+    held: Held,
+}
+
+/// What PAUSE holds back now: every pool, or the pools of some databases.
+#[derive(Default)]
 pub(super) struct Pauses {
-    all: Option<CancellationToken>,
-    databases: HashMap<String, CancellationToken>,
+    all: Option<Pause>,
+    databases: HashMap<String, Pause>,
 }
 
 impl Pauses {
@@ -60,11 +74,16 @@ impl Pool {
     async fn hold_shard(&self, shard: usize, resume: &CancellationToken) {
         let permits = self.shards[shard].permits.clone();
         loop {
-            if self.held_in(shard) >= self.shards[shard].size() {
+            // Again after each request: the pool may have grown meanwhile (RELOAD).
+            let missing = self.shards[shard].size().saturating_sub(self.held_in(shard));
+            if missing == 0 {
                 return;
             }
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => match permit {
+            // One request for all of them keeps the pause's place in the queue: the semaphore
+            // gives each returning slot to it until it has them all.
+            let wanted = u32::try_from(missing).unwrap_or(u32::MAX);
+            let mut permit = tokio::select! {
+                permit = permits.clone().acquire_many_owned(wanted) => match permit {
                     Ok(p) => p,
                     Err(_) => return,
                 },
@@ -76,7 +95,13 @@ impl Pool {
             if resume.is_cancelled() {
                 return;
             }
-            held[shard].push(permit);
+            // One permit per slot, as a shrinking pool retires them one by one (`resize`).
+            while let Some(one) = permit.split(1) {
+                held[shard].push(one);
+                if permit.num_permits() == 0 {
+                    break;
+                }
+            }
         }
     }
 
@@ -114,65 +139,85 @@ impl PoolSet {
     /// Pauses the pools of `database` (every pool when `None`), present and future. The
     /// returned future resolves once each of their origin connections is back in its pool:
     /// true, or false if a RESUME came first.
-    pub fn pause(
-        &self,
-        database: Option<&str>,
-    ) -> Result<impl std::future::Future<Output = bool> + Send + 'static, PauseError> {
-        let resume = {
-            let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-            if state.all.is_some() {
+    pub fn pause(&self, database: Option<&str>) -> Result<impl Future<Output = bool> + Send + 'static, PauseError> {
+        let _one_at_a_time = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        let resume = CancellationToken::new();
+        // Pauses of single databases already in effect keep their own holders: this one waits
+        // for them instead of queueing a second holder on the same slots.
+        let (paused_alone, others): (Vec<Held>, Vec<String>) = {
+            let state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            if state.all.is_some() || database.is_some_and(|db| state.databases.contains_key(db)) {
                 return Err(PauseError::AlreadyPaused);
             }
-            let token = CancellationToken::new();
             match database {
-                None => {
-                    // Their holders stop; the slots they hold stay held, now for this pause.
-                    for (_, single) in state.databases.drain() {
-                        single.cancel();
-                    }
-                    state.all = Some(token.clone());
-                }
-                Some(db) if state.databases.contains_key(db) => return Err(PauseError::AlreadyPaused),
-                Some(db) => {
-                    state.databases.insert(db.to_owned(), token.clone());
-                }
+                None => (
+                    state.databases.values().map(|p| p.held.clone()).collect(),
+                    state.databases.keys().cloned().collect(),
+                ),
+                Some(_) => (Vec::new(), Vec::new()),
             }
-            token
         };
-        // A pool created from here on sees the pause itself (`get`); one created before is in
-        // this list. One in both is held twice over harmlessly: each holder stops at `size`.
-        let holders: Vec<_> =
-            self.of_database(database).into_iter().map(|pool| tokio::spawn(pool.hold_slots(resume.clone()))).collect();
+        // Free slots are taken before this returns: nothing is lent from here on.
+        let pools: Vec<Arc<Pool>> =
+            self.of_database(database).into_iter().filter(|p| !others.iter().any(|d| *d == p.database)).collect();
+        for pool in &pools {
+            pool.hold_free_slots();
+        }
+        let holders: Vec<_> = pools.iter().map(|pool| tokio::spawn(pool.clone().hold_slots(resume.clone()))).collect();
         tracing::info!(
             database = database.unwrap_or("(all)"),
             pools = holders.len(),
             "PAUSE: no new transactions; waiting for running ones to finish"
         );
-        Ok(async move {
+        let held: Held = async move {
             futures_util::future::join_all(holders).await;
+            futures_util::future::join_all(paused_alone).await;
+        }
+        .boxed()
+        .shared();
+        // Recorded after the pools were listed: a pool created in between finds the pause in
+        // `get` only if it is recorded, so it is taken here, under the pools lock, as a late
+        // one would be.
+        {
+            let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            let pause = Pause { resume: resume.clone(), held: held.clone() };
+            match database {
+                None => state.all = Some(pause),
+                Some(db) => {
+                    state.databases.insert(db.to_owned(), pause);
+                }
+            }
+        }
+        for pool in self.of_database(database) {
+            if !pools.iter().any(|p| Arc::ptr_eq(p, &pool)) && !others.iter().any(|d| *d == pool.database) {
+                pool.hold_free_slots();
+                tokio::spawn(pool.hold_slots(resume.clone()));
+            }
+        }
+        Ok(async move {
+            held.await;
             !resume.is_cancelled()
         })
     }
 
     /// Ends the pause of `database`, or every pause when `None`: waiting clients go ahead.
     pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
-        let ended: Vec<CancellationToken> = {
+        let _one_at_a_time = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        let ended: Vec<Pause> = {
             let mut state = self.paused.lock().unwrap_or_else(|e| e.into_inner());
             let state = &mut *state;
             match database {
-                None => state.databases.drain().map(|(_, token)| token).chain(state.all.take()).collect(),
-                Some(db) => match state.databases.remove(db) {
-                    Some(token) => vec![token],
-                    None if state.all.is_some() => return Err(PauseError::AllPaused),
-                    None => vec![],
-                },
+                None => state.databases.drain().map(|(_, pause)| pause).chain(state.all.take()).collect(),
+                // Its slots are the pause of everything's too.
+                Some(_) if state.all.is_some() => return Err(PauseError::AllPaused),
+                Some(db) => state.databases.remove(db).into_iter().collect(),
             }
         };
         if ended.is_empty() {
             return Err(PauseError::NotPaused);
         }
-        for token in ended {
-            token.cancel();
+        for pause in ended {
+            pause.resume.cancel();
         }
         for pool in self.of_database(database) {
             pool.release_held();
@@ -287,6 +332,53 @@ mod tests {
         assert_eq!((shop.held_total(), stock.held_total()), (2, 0));
         pools.resume(None).unwrap();
         assert_eq!(shop.held_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_slot_given_back_goes_to_the_pause_before_a_client_that_asked_after_it() {
+        let pools = unreachable_pools(2, 1, Duration::from_millis(400));
+        let pool = pools.get(&test_creds());
+        let (a, b) = (pool.acquire_slot().await.unwrap(), pool.acquire_slot().await.unwrap());
+        let done = tokio::spawn(pools.pause(None).unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let late = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire_slot().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(b);
+        assert!(tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap());
+        assert!(matches!(late.await.unwrap(), Err(PoolError::Timeout(_))), "the client got nothing");
+        assert_eq!(pool.held_total(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pause_of_everything_waits_for_an_unfinished_pause_of_one_database_and_lends_nothing() {
+        let pools = unreachable_pools(1, 1, Duration::from_millis(400));
+        let shop = pools.get(&test_creds());
+        let stock = pools.get(&crate::origin::Credentials { database: "stock".into(), ..test_creds() });
+        let in_use = shop.acquire_slot().await.unwrap();
+        let shop_done = tokio::spawn(pools.pause(Some("shop")).unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let late = {
+            let shop = shop.clone();
+            tokio::spawn(async move { shop.acquire_slot().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let all_done = tokio::spawn(pools.pause(None).unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!all_done.is_finished(), "shop's connection is still lent");
+        assert_eq!(stock.held_total(), 1, "free slots are held at once");
+        drop(in_use);
+        assert!(tokio::time::timeout(Duration::from_secs(5), all_done).await.unwrap().unwrap());
+        assert!(shop_done.await.unwrap(), "PAUSE shop was not cut short");
+        assert!(matches!(late.await.unwrap(), Err(PoolError::Timeout(_))), "the client got nothing");
+        assert_eq!(pools.resume(Some("shop")), Err(PauseError::AllPaused));
+        pools.resume(None).unwrap();
+        assert_eq!((shop.held_total(), stock.held_total()), (0, 0));
+        assert!(shop.try_slot().is_some());
     }
 
     #[tokio::test]

@@ -21,6 +21,8 @@ pub struct PoolSet {
     workers: usize,
     /// What PAUSE holds back (`pause`).
     pub(super) paused: Mutex<Pauses>,
+    /// Held while a PAUSE or RESUME is being carried out: one at a time.
+    pub(super) pausing: Mutex<()>,
     /// Databases whose new logins DISABLE refuses.
     pub(super) disabled: Mutex<BTreeSet<String>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
@@ -38,6 +40,7 @@ impl PoolSet {
             config: Mutex::new(config),
             workers,
             paused: Mutex::new(Pauses::default()),
+            pausing: Mutex::new(()),
             disabled: Mutex::new(BTreeSet::new()),
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
@@ -107,6 +110,11 @@ impl PoolSet {
             }
         }
         moved
+    }
+
+    /// Whether any pool serves `database` (someone has logged in to it).
+    pub fn serves(&self, database: &str) -> bool {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).keys().any(|k| k.database == database)
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

@@ -64,6 +64,8 @@ pub struct ServerContext {
     closed: CancellationToken,
     /// Shutdown is draining clients (every mode but WAIT_FOR_CLIENTS).
     pub drain: CancellationToken,
+    /// Shutdown closes every client now (`ShutdownMode::Now`).
+    killing: CancellationToken,
     /// Logins and refusals so far.
     pub clients: ClientStats,
     /// When the server was bound.
@@ -116,6 +118,7 @@ impl ServerContext {
             self.cancels.stop_all(Stop::Drain);
         }
         if mode >= ShutdownMode::Now {
+            self.killing.cancel();
             self.cancels.stop_all(Stop::Kill);
         }
     }
@@ -174,8 +177,20 @@ pub enum ServerError {
     Admin(#[from] AdminError),
 }
 
+/// After shutdown closed every client: how long clients still leaving (and logins under way,
+/// which do not hear the close) get before pgwarp exits.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone (and what it owned dropped).
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -231,6 +246,11 @@ pub struct ShutdownHandle {
 impl ShutdownHandle {
     pub fn shutdown(&self, mode: ShutdownMode) {
         self.ctx.shutdown(mode);
+    }
+
+    /// Whether shutdown is already draining clients (a signal, or the console's SHUTDOWN).
+    pub fn draining(&self) -> bool {
+        self.ctx.drain.is_cancelled()
     }
 }
 
@@ -293,6 +313,7 @@ impl Server {
             closing: CancellationToken::new(),
             closed: CancellationToken::new(),
             drain: CancellationToken::new(),
+            killing: CancellationToken::new(),
             clients: ClientStats::default(),
             started: Instant::now(),
             client_roster: Arc::new(Roster::default()),
@@ -341,7 +362,7 @@ impl Server {
         );
         warm_default_pool(&ctx, &workers);
         // Serves until the end of shutdown, so health checks see the drain; aborted on drop.
-        let _admin = admin.map(|admin| {
+        let mut admin = admin.map(|admin| {
             if let Ok(addr) = admin.local_addr() {
                 tracing::info!(admin = %addr, "serving /metrics and /healthz");
             }
@@ -377,6 +398,13 @@ impl Server {
             }
         }
         drop(listener);
+        if ctx.config().so_reuseport {
+            // Another pgwarp may serve the admin port too: its health checks must not meet
+            // this one's "draining" half the time.
+            if let Some(admin) = admin.take() {
+                admin.stop().await;
+            }
+        }
         ctx.closed.cancel();
         tracker.close();
         if !ctx.drain.is_cancelled() {
@@ -390,11 +418,17 @@ impl Server {
             }
         }
         tracing::info!(clients = tracker.len(), "shutting down: letting running transactions finish");
-        if tokio::time::timeout(ctx.config().shutdown_timeout, tracker.wait()).await.is_err() {
-            tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");
-            ctx.cancels.stop_all(Stop::Kill);
-            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = ctx.killing.cancelled() => {}
+            () = tokio::time::sleep(ctx.config().shutdown_timeout) => {
+                tracing::warn!(clients = tracker.len(), "shutdown timeout reached: closing remaining clients");
+                ctx.cancels.stop_all(Stop::Kill);
+            }
         }
+        // Closed clients leave at once; a login under way is given a moment, then abandoned.
+        let _ = tokio::time::timeout(KILL_GRACE, tracker.wait()).await;
+        drop(admin);
         for pool in ctx.pools.all() {
             pool.close_idle();
         }
