@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// while this one finishes with its clients (SHUTDOWN WAIT_FOR_CLIENTS) [default: off].
     #[arg(long)]
     pub so_reuseport: bool,
+    /// Also accept clients on a Unix-domain socket in this directory, .s.PGSQL.<port> as
+    /// Postgres names it: psql -h DIR -p PORT [default: off].
+    #[arg(long, value_name = "DIR")]
+    pub unix_socket_dir: Option<PathBuf>,
     /// Serve /metrics (Prometheus) and /healthz over HTTP on this address, e.g. 127.0.0.1:9930
     /// [default: off; the container image sets PGWARP_ADMIN_LISTEN=0.0.0.0:9930].
     #[arg(long, value_name = "ADDR", env = "PGWARP_ADMIN_LISTEN")]
@@ -188,6 +192,9 @@ impl RunArgs {
         }
         if self.so_reuseport {
             c.so_reuseport = true;
+        }
+        if let Some(v) = self.unix_socket_dir {
+            c.unix_socket_dir = Some(v);
         }
         if let Some(v) = self.admin_listen {
             c.admin_listen = Some(v);

@@ -69,7 +69,11 @@ async fn md5_cluster_accepts_md5_stored_passwords() {
 
 #[tokio::test]
 async fn hba_method_and_extra_conf_are_applied() {
-    let pg = PgCluster::start_with(PgOptions { hba_method: "trust", extra_conf: vec!["work_mem = '7MB'".to_string()] });
+    let pg = PgCluster::start_with(PgOptions {
+        hba_method: "trust",
+        extra_conf: vec!["work_mem = '7MB'".to_string()],
+        ..Default::default()
+    });
     assert_eq!(pg.psql("SHOW work_mem"), "7MB");
     assert_eq!(pg.psql("SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host'"), "trust");
     // trust ignores the password entirely.

@@ -42,21 +42,6 @@ fn origin_has_backend(origin: &Origin, pid: &str) -> bool {
     origin.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).trim() != "0"
 }
 
-/// Waits up to `timeout` for the process to exit, letting this test's own tasks (its clients'
-/// connections) run meanwhile; `None` if it is still running.
-async fn exited(process: &mut PgwarpProcess, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = process.wait_exit(Duration::ZERO) {
-            return Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The status line of `GET /healthz` on `port`.
 fn healthz(port: u16) -> String {
     use std::io::{Read, Write};

@@ -284,6 +284,8 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
     vec![
         ("listen", c.listen.clone()),
         ("so_reuseport", c.so_reuseport.to_string()),
+        ("unix_socket_dir", c.unix_socket_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
+        ("unix_socket_mode", format!("{:04o}", c.unix_socket_mode)),
         ("origin", origin),
         ("pool_size", c.pool_size.to_string()),
         ("max_client_conn", c.max_client_conn.to_string()),

@@ -3,12 +3,12 @@
 //! now; turning them into tables is pure and unit-tested here.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use super::console::{Table, BOOL, FLOAT8, INT8, TEXT};
 use crate::roster::{clock, ClientState, ServerState};
 use crate::server::ServerContext;
+use crate::transport::Peer;
 
 /// One client as `SHOW CLIENTS` shows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,7 +19,7 @@ pub struct ClientRow {
     pub state: ClientState,
     /// The roster clock's reading when the state began.
     pub since_ms: u64,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub worker: usize,
     pub tls: bool,
     pub application_name: String,
@@ -128,8 +128,8 @@ impl Listing {
                         Some(c.database.clone()),
                         Some(c.state.as_str().to_owned()),
                         Some(self.seconds_since(c.since_ms)),
-                        Some(c.peer.ip().to_string()),
-                        Some(c.peer.port().to_string()),
+                        Some(c.peer.addr()),
+                        c.peer.port().map(|p| p.to_string()),
                         Some(c.worker.to_string()),
                         Some(bool_text(c.tls)),
                         Some(c.application_name.clone()),
@@ -205,7 +205,7 @@ mod tests {
             database: "shop".into(),
             state,
             since_ms,
-            peer: "10.0.0.7:51000".parse().unwrap(),
+            peer: Peer::Tcp("10.0.0.7:51000".parse().unwrap()),
             worker: 1,
             tls: id == 2,
             application_name: format!("job{id}"),

@@ -37,6 +37,8 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
     restart_only! {
         "listen" => listen,
         "so_reuseport" => so_reuseport,
+        "unix_socket_dir" => unix_socket_dir,
+        "unix_socket_mode" => unix_socket_mode,
         "workers" => workers,
         "max_db_connections" => max_db_connections,
         "busy_poll" => busy_poll,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use origin_url::{OriginUrl, SslMode};
+pub use origin_url::{unix_socket_path, OriginUrl, SslMode};
 pub use units::parse_auto_duration;
 pub(crate) use units::{de_byte_size, de_duration};
 pub use units::{parse_byte_size, parse_duration};
@@ -93,6 +93,14 @@ pub struct Config {
     /// the same port: start the new one, then `SHUTDOWN WAIT_FOR_CLIENTS` the old one, and no
     /// client is refused during an upgrade (a rolling restart). Default false.
     pub so_reuseport: bool,
+    /// Also accept clients on a Unix-domain socket in this directory, named as Postgres names
+    /// its own (`.s.PGSQL.<listen port>`), so `psql -h DIR -p PORT` reaches it. TLS is neither
+    /// offered nor required there. Default: none.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// Permissions of that socket, as an octal string ("0770"). Default "0777", as PgBouncer's
+    /// and Postgres's.
+    #[serde(deserialize_with = "units::de_file_mode")]
+    pub unix_socket_mode: u32,
     /// The origin database as a libpq-style URL: postgres://user:password@host:port/database.
     /// Its user and password are also the default client login (drop-in use).
     pub origin: Option<String>,
@@ -203,6 +211,8 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:6432".into(),
             so_reuseport: false,
+            unix_socket_dir: None,
+            unix_socket_mode: 0o777,
             origin: None,
             pool_size: 20,
             max_client_conn: 10_000,
@@ -258,6 +268,11 @@ impl Config {
         OriginUrl::parse(raw).map_err(ConfigError::OriginUrl)
     }
 
+    /// Where the Unix-domain socket for clients goes, for a server listening on TCP `port`.
+    pub fn unix_socket(&self, port: u16) -> Option<std::path::PathBuf> {
+        self.unix_socket_dir.as_ref().map(|dir| dir.join(format!(".s.PGSQL.{port}")))
+    }
+
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
@@ -270,6 +285,11 @@ impl Config {
             }
             if *admin == self.listen {
                 return invalid("admin_listen", "must differ from listen");
+            }
+        }
+        if let Some(dir) = &self.unix_socket_dir {
+            if !dir.is_absolute() {
+                return invalid("unix_socket_dir", "must be an absolute path");
             }
         }
         if self.pool_size == 0 {

@@ -1,4 +1,9 @@
 //! The origin as a libpq-style URL: `postgres[ql]://user:password@host:port/database?params`.
+//!
+//! As in libpq, a host that is a path (`/var/run/postgresql`, written `%2Fvar%2Frun%2Fpostgresql`
+//! in the host part, or given as `?host=/var/run/postgresql`) is the directory of the server's
+//! Unix-domain socket, `.s.PGSQL.<port>`; and `host`, `port`, `user`, `password` and `dbname` may
+//! come as query parameters, which win over the URL's own parts.
 
 use std::fmt;
 
@@ -41,6 +46,7 @@ impl SslMode {
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct OriginUrl {
+    /// A host name or IP address, or (starting with `/`) the directory of a Unix-domain socket.
     pub host: String,
     pub port: u16,
     pub user: String,
@@ -62,28 +68,33 @@ impl fmt::Debug for OriginUrl {
 
 impl OriginUrl {
     pub fn parse(raw: &str) -> Result<OriginUrl, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("{e}"))?;
+        // libpq takes `user@/db?host=...`; the url crate refuses an empty host after user info,
+        // so a placeholder stands in for it while parsing.
+        let hostless = hostless_at(raw);
+        let url = match hostless {
+            Some(at) => url::Url::parse(&format!("{}{HOST_PLACEHOLDER}{}", &raw[..=at], &raw[at + 1..])),
+            None => url::Url::parse(raw),
+        }
+        .map_err(|e| format!("{e}"))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(format!("scheme must be postgres:// or postgresql://, not {}://", url.scheme()));
         }
         let decode = |s: &str| -> Result<String, String> {
             percent_decode(s).ok_or_else(|| "invalid percent-encoding".to_string())
         };
-        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("the URL names no host")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let user = decode(url.username())?;
-        if user.is_empty() {
-            return Err("the URL names no user".into());
-        }
-        let password = url.password().map(decode).transpose()?;
+        let host = if hostless.is_some() { "" } else { url.host_str().unwrap_or_default() };
+        let mut host = decode(host.trim_start_matches('[').trim_end_matches(']'))?;
+        let mut port = url.port();
+        let mut user = decode(url.username())?;
+        let mut password = url.password().map(decode).transpose()?;
         let path = url.path().trim_start_matches('/');
-        let database = if path.is_empty() { user.clone() } else { decode(path)? };
+        let mut database = (!path.is_empty()).then(|| decode(path)).transpose()?;
         let mut out = OriginUrl {
-            host,
-            port: url.port().unwrap_or(5432),
-            user,
-            password,
-            database,
+            host: String::new(),
+            port: 5432,
+            user: String::new(),
+            password: None,
+            database: String::new(),
             sslmode: SslMode::default(),
             sslrootcert: None,
             sslcert: None,
@@ -92,6 +103,11 @@ impl OriginUrl {
         };
         for (k, v) in url.query_pairs() {
             match &*k {
+                "host" => host = v.into_owned(),
+                "port" => port = Some(v.parse().map_err(|_| format!("invalid port {v:?}"))?),
+                "user" => user = v.into_owned(),
+                "password" => password = Some(v.into_owned()),
+                "dbname" => database = Some(v.into_owned()),
                 "sslmode" => out.sslmode = SslMode::parse(&v)?,
                 "sslrootcert" => out.sslrootcert = Some(v.into_owned()),
                 "sslcert" => out.sslcert = Some(v.into_owned()),
@@ -101,8 +117,43 @@ impl OriginUrl {
                 other => return Err(format!("unsupported URL parameter {other:?}")),
             }
         }
+        if host.is_empty() {
+            return Err("the URL names no host".into());
+        }
+        if host.contains(',') {
+            return Err("the URL names several hosts; pgwarp connects to one".into());
+        }
+        if user.is_empty() {
+            return Err("the URL names no user".into());
+        }
+        out.database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        out.host = host;
+        out.port = port.unwrap_or(5432);
+        out.user = user;
+        out.password = password;
         Ok(out)
     }
+
+    /// The server's Unix-domain socket, when the host is a directory rather than a name.
+    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        unix_socket_path(&self.host, self.port)
+    }
+}
+
+const HOST_PLACEHOLDER: &str = "pgwarp.invalid";
+
+/// Where the `@` ending the user info is, when no host follows it (`postgres://u:p@/db`).
+fn hostless_at(raw: &str) -> Option<usize> {
+    let start = raw.find("://")? + 3;
+    let len = raw[start..].find(['/', '?', '#']).unwrap_or(raw.len() - start);
+    let authority = &raw[start..start + len];
+    authority.ends_with('@').then(|| start + len - 1)
+}
+
+/// The Unix-domain socket a Postgres server listening on `port` makes in directory `host`, as
+/// libpq finds it; `None` when `host` is a host name or address, not a path.
+pub fn unix_socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
+    host.starts_with('/').then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -149,6 +200,38 @@ mod tests {
         assert!(OriginUrl::parse("postgres://h/db").is_err());
         assert!(OriginUrl::parse("postgres://u@h/db?sslmode=maybe").is_err());
         assert!(OriginUrl::parse("postgres://u@h/db?bogus=1").is_err());
+    }
+
+    #[test]
+    fn a_path_as_host_is_a_unix_socket_directory() {
+        let u = OriginUrl::parse("postgres://app:pw@%2Fvar%2Frun%2Fpostgresql:5433/appdb").unwrap();
+        assert_eq!(u.host, "/var/run/postgresql");
+        assert_eq!(u.unix_socket().unwrap(), std::path::Path::new("/var/run/postgresql/.s.PGSQL.5433"));
+        assert_eq!((u.user.as_str(), u.database.as_str()), ("app", "appdb"));
+
+        let u = OriginUrl::parse("postgresql://app:pw@/appdb?host=/tmp/pg%20dir&port=6000").unwrap();
+        assert_eq!(u.unix_socket().unwrap(), std::path::Path::new("/tmp/pg dir/.s.PGSQL.6000"));
+        assert_eq!(u.password.as_deref(), Some("pw"));
+
+        assert_eq!(OriginUrl::parse("postgres://app@db:5433/x").unwrap().unix_socket(), None);
+    }
+
+    #[test]
+    fn query_parameters_win_over_the_url_parts() {
+        let u = OriginUrl::parse("postgres://a:b@h1:1/d1?host=h2&port=2&user=u2&password=p%402&dbname=d2").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.user.as_str(), u.password.as_deref(), u.database.as_str()),
+            ("h2", 2, "u2", Some("p@2"), "d2")
+        );
+        let u = OriginUrl::parse("postgresql:///?host=/sock&user=app").unwrap();
+        assert_eq!((u.host.as_str(), u.database.as_str()), ("/sock", "app"));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_follow() {
+        assert!(OriginUrl::parse("postgres://app@h1,h2/db").unwrap_err().contains("several hosts"));
+        assert!(OriginUrl::parse("postgres://app@/db").unwrap_err().contains("no host"));
+        assert!(OriginUrl::parse("postgres://app@h/db?port=x").unwrap_err().contains("port"));
     }
 
     #[test]

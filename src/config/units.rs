@@ -55,9 +55,40 @@ pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::
     }
 }
 
+/// File permissions in octal, as a string ("0770", "770") or a TOML integer (0o770).
+pub(crate) fn de_file_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let mode = match SizeValue::deserialize(d)? {
+        SizeValue::Int(n) => u32::try_from(n).map_err(serde::de::Error::custom)?,
+        SizeValue::Text(s) => parse_file_mode(&s).map_err(serde::de::Error::custom)?,
+    };
+    if mode > 0o777 {
+        return Err(serde::de::Error::custom(format!("{mode:o} is not a file mode (at most 0777)")));
+    }
+    Ok(mode)
+}
+
+pub fn parse_file_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim(), 8).map_err(|_| format!("{s:?} is not an octal file mode like \"0770\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_modes() {
+        #[derive(Deserialize)]
+        struct M {
+            #[serde(deserialize_with = "de_file_mode")]
+            m: u32,
+        }
+        let mode = |t: &str| toml::from_str::<M>(t).map(|m| m.m).map_err(|e| e.to_string());
+        assert_eq!(mode(r#"m = "0770""#), Ok(0o770));
+        assert_eq!(mode(r#"m = "660""#), Ok(0o660));
+        assert_eq!(mode("m = 0o700"), Ok(0o700));
+        assert!(mode(r#"m = "0778""#).is_err());
+        assert!(mode(r#"m = "01777""#).is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -1,13 +1,13 @@
 //! The two kinds of roster entry. Fixed facts are plain fields; the state is one `AtomicU64`
 //! packing the state with the `clock` reading it began at, so a change is a single store.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::{clock, Listable};
 use crate::cancel::CancelSlot;
+use crate::transport::Peer;
 
 /// Packs a state (2 bits) with the clock reading it began at.
 fn pack(state: u8, since_ms: u64) -> u64 {
@@ -53,7 +53,7 @@ pub struct ClientEntry {
     pub id: u64,
     pub user: Box<str>,
     pub database: Box<str>,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// The worker thread the client runs on.
     pub worker: usize,
     pub tls: bool,
@@ -72,7 +72,7 @@ pub struct ClientEntry {
 pub struct ClientFacts {
     pub user: String,
     pub database: String,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub tls: bool,
     pub application_name: String,
     /// The client's cancel slot, whose stop signal ends it; `None` for an admin console.
@@ -264,7 +264,7 @@ mod tests {
         let client = ClientEntry::new(ClientFacts {
             user: "app".into(),
             database: "shop".into(),
-            peer: "127.0.0.1:5000".parse().unwrap(),
+            peer: Peer::Tcp("127.0.0.1:5000".parse().unwrap()),
             tls: false,
             application_name: "psql".into(),
             stop: None,

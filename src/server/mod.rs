@@ -38,9 +38,10 @@ use crate::origin::Credentials;
 use crate::pool::{PoolConfig, PoolSet};
 use crate::roster::{ClientEntry, Roster};
 use crate::session;
+use crate::transport::listen::UnixSocket;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
-use crate::transport::{self, ClientStream, OriginTarget, TunnelRoute};
+use crate::transport::{self, ClientStream, OriginTarget, Peer, TunnelRoute};
 use crate::workers::{self, Workers};
 
 /// What every session shares.
@@ -198,6 +199,44 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Hands an accepted client to a worker as a plain socket (`into_std`), where `register`
+/// registers it with that worker's own reactor, and serves it there.
+fn hand_over<S: Send + 'static>(
+    ctx: &Arc<ServerContext>,
+    tracker: &TaskTracker,
+    workers: &Workers,
+    socket: std::io::Result<S>,
+    peer: Peer,
+    register: fn(S) -> std::io::Result<ClientStream>,
+) {
+    let socket = match socket {
+        Ok(socket) => socket,
+        Err(e) => return tracing::warn!(error = %e, "cannot hand an accepted client to a worker"),
+    };
+    let (ctx, token) = (ctx.clone(), tracker.token());
+    workers.spawn(move || async move {
+        let _token = token;
+        match register(socket) {
+            Ok(stream) => session::serve_client(ctx, stream, peer).await,
+            Err(e) => tracing::warn!(error = %e, "cannot register an accepted client"),
+        }
+    });
+}
+
+/// Accepts on the Unix-domain socket; never resolves when there is none.
+async fn accept_unix(unix: Option<&UnixSocket>) -> std::io::Result<tokio::net::UnixStream> {
+    match unix {
+        Some(u) => u.listener().accept().await.map(|(socket, _)| socket),
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of file descriptors and the like: backs off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// Where and how to reach the origin: its URL's address and sslmode (whose certificate files
 /// are read here), and the tunnel settings. At start and on RELOAD.
 pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<OriginTarget, TlsError> {
@@ -272,6 +311,8 @@ impl ReloadHandle {
 pub struct Server {
     ctx: Arc<ServerContext>,
     listener: TcpListener,
+    /// The Unix-domain socket, when `unix_socket_dir` is set.
+    unix: Option<UnixSocket>,
     workers: Workers,
     /// The admin endpoint, when `admin_listen` is set.
     admin: Option<AdminListener>,
@@ -296,6 +337,13 @@ impl Server {
         let listen_error = |source| ServerError::Listen { addr: config.listen.clone(), source };
         let addr = config.listen.parse().map_err(|e| listen_error(std::io::Error::new(ErrorKind::InvalidInput, e)))?;
         let listener = transport::listen::listen(addr, config.so_reuseport).map_err(listen_error)?;
+        let unix = match config.unix_socket(listener.local_addr().map_err(listen_error)?.port()) {
+            Some(path) => Some(
+                transport::listen::listen_unix(&path, config.unix_socket_mode, config.so_reuseport)
+                    .map_err(|source| ServerError::Listen { addr: path.display().to_string(), source })?,
+            ),
+            None => None,
+        };
         let admin = match &config.admin_listen {
             Some(addr) => Some(AdminListener::bind(addr, config.so_reuseport)?),
             None => None,
@@ -319,11 +367,16 @@ impl Server {
             client_roster: Arc::new(Roster::default()),
             config: RwLock::new(Arc::new(config)),
         });
-        Ok(Server { ctx, listener, workers, admin })
+        Ok(Server { ctx, listener, unix, workers, admin })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The Unix-domain socket clients may connect to, when `unix_socket_dir` is set.
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|u| u.path())
     }
 
     /// Where the admin endpoint listens, when it is on.
@@ -352,10 +405,11 @@ impl Server {
 
     /// Accepts clients until shutdown, then drains them.
     pub async fn run(self) {
-        let Server { ctx, listener, workers, admin } = self;
+        let Server { ctx, listener, unix, workers, admin } = self;
         let tracker = TaskTracker::new();
         tracing::info!(
             listen = %ctx.config().listen,
+            unix_socket = unix.as_ref().map(|u| u.path().display().to_string()),
             workers = workers.len(),
             busy_poll = %humantime::format_duration(workers.busy_poll()),
             "pgwarp accepting clients"
@@ -374,30 +428,23 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
-                        // Handed over as a plain socket: it registers with the worker's own reactor.
-                        match socket.into_std() {
-                            Ok(socket) => {
-                                let (ctx, token) = (ctx.clone(), tracker.token());
-                                workers.spawn(move || async move {
-                                    let _token = token;
-                                    match tokio::net::TcpStream::from_std(socket) {
-                                        Ok(s) => session::serve_client(ctx, ClientStream::Tcp(s), peer).await,
-                                        Err(e) => tracing::warn!(error = %e, "cannot register an accepted client"),
-                                    }
-                                });
-                            }
-                            Err(e) => tracing::warn!(error = %e, "cannot hand an accepted client to a worker"),
-                        }
+                        let register = |s| tokio::net::TcpStream::from_std(s).map(ClientStream::Tcp);
+                        hand_over(&ctx, &tracker, &workers, socket.into_std(), peer.into(), register);
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(e) => accept_failed(e).await,
+                },
+                accepted = accept_unix(unix.as_ref()) => match accepted {
+                    Ok(socket) => {
+                        let register = |s| tokio::net::UnixStream::from_std(s).map(ClientStream::Unix);
+                        hand_over(&ctx, &tracker, &workers, socket.into_std(), Peer::Unix, register);
                     }
+                    Err(e) => accept_failed(e).await,
                 },
             }
         }
         drop(listener);
+        // Removes the socket file, unless a pgwarp taking over has put its own there.
+        drop(unix);
         if ctx.config().so_reuseport {
             // Another pgwarp may serve the admin port too: its health checks must not meet
             // this one's "draining" half the time.

@@ -80,7 +80,7 @@ pub async fn reload(ctx: &Arc<ServerContext>) -> Result<Vec<String>, ReloadError
     }
     if let Some(target) = moved {
         let through = if target.tunnel.is_some() { " (through the tunnel)" } else { "" };
-        let to = format!("{}:{}{through}", target.host, target.port);
+        let to = format!("{}{through}", target.place());
         ctx.pools.retarget(target);
         if how == OriginMove::Place {
             if let Some(cache) = &ctx.cache {

@@ -51,7 +51,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts one client connection: handshake, then the session, inside a tracing span.
-pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: std::net::SocketAddr) {
+pub async fn serve_client(ctx: Arc<ServerContext>, stream: ClientStream, peer: crate::transport::Peer) {
     let span = tracing::info_span!("client", %peer);
     async move {
         // Boxed so the handshake's state is freed once it is done: idle clients stay small.
@@ -1012,7 +1012,7 @@ mod tests {
             ..Default::default()
         };
         let server = crate::server::Server::bind(config).await.unwrap();
-        let fut = super::serve_client(server.context().clone(), super::ClientStream::Tcp(socket), peer);
+        let fut = super::serve_client(server.context().clone(), super::ClientStream::Tcp(socket), peer.into());
         let task = size_of_future(&fut);
         let session = std::mem::size_of::<super::Session>();
         assert!(task <= 768, "a client's task future grew to {task} bytes");

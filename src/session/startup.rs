@@ -1,7 +1,6 @@
 //! A client's first moments: the untagged startup packets, protocol version, password check,
 //! and the ParameterStatus / BackendKeyData / ReadyForQuery that make it a session.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{build, Fields, Message, MessageReader};
 use crate::roster::{ClientEntry, ClientFacts, Listed};
 use crate::server::ServerContext;
-use crate::transport::ClientStream;
+use crate::transport::{ClientStream, Peer};
 
 /// The whole handshake must finish within this, so a silent client cannot hold a slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +57,7 @@ pub enum Admitted {
     },
 }
 
-pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: SocketAddr) -> Option<Admitted> {
+pub async fn handshake(ctx: Arc<ServerContext>, mut stream: ClientStream, peer: Peer) -> Option<Admitted> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, run(&ctx, &mut stream)).await {
         Ok(Ok(Some(Login::Pooled(parts)))) => {
             ctx.clients.logged_in();
@@ -142,7 +141,8 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
                 }
                 let io = |_| Refusal::new(SqlState::CONNECTION_FAILURE, "");
                 match (&packet, &ctx.tls) {
-                    (StartupPacket::SslRequest, Some(tls)) => {
+                    // Postgres offers no TLS on its Unix-domain socket, and neither does pgwarp.
+                    (StartupPacket::SslRequest, Some(tls)) if !stream.is_unix() => {
                         stream.write_all(b"S").await.map_err(io)?;
                         if let Err(e) = stream.upgrade(tls).await {
                             tracing::info!(error = %e, "client TLS handshake failed");
@@ -174,7 +174,7 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
             .await
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     }
-    if ctx.config().tls_required && !stream.is_tls() {
+    if ctx.config().tls_required && !stream.is_tls() && !stream.is_unix() {
         return Err(Refusal::new(
             SqlState::INVALID_AUTHORIZATION,
             "pgwarp requires an encrypted connection: connect with sslmode=require",

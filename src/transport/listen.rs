@@ -2,11 +2,16 @@
 //! 1024), and with SO_REUSEPORT when asked: then another process may listen on the same port,
 //! and the kernel spreads new connections over every listener until one closes. That is how a
 //! new pgwarp takes over from an old one without refusing anyone (`so_reuseport`).
+//!
+//! Also the Unix-domain socket (`unix_socket_dir`), named as Postgres names its own,
+//! `.s.PGSQL.<port>`, so `psql -h DIR -p PORT` finds it.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 
 /// Pending connections the kernel queues before `accept` (what `TcpListener::bind` uses).
 const BACKLOG: u32 = 1024;
@@ -20,6 +25,78 @@ pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     }
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// A listening Unix-domain socket. Its file is removed when this is dropped, unless another
+/// process has put its own socket there since (a pgwarp taking over with `so_reuseport`).
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file this process made.
+    identity: (u64, u64),
+}
+
+impl UnixSocket {
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.identity {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Listens on the Unix-domain socket `path` with permissions `mode`.
+///
+/// A socket file already there that nobody listens on (left by a process that died) is
+/// replaced. One that a live process listens on is an error, unless `take_over`: then new
+/// connections go to this process from now on, while the other keeps the ones it accepted.
+/// The socket is bound under a temporary name and renamed into place, so a client never finds
+/// the path missing or with the wrong permissions.
+pub fn listen_unix(path: &Path, mode: u32, take_over: bool) -> io::Result<UnixSocket> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way"));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) if !take_over => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process listens on it (so_reuseport lets a new pgwarp take it over)",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        },
+    }
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&staging, path))
+        .and_then(|()| std::fs::symlink_metadata(path));
+    match placed {
+        Ok(meta) => Ok(UnixSocket { listener, path: path.to_owned(), identity: (meta.dev(), meta.ino()) }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -45,5 +122,39 @@ mod tests {
             assert_eq!(peer, client.local_addr().unwrap());
             drop(accepted);
         }
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_replaces_a_dead_one_and_refuses_a_live_one_unless_taking_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".s.PGSQL.6432");
+
+        // Left behind by a process that died: bound, never removed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let first = listen_unix(&path, 0o770, false).expect("a dead socket is replaced");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
+        let client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        drop(first.listener().accept().await.unwrap());
+        drop(client);
+
+        let refused = listen_unix(&path, 0o777, false).err().expect("a live socket is not taken");
+        assert_eq!(refused.kind(), io::ErrorKind::AddrInUse);
+
+        // Taking over: new connections reach the second; the first leaves its file alone.
+        let second = listen_unix(&path, 0o777, true).expect("so_reuseport takes a live socket over");
+        drop(first);
+        assert!(path.exists(), "the first must not remove the second's socket");
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        drop(second.listener().accept().await.unwrap());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "no staging file left: {leftovers:?}");
+        drop(second);
+        assert!(!path.exists(), "the last listener removes its socket");
+
+        std::fs::write(&path, "not a socket").unwrap();
+        let in_the_way = listen_unix(&path, 0o777, true).err().expect("a plain file is never removed");
+        assert_eq!(in_the_way.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_boring::SslStream;
 
 use tls::{OriginTls, TlsError};
@@ -23,11 +23,13 @@ use tls::{OriginTls, TlsError};
 pub trait ByteStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> ByteStream for T {}
 
-/// The origin connection's stream, whatever carries it. Plain TCP is kept apart from the
-/// layered kinds (TLS, WebSocket) for one reason: its socket can move to another worker's
-/// reactor (`rehome`).
+/// The origin connection's stream, whatever carries it. Plain sockets (TCP, Unix-domain) are
+/// kept apart from the layered kinds (TLS, WebSocket) for one reason: a socket can move to
+/// another worker's reactor (`rehome`).
 pub enum OriginStream {
     Tcp(TcpStream),
+    /// The server's Unix-domain socket, when the origin runs on this machine.
+    Unix(UnixStream),
     Layered(Box<dyn ByteStream>),
     /// Between reactors inside `rehome`; never read or written.
     Moving,
@@ -43,6 +45,10 @@ impl OriginStream {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 s.poll_read_ready(&mut cx).is_ready()
             }
+            OriginStream::Unix(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                s.poll_read_ready(&mut cx).is_ready()
+            }
             OriginStream::Layered(_) | OriginStream::Moving => true,
         }
     }
@@ -54,9 +60,11 @@ impl OriginStream {
     /// are reported when the new reactor next polls, so right after this `maybe_readable` (and a
     /// read) may not see them yet.
     pub fn rehome(&mut self) -> io::Result<()> {
-        if let OriginStream::Tcp(_) = self {
-            if let OriginStream::Tcp(tcp) = std::mem::replace(self, OriginStream::Moving) {
-                *self = OriginStream::Tcp(TcpStream::from_std(tcp.into_std()?)?);
+        if self.can_rehome() {
+            match std::mem::replace(self, OriginStream::Moving) {
+                OriginStream::Tcp(tcp) => *self = OriginStream::Tcp(TcpStream::from_std(tcp.into_std()?)?),
+                OriginStream::Unix(unix) => *self = OriginStream::Unix(UnixStream::from_std(unix.into_std()?)?),
+                other => *self = other,
             }
         }
         Ok(())
@@ -64,7 +72,7 @@ impl OriginStream {
 
     /// Whether `rehome` moves this stream.
     pub fn can_rehome(&self) -> bool {
-        matches!(self, OriginStream::Tcp(_))
+        matches!(self, OriginStream::Tcp(_) | OriginStream::Unix(_))
     }
 }
 
@@ -76,6 +84,7 @@ impl AsyncRead for OriginStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             OriginStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            OriginStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             OriginStream::Layered(s) => Pin::new(s).poll_read(cx, buf),
             OriginStream::Moving => Poll::Ready(Err(moving())),
         }
@@ -86,6 +95,7 @@ impl AsyncWrite for OriginStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             OriginStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            OriginStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             OriginStream::Layered(s) => Pin::new(s).poll_write(cx, buf),
             OriginStream::Moving => Poll::Ready(Err(moving())),
         }
@@ -94,6 +104,7 @@ impl AsyncWrite for OriginStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             OriginStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            OriginStream::Unix(s) => Pin::new(s).poll_flush(cx),
             OriginStream::Layered(s) => Pin::new(s).poll_flush(cx),
             OriginStream::Moving => Poll::Ready(Err(moving())),
         }
@@ -102,6 +113,7 @@ impl AsyncWrite for OriginStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             OriginStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            OriginStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             OriginStream::Layered(s) => Pin::new(s).poll_shutdown(cx),
             OriginStream::Moving => Poll::Ready(Err(moving())),
         }
@@ -111,6 +123,8 @@ impl AsyncWrite for OriginStream {
 /// Where and how to reach the origin.
 #[derive(Clone, Debug)]
 pub struct OriginTarget {
+    /// A host name or address, or (starting with `/`) the directory of the server's
+    /// Unix-domain socket.
     pub host: String,
     pub port: u16,
     /// Postgres TLS per the origin URL's sslmode (inside the tunnel, if there is one).
@@ -149,15 +163,37 @@ pub enum ConnectError {
     Tunnel(#[from] websocket::WsError),
 }
 
-/// Opens a stream to the origin: TCP or the tunnel's WebSocket, then Postgres TLS if sslmode
-/// asks for it.
+impl OriginTarget {
+    /// Where the server is, for people: `host:port`, or its socket's path.
+    pub fn place(&self) -> String {
+        match crate::config::unix_socket_path(&self.host, self.port) {
+            Some(path) => path.display().to_string(),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    /// The server's Unix-domain socket, when the host is a directory. Never with a tunnel: the
+    /// tunnel's far end decides how it reaches the server.
+    fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        self.tunnel.is_none().then(|| crate::config::unix_socket_path(&self.host, self.port)).flatten()
+    }
+}
+
+/// Opens a stream to the origin: TCP, a Unix-domain socket or the tunnel's WebSocket, then
+/// Postgres TLS if sslmode asks for it (never on a Unix-domain socket, as in libpq).
 pub async fn connect(target: &OriginTarget) -> Result<OriginStream, ConnectError> {
     connect_telling(target).await.map(|(stream, _)| stream)
 }
 
-/// Like `connect`, also saying what carries the stream: `tcp`, `tls`, `websocket` or
+/// Like `connect`, also saying what carries the stream: `tcp`, `tls`, `unix`, `websocket` or
 /// `websocket+tls` (for `SHOW SERVERS`).
 pub async fn connect_telling(target: &OriginTarget) -> Result<(OriginStream, &'static str), ConnectError> {
+    if let Some(path) = target.unix_socket() {
+        let unix = UnixStream::connect(&path)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        return Ok((OriginStream::Unix(unix), "unix"));
+    }
     let raw: OriginStream = match &target.tunnel {
         Some(t) => OriginStream::Layered(Box::new(websocket::connect(&t.url, &t.headers, t.ws.clone()).await?)),
         None => {
@@ -196,10 +232,53 @@ async fn negotiate_tls(target: &OriginTarget, mut stream: OriginStream) -> Resul
     }
 }
 
+/// Where a client connected from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// pgwarp's Unix-domain socket (`unix_socket_dir`).
+    Unix,
+}
+
+impl Peer {
+    /// The address as `SHOW CLIENTS` shows it: an IP address, or `unix` (PgBouncer's word).
+    pub fn addr(&self) -> String {
+        match self {
+            Peer::Tcp(a) => a.ip().to_string(),
+            Peer::Unix => "unix".to_owned(),
+        }
+    }
+
+    /// The client's port; none on a Unix-domain socket.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Peer::Tcp(a) => Some(a.port()),
+            Peer::Unix => None,
+        }
+    }
+}
+
+impl From<std::net::SocketAddr> for Peer {
+    fn from(addr: std::net::SocketAddr) -> Peer {
+        Peer::Tcp(addr)
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
 /// A client's connection to pgwarp.
 pub enum ClientStream {
     Tcp(TcpStream),
     Tls(Box<SslStream<TcpStream>>),
+    /// On pgwarp's Unix-domain socket: never TLS, as Postgres offers none there.
+    Unix(UnixStream),
     /// Taken apart for a TLS upgrade; never read or written.
     Detached,
 }
@@ -216,6 +295,7 @@ impl ClientStream {
         // too: cheaper than `readable()`'s waiter list, and only this task ever waits on it.
         match self {
             ClientStream::Tcp(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
+            ClientStream::Unix(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
             // Decrypted bytes may already be waiting inside the TLS layer.
             ClientStream::Tls(s) if s.ssl().pending() > 0 => Ok(()),
             ClientStream::Tls(s) => std::future::poll_fn(|cx| s.get_ref().poll_read_ready(cx)).await,
@@ -223,16 +303,14 @@ impl ClientStream {
         }
     }
 
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        match self {
-            ClientStream::Tcp(s) => s.peer_addr(),
-            ClientStream::Tls(s) => s.get_ref().peer_addr(),
-            ClientStream::Detached => Err(detached()),
-        }
-    }
-
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
+    }
+
+    /// On pgwarp's Unix-domain socket: a client on this machine, for whom TLS is neither
+    /// offered nor required.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, ClientStream::Unix(_))
     }
 
     /// Runs the TLS handshake on a plain connection.
@@ -249,6 +327,7 @@ impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
@@ -259,6 +338,7 @@ impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
@@ -267,6 +347,7 @@ impl AsyncWrite for ClientStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Unix(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
@@ -275,6 +356,7 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }

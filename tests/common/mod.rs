@@ -137,13 +137,16 @@ pub struct PgOptions {
     /// or "trust". With "md5", users whose password is stored as SCRAM still log in (Postgres
     /// then uses SCRAM); with "scram-sha-256", users with an md5-stored password cannot.
     pub hba_method: &'static str,
+    /// pg_hba.conf method for `local all all` (the Unix-domain socket): "trust" by default, so
+    /// `psql -h <dir>` works for debugging.
+    pub local_method: &'static str,
     /// Extra postgresql.conf lines, appended after the harness's own settings.
     pub extra_conf: Vec<String>,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { hba_method: "scram-sha-256", extra_conf: Vec::new() }
+        PgOptions { hba_method: "scram-sha-256", local_method: "trust", extra_conf: Vec::new() }
     }
 }
 
@@ -168,11 +171,9 @@ impl PgCluster {
     /// Starts a cluster configured by `options`.
     pub fn start_with(options: PgOptions) -> PgCluster {
         let valid = ["scram-sha-256", "md5", "password", "trust"];
-        assert!(
-            valid.contains(&options.hba_method),
-            "hba_method must be one of {valid:?}, got {:?}",
-            options.hba_method
-        );
+        for method in [options.hba_method, options.local_method] {
+            assert!(valid.contains(&method), "hba methods must be one of {valid:?}, got {method:?}");
+        }
         let as_postgres_user = running_as_root();
         // The postgres user must be able to reach the directory; $TMPDIR may not allow that.
         let parent = if as_postgres_user { PathBuf::from("/tmp") } else { std::env::temp_dir() };
@@ -235,9 +236,9 @@ impl PgCluster {
         run_checked(&mut initdb, "initdb");
         let _ = fs::remove_file(&pwfile);
 
-        // The socket lives in the temp dir, reachable only from this machine, so it is trusted:
-        // handy for debugging with `psql -h <dir>`.
-        let hba = format!("local all all trust\nhost all all 127.0.0.1/32 {}\n", options.hba_method);
+        // The socket lives in the temp dir, reachable only from this machine, so by default it
+        // is trusted: handy for debugging with `psql -h <dir>`.
+        let hba = format!("local all all {}\nhost all all 127.0.0.1/32 {}\n", options.local_method, options.hba_method);
         fs::write(self.data_dir().join("pg_hba.conf"), hba).expect("write pg_hba.conf");
     }
 
@@ -313,6 +314,11 @@ impl PgCluster {
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The directory of the server's Unix-domain socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The server's Unix-domain socket.

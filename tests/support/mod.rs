@@ -134,6 +134,21 @@ pub async fn warm(client: &tokio_postgres::Client, sql: &str) {
     }
 }
 
+/// Waits up to `timeout` for the process to exit, letting this test's own tasks (its clients'
+/// connections) run meanwhile; `None` if it is still running.
+pub async fn exited(process: &mut crate::common::PgwarpProcess, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = process.wait_exit(Duration::ZERO) {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs psql (-X -A -t plus `args`) on the blocking pool, so the in-process pgwarp keeps running.
 pub async fn psql(origin: &Origin, args: Vec<String>) -> std::process::Output {
     let bin = origin.cluster.bin("psql");
