@@ -27,7 +27,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgwarp
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgwarp \
+    && mkdir -p /var/run/pgwarp && chown 10001 /var/run/pgwarp
 COPY --from=build /src/target/release/pgwarp /usr/local/bin/pgwarp
 COPY configs/pgwarp.toml /etc/pgwarp/pgwarp.example.toml
 USER 10001

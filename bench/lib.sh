@@ -241,11 +241,18 @@ pgbench_init() {
 # start_pgbouncer USER DB POOL_SIZE [EXTRA INI LINES...]: transaction pooling in front of the
 # Postgres above, SCRAM auth with the user's secret copied from pg_authid (PgBouncer then logs in
 # to Postgres with the keys the client's SCRAM exchange proves). Sets PGBOUNCER_PORT/_PID/_LOG.
+# With PGBOUNCER_UNIX=1, it reaches Postgres on its Unix-domain socket and listens on one of its
+# own in PGBOUNCER_DIR (beside TCP).
 start_pgbouncer() {
     local user=$1 db=$2 pool_size=$3
     shift 3
     command -v pgbouncer >/dev/null || die "pgbouncer not installed (apt-get install -y pgbouncer)"
-    local dir=$BENCH_DIR/pgbouncer
+    local dir=$BENCH_DIR/pgbouncer${PGBOUNCER_UNIX:+-unix} origin_host=127.0.0.1 socket_dir=
+    if [[ ${PGBOUNCER_UNIX:-} == 1 ]]; then
+        origin_host=$PG_SOCKET_DIR
+        socket_dir=$dir
+    fi
+    PGBOUNCER_DIR=$dir
     mkdir -p "$dir"
     free_port PGBOUNCER_PORT
     PGBOUNCER_LOG=$dir/pgbouncer.log
@@ -254,12 +261,12 @@ start_pgbouncer() {
     {
         cat <<EOF
 [databases]
-$db = host=127.0.0.1 port=$PG_PORT dbname=$db
+$db = host=$origin_host port=$PG_PORT dbname=$db
 
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
+unix_socket_dir = $socket_dir
 auth_type = scram-sha-256
 auth_file = $dir/userlist.txt
 pool_mode = transaction
@@ -305,14 +312,18 @@ start_pgwarp() {
 # ---------------------------------------------------------------------------------------------
 # pgbench and statistics
 
-# pgbench_once PORT USER PASSWORD DB SECS [PGBENCH ARGS...]: one timed run against
-# 127.0.0.1:PORT. Prints "TPS LATENCY_MS"; on failure prints the pgbench output to stderr and
-# returns 1.
+# pgbench_once ENDPOINT USER PASSWORD DB SECS [PGBENCH ARGS...]: one timed run against
+# ENDPOINT, a port on 127.0.0.1 or DIR:PORT for the Unix-domain socket DIR/.s.PGSQL.PORT.
+# Prints "TPS LATENCY_MS"; on failure prints the pgbench output to stderr and returns 1.
 pgbench_once() {
-    local port=$1 user=$2 password=$3 db=$4 secs=$5
+    local port=$1 user=$2 password=$3 db=$4 secs=$5 host=127.0.0.1
     shift 5
+    if [[ $port == */* ]]; then
+        host=${port%:*}
+        port=${port##*:}
+    fi
     local out=$BENCH_DIR/pgbench-last.log tps lat
-    if ! PGPASSWORD=$password "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U "$user" \
+    if ! PGPASSWORD=$password "$PG_BIN/pgbench" -h "$host" -p "$port" -U "$user" \
         -n -T "$secs" "$@" "$db" >"$out" 2>&1; then
         log "pgbench -p $port $* failed:"
         tail -n 20 "$out" >&2

@@ -10,8 +10,9 @@
 # prepared (pgbench -S -M prepared vs -M extended at 32 clients), cache (hot point selects
 # with and without updates, cache on vs off vs direct), far_origin (the same hot reads with
 # PostgreSQL behind a delay proxy, as if it were in another data centre), tunnel (pgwarp over
-# pgwarp tunnel vs over TCP) and idle_memory (resident memory per idle authenticated client,
-# pgwarp vs PgBouncer).
+# pgwarp tunnel vs over TCP), unix_socket (pgbench -S with Unix-domain sockets on both sides,
+# direct vs pgwarp vs PgBouncer, beside TCP) and idle_memory (resident memory per idle
+# authenticated client, pgwarp vs PgBouncer).
 #
 # The report goes to stdout and to bench/results/latest.txt; progress goes to stderr.
 # Exits non-zero if any measurement failed.
@@ -21,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-ALL_BENCHES=(select_only prepared cache far_origin tunnel idle_memory)
+ALL_BENCHES=(select_only prepared cache far_origin tunnel unix_socket idle_memory)
 # Median TPS of every pgbench_compare run, keyed "title|target|mode|clients".
 declare -A MEDIAN_TPS=()
 
@@ -39,7 +40,7 @@ BENCH_DB=bench
 RESULTS=bench/results/latest.txt
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -231,7 +232,7 @@ run_grid() {
 # into its `mt` and `ml`, and a table of them.
 report_grid() {
     local count_list=$1 target_list=$2 clients target key
-    reportf '%7s %-8s %12s %10s\n' clients "$3" tps lat_ms
+    reportf '%7s %-14s %12s %10s\n' clients "$3" tps lat_ms
     for clients in $count_list; do
         for target in $target_list; do
             key="$clients|$target"
@@ -239,7 +240,7 @@ report_grid() {
             mt[$key]=$(median ${tps[$key]:-})
             # shellcheck disable=SC2086
             ml[$key]=$(median ${lat[$key]:-})
-            reportf '%7s %-8s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
+            reportf '%7s %-14s %12s %10s\n' "$clients" "$target" "${mt[$key]}" "${ml[$key]}"
         done
     done
 }
@@ -314,6 +315,37 @@ bench_tunnel() {
     report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), and over pgwarp tunnel (ws://) =="
     report_grid "1 32" "tcp relay tunnel" origin
     report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x; the bare relay: $(ratio "${mt[32|relay]}" "${mt[32|tcp]}")); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms (relay: $(difference "${ml[1|relay]}" "${ml[1|tcp]}") ms)"
+}
+
+# Unix-domain sockets on both sides, as a pooler next to the database (or a sidecar sharing a
+# socket with the app) uses them: pgbench -S with pgbench on each one's socket and every pooler
+# reaching Postgres on its socket, for direct Postgres, pgwarp and PgBouncer, beside the same
+# three over TCP (the select-only runs' targets).
+bench_unix_socket() {
+    ((SKIP_PGWARP)) && return 0
+    local dir=$BENCH_DIR/pgwarp-unix
+    mkdir -p "$dir"
+    start_pgwarp target/release/pgwarp \
+        "postgres://$BENCH_USER:$BENCH_PASSWORD@/$BENCH_DB?host=$PG_SOCKET_DIR&port=$PG_PORT" "$POOL_SIZE" \
+        --no-cache --unix-socket-dir "$dir"
+    local pgwarp_unix=$dir:$PGWARP_PORT
+    PGBOUNCER_UNIX=1 start_pgbouncer "$BENCH_USER" "$BENCH_DB" "$POOL_SIZE"
+    local -A port=([direct]=$PG_PORT [pgwarp]=${TARGET_PORT[pgwarp]} [pgbouncer]=${TARGET_PORT[pgbouncer]}
+        [direct_unix]=$PG_SOCKET_DIR:$PG_PORT [pgwarp_unix]=$pgwarp_unix
+        [pgbouncer_unix]=$PGBOUNCER_DIR:$PGBOUNCER_PORT)
+    local -A tps=() lat=() mt=() ml=()
+    local targets="direct pgwarp pgbouncer direct_unix pgwarp_unix pgbouncer_unix" target
+    for target in pgwarp_unix pgbouncer_unix; do
+        pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
+    done
+    run_grid unix_socket "1 32" "$targets" -S -M extended
+    report ""
+    report "== unix_socket: pgbench -S -M extended over TCP (127.0.0.1) and over Unix-domain sockets (client and origin side) =="
+    report_grid "1 32" "$targets" target
+    local clients
+    for clients in 1 32; do
+        report "$clients clients over sockets: pgwarp/direct $(ratio "${mt[$clients|pgwarp_unix]}" "${mt[$clients|direct_unix]}"), pgbouncer/direct $(ratio "${mt[$clients|pgbouncer_unix]}" "${mt[$clients|direct_unix]}"), pgwarp/pgbouncer $(ratio "${mt[$clients|pgwarp_unix]}" "${mt[$clients|pgbouncer_unix]}"); pgwarp socket/TCP $(ratio "${mt[$clients|pgwarp_unix]}" "${mt[$clients|pgwarp]}")"
+    done
 }
 
 # percent A B: A as a percentage of B, or "-".

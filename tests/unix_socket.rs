@@ -23,9 +23,17 @@ fn origin() -> Origin {
 }
 
 /// The origin URL with the socket directory as its host, percent-encoded as libpq reads it.
+/// `sslmode=verify-full` with no CA, which libpq ignores on a socket: the test server has no TLS.
 fn socket_url(origin: &Origin) -> String {
     let dir = origin.cluster.socket_dir().display().to_string().replace('/', "%2F");
-    format!("postgres://{APP_USER}:{APP_PASSWORD}@{dir}:{}/{APP_DB}", origin.cluster.port())
+    format!("postgres://{APP_USER}:{APP_PASSWORD}@{dir}:{}/{APP_DB}?sslmode=verify-full", origin.cluster.port())
+}
+
+/// Starts pgwarp with `args` and waits for its socket too (bound after the TCP port).
+async fn start(args: &[&str], socket: &Path) -> PgwarpProcess {
+    let process = PgwarpProcess::start(args);
+    eventually("pgwarp makes its socket", || socket.exists()).await;
+    process
 }
 
 /// A tokio-postgres client on pgwarp's socket in `dir`.
@@ -53,7 +61,7 @@ fn socket_in(dir: &Path, port: u16) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn clients_and_the_origin_on_unix_sockets() {
+async fn work_cancels_and_outages_pass_between_a_socket_client_and_a_socket_origin() {
     let origin = origin();
     let certs = certs::Certs::new("unix", "DNS:localhost,IP:127.0.0.1");
     let dir = tempfile::tempdir().unwrap();
@@ -62,11 +70,16 @@ async fn clients_and_the_origin_on_unix_sockets() {
         certs.path("server.pem").display().to_string(),
         certs.path("server.key").display().to_string(),
     );
-    let mut process = PgwarpProcess::start(&[
+    let port = common::free_port();
+    let (listen, dir_arg, socket) =
+        (format!("127.0.0.1:{port}"), dir.path().display().to_string(), socket_in(dir.path(), port));
+    let args = [
+        "--listen",
+        &listen,
         "--origin",
         &origin_url,
         "--unix-socket-dir",
-        &dir.path().display().to_string(),
+        &dir_arg,
         "--admin-users",
         APP_USER,
         "--no-cache",
@@ -77,10 +90,8 @@ async fn clients_and_the_origin_on_unix_sockets() {
         "--tls-key",
         &key,
         "--tls-required",
-    ]);
-    let port = process.port();
-    let socket = socket_in(dir.path(), port);
-    assert!(socket.exists(), "pgwarp made {}", socket.display());
+    ];
+    let mut process = start(&args, &socket).await;
 
     // Work on pgwarp's socket runs on the origin's socket: Postgres sees no client address.
     let client = unix_client(dir.path(), port, APP_DB, "on-socket").await.expect("a socket client needs no TLS");
@@ -179,23 +190,25 @@ async fn a_new_pgwarp_takes_the_socket_over_and_the_old_one_leaves_it() {
         APP_USER,
         "--no-cache",
     ];
-    let mut old = PgwarpProcess::start(&args);
+    let mut old = start(&args, &socket).await;
     let staying = unix_client(dir.path(), port, APP_DB, "staying").await.expect("the dead socket was replaced");
     staying.batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
     let old_admin = unix_client(dir.path(), port, "pgwarp", "old-admin").await.unwrap();
 
     let mut new = PgwarpProcess::start(&args);
     eventually("the new pgwarp listens", || new.log().contains("pgwarp accepting clients")).await;
-    old_admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
 
-    // Every new socket client is the new one's.
-    let mut arrivals = Vec::new();
+    // From the takeover on, every new socket client is the new one's, before the old one even
+    // begins to shut down.
+    let mut arrivals = vec![unix_client(dir.path(), port, APP_DB, "arrival-early").await.unwrap()];
+    let new_admin = unix_client(dir.path(), port, "pgwarp", "new-admin").await.unwrap();
+    row_where(&show(&new_admin, "CLIENTS").await, "application_name", "arrival-early");
+    old_admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
     for i in 0..5 {
         let arrival = unix_client(dir.path(), port, APP_DB, &format!("arrival{i}")).await.unwrap();
         assert_eq!(first(&arrival.simple_query("SELECT 1").await.unwrap()), "1");
         arrivals.push(arrival);
     }
-    let new_admin = unix_client(dir.path(), port, "pgwarp", "new-admin").await.unwrap();
     let clients = show(&new_admin, "CLIENTS").await;
     for i in 0..5 {
         row_where(&clients, "application_name", &format!("arrival{i}"));

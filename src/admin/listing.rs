@@ -276,6 +276,14 @@ mod tests {
     }
 
     #[test]
+    fn a_client_on_the_unix_socket_shows_addr_unix_and_no_port() {
+        let mut listing = listing();
+        listing.clients[0].peer = Peer::Unix;
+        let table = listing.clients_table();
+        assert_eq!(text(&table.rows[0])[5..7], ["unix", "NULL"]);
+    }
+
+    #[test]
     fn servers_show_whom_they_serve_only_while_active() {
         let table = listing().servers_table();
         assert!(table.rows.iter().all(|r| r.len() == table.columns.len()));

@@ -99,7 +99,12 @@ pub enum OriginMove {
 pub fn origin_move(running: &Config, next: &Config) -> OriginMove {
     let place = |c: &Config| (c.origin_url().ok().map(|u| (u.host, u.port)), c.tunnel_url.clone());
     let route = |c: &Config| {
-        let tls = c.origin_url().ok().map(|u| (u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
+        // TLS settings mean nothing for an origin on a Unix-domain socket.
+        let tls = c
+            .origin_url()
+            .ok()
+            .filter(|u| !u.is_unix_socket())
+            .map(|u| (u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
         (tls, c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
     };
     if place(running) != place(next) {
@@ -138,9 +143,12 @@ mod tests {
         loaded.workers = 8;
         loaded.origin = Some("postgres://app:pw@elsewhere/app".into());
         loaded.cache.max_size = 1 << 20;
+        loaded.unix_socket_dir = Some("/run/pgwarp".into());
+        loaded.unix_socket_mode = 0o700;
         let (next, changes) = reconcile(&running(), loaded);
         assert_eq!(changes.applied, vec!["origin", "pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
-        assert_eq!(changes.kept, vec!["listen", "workers", "cache.max_size"]);
+        assert_eq!(changes.kept, vec!["listen", "unix_socket_dir", "unix_socket_mode", "workers", "cache.max_size"]);
+        assert_eq!((next.unix_socket_dir, next.unix_socket_mode), (None, 0o777));
         assert_eq!((next.pool_size, next.pool_timeout), (3, Duration::from_secs(2)));
         assert_eq!(next.cache.max_age, Duration::from_secs(5));
         assert_eq!((next.listen.as_str(), next.workers), ("127.0.0.1:6432", 0));
@@ -163,6 +171,12 @@ mod tests {
         assert_eq!(moved(&tunnelled), OriginMove::Place);
         let token = Config { tunnel_client_secret: Some("rotated".into()), ..tunnelled.clone() };
         assert_eq!(origin_move(&tunnelled, &token), OriginMove::Route);
+
+        // To the server's socket on the same machine, and TLS settings there (which mean nothing).
+        let socket = with("postgres://app:pw@%2Frun%2Fpostgresql:5432/app");
+        assert_eq!(moved(&socket), OriginMove::Place);
+        let socket_tls = with("postgres://app:pw@%2Frun%2Fpostgresql:5432/app?sslmode=require");
+        assert_eq!(origin_move(&socket, &socket_tls), OriginMove::None);
     }
 
     #[test]

@@ -291,6 +291,10 @@ impl Config {
             if !dir.is_absolute() {
                 return invalid("unix_socket_dir", "must be an absolute path");
             }
+            // The longest socket name, for a five-digit port.
+            if dir.join(".s.PGSQL.65535").as_os_str().len() > crate::transport::listen::MAX_SOCKET_PATH {
+                return invalid("unix_socket_dir", "too long: a socket path may have at most 107 bytes");
+            }
         }
         if self.pool_size == 0 {
             return invalid("pool_size", "must be at least 1");
@@ -329,7 +333,11 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| ConfigError::Invalid { key: "log_level", message: e.to_string() })?;
-        self.origin_url()?;
+        let origin = self.origin_url()?;
+        if origin.is_unix_socket() && self.tunnel_url.is_some() {
+            let message = "the origin's host is a socket directory, which the tunnel's far end reaches, not pgwarp: give the origin a host name and `pgwarp tunnel --target` the socket";
+            return invalid("tunnel_url", message);
+        }
         Ok(())
     }
 }
@@ -393,5 +401,23 @@ mod tests {
         let c = Config { listen: "localhost".into(), ..c };
         assert!(c.validate().is_err());
         assert!(matches!(Config::default().validate(), Err(ConfigError::NoOrigin)));
+    }
+
+    #[test]
+    fn unix_sockets_need_absolute_short_paths_and_no_tunnel_to_a_socket_origin() {
+        let base = Config { origin: Some("postgres://u:p@h/db".into()), ..Config::default() };
+        let key_of = |c: Config| match c.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        };
+        let dir = |d: &str| Config { unix_socket_dir: Some(d.into()), ..base.clone() };
+        dir("/var/run/pgwarp").validate().unwrap();
+        assert_eq!(key_of(dir("run/pgwarp")), "unix_socket_dir");
+        assert_eq!(key_of(dir(&format!("/{}", "d".repeat(100)))), "unix_socket_dir");
+
+        let socket_origin = Config { origin: Some("postgres://u:p@%2Frun%2Fpg/db".into()), ..base.clone() };
+        socket_origin.validate().unwrap();
+        let tunnelled = Config { tunnel_url: Some("ws://edge:8080".into()), ..socket_origin };
+        assert_eq!(key_of(tunnelled), "tunnel_url");
     }
 }

@@ -8,7 +8,8 @@
 use std::fmt;
 
 /// libpq's sslmode values. `prefer` is libpq's default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Ordered from least to most demanding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SslMode {
     Disable,
     Allow,
@@ -101,18 +102,21 @@ impl OriginUrl {
             sslkey: None,
             application_name: None,
         };
-        for (k, v) in url.query_pairs() {
-            match &*k {
-                "host" => host = v.into_owned(),
+        // As libpq decodes them: `%XX` only (a `+` is a plus sign, as in base64 passwords).
+        for pair in url.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| format!("URL parameter {pair:?} has no value"))?;
+            let (k, v) = (decode(k)?, decode(v)?);
+            match k.as_str() {
+                "host" => host = v,
                 "port" => port = Some(v.parse().map_err(|_| format!("invalid port {v:?}"))?),
-                "user" => user = v.into_owned(),
-                "password" => password = Some(v.into_owned()),
-                "dbname" => database = Some(v.into_owned()),
+                "user" => user = v,
+                "password" => password = Some(v),
+                "dbname" => database = Some(v),
                 "sslmode" => out.sslmode = SslMode::parse(&v)?,
-                "sslrootcert" => out.sslrootcert = Some(v.into_owned()),
-                "sslcert" => out.sslcert = Some(v.into_owned()),
-                "sslkey" => out.sslkey = Some(v.into_owned()),
-                "application_name" => out.application_name = Some(v.into_owned()),
+                "sslrootcert" => out.sslrootcert = Some(v),
+                "sslcert" => out.sslcert = Some(v),
+                "sslkey" => out.sslkey = Some(v),
+                "application_name" => out.application_name = Some(v),
                 "connect_timeout" => {}
                 other => return Err(format!("unsupported URL parameter {other:?}")),
             }
@@ -134,9 +138,9 @@ impl OriginUrl {
         Ok(out)
     }
 
-    /// The server's Unix-domain socket, when the host is a directory rather than a name.
-    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
-        unix_socket_path(&self.host, self.port)
+    /// Whether the host is the directory of the server's Unix-domain socket.
+    pub fn is_unix_socket(&self) -> bool {
+        unix_socket_path(&self.host, self.port).is_some()
     }
 }
 
@@ -170,12 +174,14 @@ fn percent_decode(s: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    // libpq refuses an encoded NUL too: no C string can hold it.
+    String::from_utf8(out).ok().filter(|s| !s.contains('\0'))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_full_url() {
@@ -206,14 +212,14 @@ mod tests {
     fn a_path_as_host_is_a_unix_socket_directory() {
         let u = OriginUrl::parse("postgres://app:pw@%2Fvar%2Frun%2Fpostgresql:5433/appdb").unwrap();
         assert_eq!(u.host, "/var/run/postgresql");
-        assert_eq!(u.unix_socket().unwrap(), std::path::Path::new("/var/run/postgresql/.s.PGSQL.5433"));
+        assert_eq!(unix_socket_path(&u.host, u.port).unwrap(), Path::new("/var/run/postgresql/.s.PGSQL.5433"));
         assert_eq!((u.user.as_str(), u.database.as_str()), ("app", "appdb"));
 
         let u = OriginUrl::parse("postgresql://app:pw@/appdb?host=/tmp/pg%20dir&port=6000").unwrap();
-        assert_eq!(u.unix_socket().unwrap(), std::path::Path::new("/tmp/pg dir/.s.PGSQL.6000"));
+        assert_eq!(unix_socket_path(&u.host, u.port).unwrap(), Path::new("/tmp/pg dir/.s.PGSQL.6000"));
         assert_eq!(u.password.as_deref(), Some("pw"));
 
-        assert_eq!(OriginUrl::parse("postgres://app@db:5433/x").unwrap().unix_socket(), None);
+        assert!(!OriginUrl::parse("postgres://app@db:5433/x").unwrap().is_unix_socket());
     }
 
     #[test]
@@ -225,6 +231,10 @@ mod tests {
         );
         let u = OriginUrl::parse("postgresql:///?host=/sock&user=app").unwrap();
         assert_eq!((u.host.as_str(), u.database.as_str()), ("/sock", "app"));
+        // libpq's decoding, not a web form's: a plus sign stays one.
+        let u = OriginUrl::parse("postgres://app@h/db?password=ab+c/d%3D%3D&application_name=a+b").unwrap();
+        assert_eq!((u.password.as_deref(), u.application_name.as_deref()), (Some("ab+c/d=="), Some("a+b")));
+        assert!(OriginUrl::parse("postgres://app@h/db?password=a%00b").is_err(), "no NUL");
     }
 
     #[test]

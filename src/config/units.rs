@@ -55,10 +55,11 @@ pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::
     }
 }
 
-/// File permissions in octal, as a string ("0770", "770") or a TOML integer (0o770).
+/// File permissions as an octal string ("0770", "770"). Not a TOML integer: 0o770 and 504 read
+/// alike, and 770 would silently mean something else.
 pub(crate) fn de_file_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let mode = match SizeValue::deserialize(d)? {
-        SizeValue::Int(n) => u32::try_from(n).map_err(serde::de::Error::custom)?,
+        SizeValue::Int(_) => return Err(serde::de::Error::custom("give the mode as an octal string, like \"0770\"")),
         SizeValue::Text(s) => parse_file_mode(&s).map_err(serde::de::Error::custom)?,
     };
     if mode > 0o777 {
@@ -76,7 +77,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_modes() {
+    fn file_modes_are_octal_strings_only() {
         #[derive(Deserialize)]
         struct M {
             #[serde(deserialize_with = "de_file_mode")]
@@ -85,7 +86,7 @@ mod tests {
         let mode = |t: &str| toml::from_str::<M>(t).map(|m| m.m).map_err(|e| e.to_string());
         assert_eq!(mode(r#"m = "0770""#), Ok(0o770));
         assert_eq!(mode(r#"m = "660""#), Ok(0o660));
-        assert_eq!(mode("m = 0o700"), Ok(0o700));
+        assert!(mode("m = 0o700").unwrap_err().contains("octal string"), "an integer is ambiguous");
         assert!(mode(r#"m = "0778""#).is_err());
         assert!(mode(r#"m = "01777""#).is_err());
     }

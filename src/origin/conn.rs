@@ -400,7 +400,8 @@ impl OriginConn {
         self.home
     }
 
-    /// Moves the socket to the calling worker's reactor, when its kind allows (plain TCP).
+    /// Moves the socket to the calling worker's reactor, when its kind allows (a plain TCP or
+    /// Unix-domain socket).
     /// Only for an idle connection: nobody may be waiting on it. On failure the connection is
     /// marked broken.
     pub fn rehome(&mut self) {

@@ -33,7 +33,7 @@ use crate::auth::UserDirectory;
 use crate::cache::QueryCache;
 use crate::cancel::{CancelRegistry, Stop};
 use crate::cli::ConfigSource;
-use crate::config::{Config, ConfigError, OriginUrl};
+use crate::config::{Config, ConfigError, OriginUrl, SslMode};
 use crate::origin::Credentials;
 use crate::pool::{PoolConfig, PoolSet};
 use crate::roster::{ClientEntry, Roster};
@@ -223,7 +223,8 @@ fn hand_over<S: Send + 'static>(
     });
 }
 
-/// Accepts on the Unix-domain socket; never resolves when there is none.
+/// Accepts on the Unix-domain socket; never resolves when there is none. Cancel-safe, as
+/// `UnixListener::accept` is: the accept loop's select may drop it.
 async fn accept_unix(unix: Option<&UnixSocket>) -> std::io::Result<tokio::net::UnixStream> {
     match unix {
         Some(u) => u.listener().accept().await.map(|(socket, _)| socket),
@@ -240,8 +241,16 @@ async fn accept_failed(e: std::io::Error) {
 /// Where and how to reach the origin: its URL's address and sslmode (whose certificate files
 /// are read here), and the tunnel settings. At start and on RELOAD.
 pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<OriginTarget, TlsError> {
+    // No TLS on a Unix-domain socket, whatever sslmode says, as in libpq.
+    let sslmode = if origin.is_unix_socket() { SslMode::Disable } else { origin.sslmode };
+    if origin.is_unix_socket() && origin.sslmode >= SslMode::Require {
+        tracing::warn!(
+            sslmode = origin.sslmode.as_str(),
+            "the origin is a Unix-domain socket: sslmode is ignored there"
+        );
+    }
     let origin_tls = OriginTls::new(
-        origin.sslmode,
+        sslmode,
         origin.sslrootcert.as_deref().map(Path::new),
         origin.sslcert.as_deref().map(Path::new),
         origin.sslkey.as_deref().map(Path::new),
@@ -337,15 +346,17 @@ impl Server {
         let listen_error = |source| ServerError::Listen { addr: config.listen.clone(), source };
         let addr = config.listen.parse().map_err(|e| listen_error(std::io::Error::new(ErrorKind::InvalidInput, e)))?;
         let listener = transport::listen::listen(addr, config.so_reuseport).map_err(listen_error)?;
+        let admin = match &config.admin_listen {
+            Some(addr) => Some(AdminListener::bind(addr, config.so_reuseport)?),
+            None => None,
+        };
+        // Last: taking over another pgwarp's socket cannot be undone, so nothing may fail after.
         let unix = match config.unix_socket(listener.local_addr().map_err(listen_error)?.port()) {
             Some(path) => Some(
                 transport::listen::listen_unix(&path, config.unix_socket_mode, config.so_reuseport)
+                    .await
                     .map_err(|source| ServerError::Listen { addr: path.display().to_string(), source })?,
             ),
-            None => None,
-        };
-        let admin = match &config.admin_listen {
-            Some(addr) => Some(AdminListener::bind(addr, config.so_reuseport)?),
             None => None,
         };
         let ctx = Arc::new(ServerContext {
@@ -372,11 +383,6 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-
-    /// The Unix-domain socket clients may connect to, when `unix_socket_dir` is set.
-    pub fn unix_socket(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|u| u.path())
     }
 
     /// Where the admin endpoint listens, when it is on.

@@ -1,8 +1,9 @@
 //! Byte streams to clients and to the origin.
 //!
 //! Everything above this layer sees the origin as one `OriginStream` (anything AsyncRead +
-//! AsyncWrite + Send + Sync + Unpin), whether it is plain TCP, TLS or a WebSocket tunnel, and a
-//! client as a `ClientStream`. Only this layer knows which.
+//! AsyncWrite + Send + Sync + Unpin), whether it is plain TCP, the server's Unix-domain socket,
+//! TLS or a WebSocket tunnel, and a client as a `ClientStream` (TCP, TLS or pgwarp's own
+//! Unix-domain socket). Only this layer knows which.
 
 pub mod listen;
 pub mod tls;
@@ -315,6 +316,9 @@ impl ClientStream {
 
     /// Runs the TLS handshake on a plain connection.
     pub async fn upgrade(&mut self, tls: &tls::ClientTls) -> Result<(), TlsError> {
+        if !matches!(self, ClientStream::Tcp(_)) {
+            return Err(TlsError::Handshake("connection is not plain TCP".into()));
+        }
         let ClientStream::Tcp(tcp) = std::mem::replace(self, ClientStream::Detached) else {
             return Err(TlsError::Handshake("connection is not plain TCP".into()));
         };
