@@ -228,6 +228,15 @@ run_grid() {
     done
 }
 
+# warm_grid "TARGETS": a short untimed run against each of the caller's `port` targets, so the
+# poolers started for a bench have their connections open before the first measured run.
+warm_grid() {
+    local target
+    for target in $1; do
+        pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
+    done
+}
+
 # report_grid "CLIENT COUNTS" "TARGETS" TARGET_COLUMN: the medians of the caller's `tps` and `lat`
 # into its `mt` and `ml`, and a table of them.
 report_grid() {
@@ -306,10 +315,7 @@ bench_tunnel() {
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$relay_port/$BENCH_DB" "$POOL_SIZE" --no-cache
     local -A port=([tcp]=$plain_port [relay]=$PGWARP_PORT [tunnel]=$tunnel_pgwarp)
     local -A tps=() lat=() mt=() ml=()
-    local target
-    for target in relay tunnel; do
-        pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
-    done
+    warm_grid "relay tunnel"
     run_grid tunnel "1 32" "tcp relay tunnel" -S -M extended
     report ""
     report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), and over pgwarp tunnel (ws://) =="
@@ -334,10 +340,8 @@ bench_unix_socket() {
         [direct_unix]=$PG_SOCKET_DIR:$PG_PORT [pgwarp_unix]=$pgwarp_unix
         [pgbouncer_unix]=$PGBOUNCER_DIR:$PGBOUNCER_PORT)
     local -A tps=() lat=() mt=() ml=()
-    local targets="direct pgwarp pgbouncer direct_unix pgwarp_unix pgbouncer_unix" target
-    for target in pgwarp_unix pgbouncer_unix; do
-        pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" 2 -S -c 8 -j 2 >/dev/null || true
-    done
+    local targets="direct pgwarp pgbouncer direct_unix pgwarp_unix pgbouncer_unix"
+    warm_grid "pgwarp_unix pgbouncer_unix"
     run_grid unix_socket "1 32" "$targets" -S -M extended
     report ""
     report "== unix_socket: pgbench -S -M extended over TCP (127.0.0.1) and over Unix-domain sockets (client and origin side) =="
