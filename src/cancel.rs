@@ -293,6 +293,7 @@ mod tests {
             port: 5432,
             tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap()),
             tunnel: None,
+            tcp: Default::default(),
         })
     }
 

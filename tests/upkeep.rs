@@ -1,7 +1,8 @@
 //! What pgwarp does over time, set as PgBouncer users set it: `idle_transaction_timeout` and
 //! `client_idle_timeout` (a client that holds still too long is closed as Postgres itself
-//! closes it), `server_lifetime` (origin connections are renewed between transactions) and
-//! `min_pool_size` (connections opened ahead of need and kept), against a real Postgres.
+//! closes it), `server_lifetime` (origin connections are renewed between transactions),
+//! `min_pool_size` (connections opened ahead of need and kept) and the `tcp_*` keepalive
+//! settings (idle connections are probed), against a real Postgres.
 
 mod common;
 mod support;
@@ -223,4 +224,74 @@ async fn wait_for(mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One IPv4 TCP socket of this machine, from /proc/net/tcp.
+#[derive(Debug)]
+struct TcpSocket {
+    local_port: u16,
+    remote_port: u16,
+    established: bool,
+    /// The kernel's timer kind: 0 none, 1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero window.
+    timer: u8,
+    /// Time left on that timer, in hundredths of a second.
+    timer_left: u64,
+}
+
+fn tcp_sockets() -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |address: &str| u16::from_str_radix(address.rsplit(':').next().unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (timer, left) = f[5].split_once(':').unwrap();
+            TcpSocket {
+                local_port: port(f[1]),
+                remote_port: port(f[2]),
+                established: f[3] == "01",
+                timer: u8::from_str_radix(timer, 16).unwrap(),
+                timer_left: u64::from_str_radix(left, 16).unwrap(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tcp_keepalive_probes_idle_client_and_origin_connections_on_the_configured_schedule() {
+    let origin = Origin::start();
+    let pg_port = origin.cluster.port();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.tcp_keepidle = Duration::from_secs(77);
+        c.tcp_keepintvl = Duration::from_secs(5);
+        c.tcp_keepcnt = 3;
+    })
+    .await;
+    let client = pgwarp.client().await;
+    client.simple_query("SELECT 1").await.unwrap();
+
+    // pgwarp's end of the client's connection, and of the origin connection it went back to
+    // the pool: both idle, both with a keepalive timer due within 77 seconds (a connection
+    // without keepalive has no timer while idle; with the system's setting it is 2 hours).
+    let keepalive_within_77s = |s: &TcpSocket| s.timer == 2 && s.timer_left <= 7_700 && s.timer_left > 6_000;
+    eventually("pgwarp's idle sockets have keepalive timers due within tcp_keepidle", || {
+        let sockets = tcp_sockets();
+        let client_side: Vec<_> = sockets.iter().filter(|s| s.established && s.local_port == pgwarp.port).collect();
+        let origin_side: Vec<_> = sockets.iter().filter(|s| s.established && s.remote_port == pg_port).collect();
+        client_side.len() == 1
+            && !origin_side.is_empty()
+            && client_side.iter().chain(&origin_side).all(|s| keepalive_within_77s(s))
+    })
+    .await;
+
+    // Turned off, the client connection has no keepalive timer while idle.
+    let without = Pgwarp::start(&origin, |c| c.tcp_keepalive = false).await;
+    let quiet = without.client().await;
+    quiet.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sockets = tcp_sockets();
+    let client_side: Vec<_> = sockets.iter().filter(|s| s.established && s.local_port == without.port).collect();
+    assert_eq!(client_side.len(), 1, "{sockets:?}");
+    assert_eq!(client_side[0].timer, 0, "keepalive off, yet a timer runs on the idle client socket: {client_side:?}");
 }

@@ -42,6 +42,11 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "workers" => workers,
         "max_db_connections" => max_db_connections,
         "busy_poll" => busy_poll,
+        "tcp_keepalive" => tcp_keepalive,
+        "tcp_keepidle" => tcp_keepidle,
+        "tcp_keepintvl" => tcp_keepintvl,
+        "tcp_keepcnt" => tcp_keepcnt,
+        "tcp_user_timeout" => tcp_user_timeout,
         "log_level" => log_level,
         "admin_listen" => admin_listen,
         "tls_cert" => tls_cert,
@@ -145,10 +150,22 @@ mod tests {
         loaded.cache.max_size = 1 << 20;
         loaded.unix_socket_dir = Some("/run/pgwarp".into());
         loaded.unix_socket_mode = 0o700;
+        loaded.tcp_keepidle = Duration::from_secs(60);
+        loaded.tcp_user_timeout = Duration::from_secs(30);
         let (next, changes) = reconcile(&running(), loaded);
         assert_eq!(changes.applied, vec!["origin", "pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
-        assert_eq!(changes.kept, vec!["listen", "unix_socket_dir", "unix_socket_mode", "workers", "cache.max_size"]);
+        let kept = [
+            "listen",
+            "unix_socket_dir",
+            "unix_socket_mode",
+            "workers",
+            "tcp_keepidle",
+            "tcp_user_timeout",
+            "cache.max_size",
+        ];
+        assert_eq!(changes.kept, kept);
         assert_eq!((next.unix_socket_dir, next.unix_socket_mode), (None, 0o777));
+        assert_eq!((next.tcp_keepidle, next.tcp_user_timeout), (Duration::ZERO, Duration::ZERO));
         assert_eq!((next.pool_size, next.pool_timeout), (3, Duration::from_secs(2)));
         assert_eq!(next.cache.max_age, Duration::from_secs(5));
         assert_eq!((next.listen.as_str(), next.workers), ("127.0.0.1:6432", 0));

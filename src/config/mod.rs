@@ -39,6 +39,21 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
 /// Past this a poll is a spin, not a wait for the next message.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
+/// Longest `tcp_keepidle` and `tcp_keepintvl` Linux accepts, in seconds.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Most keepalive probes (`tcp_keepcnt`) Linux sends before it gives up.
+pub const MAX_KEEPALIVE_PROBES: u32 = 127;
+/// Longest `tcp_user_timeout`: past a day it protects nothing.
+pub const MAX_USER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Checks `tcp_keepidle` or `tcp_keepintvl`: the kernel takes whole seconds, 1 to 32767.
+fn check_keepalive_time(value: Duration) -> Result<(), &'static str> {
+    if value.subsec_nanos() != 0 || value.as_secs() > MAX_KEEPALIVE_SECS {
+        return Err("must be whole seconds, at most 32767s (0 keeps the system's)");
+    }
+    Ok(())
+}
+
 /// Checks a `busy_poll` value (None: "auto") against [`MAX_BUSY_POLL`].
 pub fn check_busy_poll(busy_poll: Option<Duration>) -> Result<(), &'static str> {
     match busy_poll {
@@ -139,6 +154,22 @@ pub struct Config {
     /// How long connecting and logging in to the origin may take. Default 10s.
     #[serde(deserialize_with = "units::de_duration")]
     pub connect_timeout: Duration,
+    /// TCP keepalive on client and origin connections (and the tunnel's), as PgBouncer's
+    /// `tcp_keepalive`: a peer that vanished without a reset is noticed. Default true.
+    pub tcp_keepalive: bool,
+    /// Idle time before the first keepalive probe, in whole seconds. Default 0: the system's
+    /// (2h on Linux).
+    #[serde(deserialize_with = "units::de_duration")]
+    pub tcp_keepidle: Duration,
+    /// Time between keepalive probes, in whole seconds. Default 0: the system's (75s).
+    #[serde(deserialize_with = "units::de_duration")]
+    pub tcp_keepintvl: Duration,
+    /// Unanswered probes before the connection is given up. Default 0: the system's (9).
+    pub tcp_keepcnt: u32,
+    /// How long sent data may stay unacknowledged before the connection is given up
+    /// (TCP_USER_TIMEOUT). Default 0: the system's retransmission limit (about 15 minutes).
+    #[serde(deserialize_with = "units::de_duration")]
+    pub tcp_user_timeout: Duration,
     /// On SIGTERM/SIGINT, how long running transactions get to finish. Default 30s.
     #[serde(deserialize_with = "units::de_duration")]
     pub shutdown_timeout: Duration,
@@ -224,6 +255,11 @@ impl Default for Config {
             idle_transaction_timeout: Duration::ZERO,
             client_idle_timeout: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: true,
+            tcp_keepidle: Duration::ZERO,
+            tcp_keepintvl: Duration::ZERO,
+            tcp_keepcnt: 0,
+            tcp_user_timeout: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
             workers: 0,
@@ -311,6 +347,17 @@ impl Config {
         if self.pool_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("pool_timeout", "timeouts must be greater than zero");
         }
+        for (key, value) in [("tcp_keepidle", self.tcp_keepidle), ("tcp_keepintvl", self.tcp_keepintvl)] {
+            if let Err(message) = check_keepalive_time(value) {
+                return invalid(key, message);
+            }
+        }
+        if self.tcp_keepcnt > MAX_KEEPALIVE_PROBES {
+            return invalid("tcp_keepcnt", "must be at most 127 (0 keeps the system's)");
+        }
+        if !self.tcp_user_timeout.subsec_nanos().is_multiple_of(1_000_000) || self.tcp_user_timeout > MAX_USER_TIMEOUT {
+            return invalid("tcp_user_timeout", "must be whole milliseconds, at most 24h (0 keeps the system's)");
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "tls_cert and tls_key go together");
         }
@@ -366,6 +413,35 @@ mod tests {
         assert_eq!(config.admin_listen.as_deref(), Some("127.0.0.1:9930"));
         assert_eq!(config.server_lifetime, Duration::from_secs(3600));
         assert_eq!((config.idle_transaction_timeout, config.client_idle_timeout), (Duration::ZERO, Duration::ZERO));
+        assert!(config.tcp_keepalive);
+        assert_eq!((config.tcp_keepidle, config.tcp_keepcnt), (Duration::ZERO, 0));
+    }
+
+    #[test]
+    fn tcp_keepalive_values_are_what_the_kernel_takes() {
+        let c = Config::from_toml(
+            "origin = 'postgres://u:p@h/db'\ntcp_keepidle = '60s'\ntcp_keepintvl = '10s'\ntcp_keepcnt = 6\ntcp_user_timeout = '1500ms'",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.tcp_keepidle, c.tcp_keepintvl, c.tcp_keepcnt),
+            (Duration::from_secs(60), Duration::from_secs(10), 6)
+        );
+        assert_eq!(c.tcp_user_timeout, Duration::from_millis(1500));
+
+        let refused = |c: Config| match c.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(refused(Config { tcp_keepidle: ms(1500), ..c.clone() }), "tcp_keepidle");
+        assert_eq!(refused(Config { tcp_keepintvl: Duration::from_secs(32_768), ..c.clone() }), "tcp_keepintvl");
+        assert_eq!(refused(Config { tcp_keepcnt: 128, ..c.clone() }), "tcp_keepcnt");
+        let micros = Duration::from_micros(1500);
+        assert_eq!(refused(Config { tcp_user_timeout: micros, ..c.clone() }), "tcp_user_timeout");
+        assert_eq!(refused(Config { tcp_user_timeout: Duration::from_secs(86_401), ..c.clone() }), "tcp_user_timeout");
+        Config { tcp_keepidle: Duration::from_secs(32_767), tcp_keepcnt: 127, ..c }.validate().unwrap();
     }
 
     #[test]

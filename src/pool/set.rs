@@ -152,6 +152,7 @@ pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Durat
         port: 1,
         tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap_or_else(|e| panic!("{e}"))),
         tunnel: None,
+        tcp: Default::default(),
     };
     let config = PoolConfig {
         size,

@@ -39,6 +39,7 @@ use crate::pool::{PoolConfig, PoolSet};
 use crate::roster::{ClientEntry, Roster};
 use crate::session;
 use crate::transport::listen::UnixSocket;
+use crate::transport::tcp_options::TcpOptions;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
 use crate::transport::{self, ClientStream, OriginTarget, Peer, TunnelRoute};
@@ -263,10 +264,17 @@ pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<Origi
         if let Some(secret) = &config.tunnel_client_secret {
             headers.push(("CF-Access-Client-Secret".to_owned(), secret.clone()));
         }
-        let ws = WsConfig { ca_file: config.tunnel_ca_file.clone(), ..WsConfig::default() };
+        let ws =
+            WsConfig { ca_file: config.tunnel_ca_file.clone(), tcp: TcpOptions::from(config), ..WsConfig::default() };
         Arc::new(TunnelRoute { url: url.clone(), headers, ws })
     });
-    Ok(OriginTarget { host: origin.host.clone(), port: origin.port, tls: Arc::new(origin_tls), tunnel })
+    Ok(OriginTarget {
+        host: origin.host.clone(),
+        port: origin.port,
+        tls: Arc::new(origin_tls),
+        tunnel,
+        tcp: TcpOptions::from(config),
+    })
 }
 
 /// With `min_pool_size` set, makes the pool of the origin URL's own login at start, on a
@@ -428,12 +436,17 @@ impl Server {
             }
             AbortOnDrop(tokio::spawn(admin.run(ctx.clone())))
         });
+        // Restart-only settings: the running config's stay as they were at start.
+        let tcp = TcpOptions::from(&*ctx.config());
         loop {
             tokio::select! {
                 _ = ctx.closing.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
+                        if let Err(e) = tcp.apply(&socket) {
+                            tracing::debug!(error = %e, %peer, "could not set TCP keepalive on a client connection");
+                        }
                         let register = |s| tokio::net::TcpStream::from_std(s).map(ClientStream::Tcp);
                         hand_over(&ctx, &tracker, &workers, socket.into_std(), peer.into(), register);
                     }

@@ -6,6 +6,7 @@
 //! Unix-domain socket). Only this layer knows which.
 
 pub mod listen;
+pub mod tcp_options;
 pub mod tls;
 pub mod websocket;
 
@@ -18,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_boring::SslStream;
 
+use tcp_options::TcpOptions;
 use tls::{OriginTls, TlsError};
 
 /// A byte stream that can carry a Postgres connection.
@@ -132,6 +134,8 @@ pub struct OriginTarget {
     pub tls: Arc<OriginTls>,
     /// A WebSocket tunnel the origin is reached through, instead of TCP.
     pub tunnel: Option<Arc<TunnelRoute>>,
+    /// Keepalive and user timeout for a TCP origin (the tunnel's are in its `WsConfig`).
+    pub tcp: TcpOptions,
 }
 
 /// How to reach the origin through a WebSocket tunnel.
@@ -200,6 +204,7 @@ pub async fn connect_telling(target: &OriginTarget) -> Result<(OriginStream, &'s
         None => {
             let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
+            target.tcp.apply(&tcp)?;
             OriginStream::Tcp(tcp)
         }
     };

@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::transport::tcp_options::TcpOptions;
 use crate::transport::ByteStream;
 
 /// Header carrying the service token's id on the upgrade request (Cloudflare Access naming).
@@ -59,11 +60,18 @@ pub struct WsConfig {
     /// For wss://: trust only the CA certificates in this PEM file instead of the system roots
     /// (a private tunnel's own CA).
     pub ca_file: Option<PathBuf>,
+    /// Keepalive and user timeout for the TCP connection under the WebSocket.
+    pub tcp: TcpOptions,
 }
 
 impl Default for WsConfig {
     fn default() -> Self {
-        WsConfig { max_message_size: DEFAULT_MAX_MESSAGE_SIZE, max_frame_size: DEFAULT_MAX_FRAME_SIZE, ca_file: None }
+        WsConfig {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            ca_file: None,
+            tcp: TcpOptions::default(),
+        }
     }
 }
 
@@ -138,6 +146,7 @@ pub async fn connect(
     let connect_error = |source| WsError::Connect { host: host.clone(), port, source };
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(connect_error)?;
     tcp.set_nodelay(true).map_err(connect_error)?;
+    config.tcp.apply(&tcp).map_err(connect_error)?;
     let stream: Box<dyn ByteStream> =
         if secure { Box::new(tls_connect(&host, tcp, config.ca_file.as_deref()).await?) } else { Box::new(tcp) };
 
@@ -368,7 +377,7 @@ mod tests {
     const STEP: Duration = Duration::from_secs(10);
 
     fn caps(max_frame_size: usize, max_message_size: usize) -> WebSocketConfig {
-        WsConfig { max_frame_size, max_message_size, ca_file: None }.protocol_config()
+        WsConfig { max_frame_size, max_message_size, ..WsConfig::default() }.protocol_config()
     }
 
     /// A `WsStream` (client role) and a raw WebSocket peer (server role) over an in-memory pipe.

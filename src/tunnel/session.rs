@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::access::ServiceToken;
+use crate::transport::tcp_options::TcpOptions;
 use crate::transport::websocket::WsStream;
 
 /// Deadline for the TLS handshake and, separately, for the WebSocket upgrade request.
@@ -107,6 +108,9 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, shutdown: Cancell
 
 async fn run(shared: &Shared, tcp: TcpStream, traffic: &Traffic) -> Result<(), SessionError> {
     tcp.set_nodelay(true)?;
+    // Keepalive with the system's timings, as pgwarp's own connections have by default: a
+    // pgwarp that vanished does not hold its database connection here for ever.
+    TcpOptions::default().apply(&tcp)?;
     match &shared.tls {
         Some(acceptor) => {
             let tls = timeout(HANDSHAKE_TIMEOUT, tokio_boring::accept(acceptor, tcp))
