@@ -306,6 +306,43 @@ async fn pool_timeout_gives_53300_and_the_client_keeps_its_connection() {
 }
 
 #[tokio::test]
+async fn a_burst_that_waited_reserve_pool_timeout_runs_on_reserve_connections() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.reserve_pool_size = 1;
+        c.reserve_pool_timeout = Duration::from_millis(300);
+        c.pool_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let holder = pgwarp.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held = first(&holder.simple_query("SELECT pg_backend_pid()").await.unwrap());
+
+    // The pool's one connection is in a transaction: after reserve_pool_timeout the next client
+    // runs on a second connection, while the pool's is still held.
+    let burst = pgwarp.client().await;
+    let started = Instant::now();
+    let reserve = first(&burst.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let waited = started.elapsed();
+    assert_ne!(reserve, held);
+    assert!(waited >= Duration::from_millis(290) && waited < Duration::from_millis(1900), "{waited:?}");
+
+    // Pool and reserve both busy: a third waits out pool_timeout and gets 53300.
+    burst.batch_execute("BEGIN").await.unwrap();
+    let third = pgwarp.client().await;
+    let err = third.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&err), "53300", "{err}");
+
+    // Once the burst is over, the reserve connection waits for the next burst, open.
+    burst.batch_execute("COMMIT").await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let open = origin.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid IN ({held}, {reserve})"));
+    assert_eq!(open.trim(), "2");
+    assert_eq!(first(&third.simple_query("SELECT 3").await.unwrap()), "3");
+}
+
+#[tokio::test]
 async fn waiting_clients_are_served_in_arrival_order() {
     let origin = Origin::start();
     // The order is taken at the origin: when the answers reach this test, two that arrive

@@ -143,6 +143,12 @@ impl Collector for Snapshot {
             "Origin connections handed to a client (about one per transaction)",
             count(|p| p.checkouts),
         )?;
+        family(
+            &mut e,
+            "pool_reserve_checkouts",
+            "Checkouts on a reserve connection, after reserve_pool_timeout (counted in pool_checkouts too)",
+            count(|p| p.reserve_checkouts),
+        )?;
         family(&mut e, "pool_waits", "Checkouts that had to wait for a free connection", count(|p| p.waits))?;
         let waited = pools.iter().map(|p| (pool_labels(p), ConstCounter::new(p.wait_seconds)));
         family(&mut e, "pool_wait_seconds", "Time clients spent waiting for an origin connection", waited)?;
@@ -211,6 +217,7 @@ mod tests {
                 replaced: 2,
                 paused: true,
                 checkouts: 1000,
+                reserve_checkouts: 6,
                 waits: 4,
                 wait_seconds: 0.25,
                 timeouts: 1,
@@ -243,6 +250,7 @@ mod tests {
             "pgwarp_pool_paused{database=\"shop\",user=\"app\"} 1",
             "pgwarp_database_disabled{database=\"old\"} 1",
             "pgwarp_pool_checkouts_total{database=\"shop\",user=\"app\"} 1000",
+            "pgwarp_pool_reserve_checkouts_total{database=\"shop\",user=\"app\"} 6",
             "pgwarp_pool_wait_seconds_total{database=\"shop\",user=\"app\"} 0.25",
             "pgwarp_pool_timeouts_total{database=\"shop\",user=\"app\"} 1",
             "pgwarp_origin_connects_total{database=\"shop\",user=\"app\"} 8",

@@ -64,6 +64,8 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "pool_size" => pool_size,
         "max_client_conn" => max_client_conn,
         "pool_timeout" => pool_timeout,
+        "reserve_pool_size" => reserve_pool_size,
+        "reserve_pool_timeout" => reserve_pool_timeout,
         "idle_timeout" => idle_timeout,
         "min_pool_size" => min_pool_size,
         "server_lifetime" => server_lifetime,
@@ -142,6 +144,7 @@ mod tests {
         let mut loaded = running();
         loaded.pool_size = 3;
         loaded.pool_timeout = Duration::from_secs(2);
+        loaded.reserve_pool_size = 4;
         loaded.admin_users = vec!["ops".into()];
         loaded.cache.max_age = Duration::from_secs(5);
         loaded.listen = "0.0.0.0:7000".into();
@@ -153,7 +156,8 @@ mod tests {
         loaded.tcp_keepidle = Duration::from_secs(60);
         loaded.tcp_user_timeout = Duration::from_secs(30);
         let (next, changes) = reconcile(&running(), loaded);
-        assert_eq!(changes.applied, vec!["origin", "pool_size", "pool_timeout", "admin_users", "cache.max_age"]);
+        let applied = ["origin", "pool_size", "pool_timeout", "reserve_pool_size", "admin_users", "cache.max_age"];
+        assert_eq!(changes.applied, applied);
         let kept = [
             "listen",
             "unix_socket_dir",

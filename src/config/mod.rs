@@ -126,6 +126,12 @@ pub struct Config {
     /// How long a client waits for an origin connection before SQLSTATE 53300. Default 30s.
     #[serde(deserialize_with = "units::de_duration")]
     pub pool_timeout: Duration,
+    /// Extra origin connections per pool for clients that waited `reserve_pool_timeout`, as
+    /// PgBouncer's: a burst gets through without a larger pool all the time. Default 0: none.
+    pub reserve_pool_size: usize,
+    /// How long a client waits before a reserve connection may serve it. Default 5s.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub reserve_pool_timeout: Duration,
     /// Origin connections idle this long are closed. Default 10m.
     #[serde(deserialize_with = "units::de_duration")]
     pub idle_timeout: Duration,
@@ -248,6 +254,8 @@ impl Default for Config {
             pool_size: 20,
             max_client_conn: 10_000,
             pool_timeout: Duration::from_secs(30),
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_db_connections: 0,
             min_pool_size: 0,
@@ -358,6 +366,9 @@ impl Config {
         if !self.tcp_user_timeout.subsec_nanos().is_multiple_of(1_000_000) || self.tcp_user_timeout > MAX_USER_TIMEOUT {
             return invalid("tcp_user_timeout", "must be whole milliseconds, at most 24h (0 keeps the system's)");
         }
+        if self.reserve_pool_size > 0 && self.reserve_pool_timeout >= self.pool_timeout {
+            return invalid("reserve_pool_timeout", "must be shorter than pool_timeout, or the reserve is never used");
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "tls_cert and tls_key go together");
         }
@@ -414,7 +425,17 @@ mod tests {
         assert_eq!(config.server_lifetime, Duration::from_secs(3600));
         assert_eq!((config.idle_transaction_timeout, config.client_idle_timeout), (Duration::ZERO, Duration::ZERO));
         assert!(config.tcp_keepalive);
+        assert_eq!((config.reserve_pool_size, config.reserve_pool_timeout), (0, Duration::from_secs(5)));
         assert_eq!((config.tcp_keepidle, config.tcp_keepcnt), (Duration::ZERO, 0));
+    }
+
+    #[test]
+    fn a_reserve_must_be_reachable_before_pool_timeout() {
+        let c = Config { origin: Some("postgres://u:p@h/db".into()), reserve_pool_size: 2, ..Config::default() };
+        c.validate().unwrap();
+        let late = Config { reserve_pool_timeout: c.pool_timeout, ..c.clone() };
+        assert!(matches!(late.validate(), Err(ConfigError::Invalid { key: "reserve_pool_timeout", .. })));
+        Config { reserve_pool_size: 0, ..late }.validate().unwrap();
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A pool's settings that RELOAD can change while it serves: plain atomics, read where they are
 //! used (waiting, connecting, reaping, and by the pool's clients for how long they may sit
-//! idle), so a change needs no lock and costs the common path nothing. The size is not here:
-//! resizing moves slots (`resize`).
+//! idle), so a change needs no lock and costs the common path nothing. The sizes (the pool's
+//! and its reserve's) are not here: resizing moves slots (`resize`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,6 +29,7 @@ impl AtomicDuration {
 #[derive(Debug, Default)]
 pub(super) struct LiveSettings {
     pool_timeout: AtomicDuration,
+    reserve_timeout: AtomicDuration,
     connect_timeout: AtomicDuration,
     idle_timeout: AtomicDuration,
     server_lifetime: AtomicDuration,
@@ -48,6 +49,7 @@ impl LiveSettings {
     /// Takes every setting but the size from `config`.
     pub fn set(&self, config: &PoolConfig) {
         self.pool_timeout.set(config.pool_timeout);
+        self.reserve_timeout.set(config.reserve_timeout);
         self.connect_timeout.set(config.connect_timeout);
         self.idle_timeout.set(config.idle_timeout);
         self.server_lifetime.set(config.server_lifetime);
@@ -59,6 +61,10 @@ impl LiveSettings {
 
     pub fn pool_timeout(&self) -> Duration {
         self.pool_timeout.get()
+    }
+
+    pub fn reserve_timeout(&self) -> Duration {
+        self.reserve_timeout.get()
     }
 
     pub fn connect_timeout(&self) -> Duration {

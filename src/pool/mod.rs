@@ -15,7 +15,11 @@
 //! threads. When its shard has no free slot, a client takes another shard's free slot if there
 //! is one (that connection then costs a cross-thread wake-up per round trip), so a connection
 //! pinned by one client, or an uneven spread of clients, never leaves a client waiting while a
-//! connection is free. Only when every shard is busy does it wait, in its own shard's queue. A connection is
+//! connection is free. Only when every shard is busy does it wait, in its own shard's queue.
+//! One more shard, after the workers', is the reserve (`reserve_pool_size`, PgBouncer's): a
+//! client that has waited `reserve_pool_timeout` also queues there, so a burst opens a few
+//! more connections instead of waiting out `pool_timeout`. Reserve connections come back to the
+//! reserve's own idle list and close after `idle_timeout` like any other. A connection is
 //! only ever returned by `checkin`; one that is dropped instead is closed, which is the safe
 //! default for anything whose state pgwarp is unsure of.
 
@@ -30,7 +34,7 @@ pub use pause::PauseError;
 pub use reconnect::{Destination, Vintage};
 pub use set::PoolSet;
 #[cfg(test)]
-pub(crate) use set::{test_creds, unreachable_pools};
+pub(crate) use set::{test_creds, unreachable_pools, unreachable_pools_with};
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
@@ -56,6 +60,9 @@ use crate::transport::OriginTarget;
 pub struct PoolConfig {
     pub size: usize,
     pub pool_timeout: Duration,
+    /// Extra connections for clients that waited `reserve_timeout` (zero: none).
+    pub reserve_size: usize,
+    pub reserve_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Connections kept open when idle (capped at `size`).
@@ -75,6 +82,8 @@ impl From<&Config> for PoolConfig {
         PoolConfig {
             size: c.pool_size,
             pool_timeout: c.pool_timeout,
+            reserve_size: c.reserve_pool_size,
+            reserve_timeout: c.reserve_pool_timeout,
             connect_timeout: c.connect_timeout,
             idle_timeout: c.idle_timeout,
             min_size: c.min_pool_size,
@@ -192,6 +201,8 @@ pub struct PoolSnapshot {
     /// the pool does not know.
     pub paused: bool,
     pub checkouts: u64,
+    /// Checkouts on a reserve slot (`reserve_pool_size`), counted in `checkouts` too.
+    pub reserve_checkouts: u64,
     pub waits: u64,
     pub wait_seconds: f64,
     pub timeouts: u64,
@@ -221,7 +232,10 @@ pub struct Pool {
     /// Most connections lent at once.
     size: AtomicUsize,
     live: LiveSettings,
+    /// One shard per worker (or fewer), then the reserve's, at index `reserve`.
     shards: Vec<Shard>,
+    /// The reserve shard's index: the number of worker shards.
+    reserve: usize,
     /// Slots a PAUSE holds, by shard (`pause`).
     held: Mutex<Vec<Vec<OwnedSemaphorePermit>>>,
     counters: PoolCounters,
@@ -254,16 +268,14 @@ impl Pool {
         db_limit: Option<Arc<DbLimit>>,
     ) -> Arc<Pool> {
         let n = workers.clamp(1, config.size.max(1));
-        let shards = (0..n)
-            .map(|i| {
-                let size = share(config.size, i, n);
-                Shard {
-                    idle: Mutex::new(Vec::new()),
-                    permits: Arc::new(Semaphore::new(size)),
-                    size: AtomicUsize::new(size),
-                    owed: AtomicUsize::new(0),
-                    checkouts: AtomicU64::new(0),
-                }
+        let sizes = (0..n).map(|i| share(config.size, i, n)).chain([config.reserve_size]);
+        let shards = sizes
+            .map(|size| Shard {
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(size)),
+                size: AtomicUsize::new(size),
+                owed: AtomicUsize::new(0),
+                checkouts: AtomicU64::new(0),
             })
             .collect();
         let pool = Arc::new(Pool {
@@ -275,8 +287,9 @@ impl Pool {
             creds: Mutex::new(creds),
             size: AtomicUsize::new(config.size),
             live: LiveSettings::new(&config),
-            held: Mutex::new((0..n).map(|_| Vec::new()).collect()),
+            held: Mutex::new((0..=n).map(|_| Vec::new()).collect()),
             shards,
+            reserve: n,
             counters: PoolCounters::default(),
             startup_params: Mutex::new(HashMap::new()),
             base_params: Mutex::new(None),
@@ -314,7 +327,7 @@ impl Pool {
     }
 
     fn own_shard(&self) -> usize {
-        crate::workers::current() % self.shards.len()
+        crate::workers::current() % self.reserve
     }
 
     /// A free slot of this worker's shard, without waiting. Other shards' free slots are left
@@ -361,34 +374,46 @@ impl Pool {
     async fn wait_in_queues(&self, started: Instant) -> Result<Slot, PoolError> {
         let shard = self.own_shard();
         let timeout = self.live.pool_timeout();
+        let give_up = started + timeout;
         // First in this worker's own queue: when every shard is busy, its clients are served by
-        // its connections, without crossing threads.
-        let mut own = Box::pin(self.shards[shard].permits.clone().acquire_owned());
-        // A shard left with no slots (RELOAD made the pool smaller than the number of shards)
-        // has nothing to wait for.
-        let grace = match (self.shards.len(), self.shards[shard].size()) {
-            (1, _) => timeout,
-            (_, 0) => Duration::ZERO,
-            _ => OWN_SHARD_GRACE.min(timeout),
+        // its connections, without crossing threads. A shard left with no slots (RELOAD made
+        // the pool smaller than the number of shards) has nothing to wait for.
+        let mut widen_at = match (self.reserve, self.shards[shard].size()) {
+            (1, _) => None,
+            (_, 0) => Some(started),
+            _ => Some(started + OWN_SHARD_GRACE),
         };
-        match tokio::time::timeout(grace, &mut own).await {
-            Ok(Ok(permit)) => return Ok(Slot { shard, permit }),
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) if self.shards.len() == 1 => return Err(PoolError::Timeout(timeout)),
-            Err(_) => {}
-        }
-        // Then in every shard's queue at once, taking the first slot any of them frees: a shard
-        // held by pinned clients must not keep its worker's clients waiting. The client keeps
-        // its place in its own queue, so those waiting there are still served in arrival order.
-        let others: Vec<usize> = (0..self.shards.len()).filter(|&s| s != shard).collect();
-        let mut queues = vec![own];
-        queues.extend(others.iter().map(|&s| Box::pin(self.shards[s].permits.clone().acquire_owned())));
-        let any = futures_util::future::select_all(queues);
-        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), any).await {
-            Ok((Ok(permit), 0, _)) => Ok(Slot { shard, permit }),
-            Ok((Ok(permit), i, _)) => Ok(Slot { shard: others[i - 1], permit }),
-            Ok((Err(_), _, _)) => Err(PoolError::Closed),
-            Err(_) => Err(PoolError::Timeout(timeout)),
+        let mut reserve_at =
+            (self.shards[self.reserve].size() > 0).then(|| started + self.live.reserve_timeout().min(timeout));
+        let mut shards = vec![shard];
+        let mut queues = vec![Box::pin(self.shards[shard].permits.clone().acquire_owned())];
+        loop {
+            let until = [widen_at, reserve_at].into_iter().flatten().fold(give_up, Instant::min);
+            let any = futures_util::future::select_all(queues.iter_mut());
+            match tokio::time::timeout_at(until.into(), any).await.map(|(permit, i, _)| (permit, i)) {
+                Ok((Ok(permit), i)) => return Ok(Slot { shard: shards[i], permit }),
+                Ok((Err(_), _)) => return Err(PoolError::Closed),
+                Err(_) if until >= give_up => return Err(PoolError::Timeout(timeout)),
+                Err(_) => {}
+            }
+            let now = Instant::now();
+            // Then in every shard's queue at once, taking the first slot any of them frees: a
+            // shard held by pinned clients must not keep its worker's clients waiting. The
+            // client keeps its place in its own queue, so those waiting there are still served
+            // in arrival order.
+            if widen_at.is_some_and(|at| at <= now) {
+                widen_at = None;
+                for other in (0..self.reserve).filter(|&s| s != shard) {
+                    shards.push(other);
+                    queues.push(Box::pin(self.shards[other].permits.clone().acquire_owned()));
+                }
+            }
+            // And, having waited reserve_pool_timeout, in the reserve's.
+            if reserve_at.is_some_and(|at| at <= now) {
+                reserve_at = None;
+                shards.push(self.reserve);
+                queues.push(Box::pin(self.shards[self.reserve].permits.clone().acquire_owned()));
+            }
         }
     }
 
@@ -450,10 +475,12 @@ impl Pool {
 
     /// The shard's most recently used idle connection. One its own worker did not open (its
     /// shard is shared, or it was opened by a client borrowing the slot) moves to the calling
-    /// worker when its kind allows, so connections end up where they are used.
+    /// worker when its kind allows, so connections end up where they are used; so does a
+    /// reserve connection, which any worker may use.
     fn pop_idle(&self, shard: usize) -> Option<Box<OriginConn>> {
         let mut conn = self.shards[shard].idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-        if shard == self.own_shard() && conn.home() != crate::workers::current() {
+        let used_here = shard == self.own_shard() || shard == self.reserve;
+        if used_here && conn.home() != crate::workers::current() {
             conn.rehome();
         }
         Some(conn)
@@ -552,6 +579,7 @@ impl Pool {
             replaced: self.superseded_open(),
             paused: false,
             checkouts: self.shards.iter().map(|s| load(&s.checkouts)).sum(),
+            reserve_checkouts: load(&self.shards[self.reserve].checkouts),
             waits: load(&c.waits),
             wait_seconds: load(&c.wait_micros) as f64 / 1e6,
             timeouts: load(&c.timeouts),
@@ -681,9 +709,9 @@ impl Pool {
         }
     }
 
-    /// A free slot of the shard with the fewest idle connections.
+    /// A free slot of the worker shard with the fewest idle connections (never the reserve's).
     fn emptiest_free_slot(&self) -> Option<Slot> {
-        let mut shards: Vec<(usize, usize)> = (0..self.shards.len())
+        let mut shards: Vec<(usize, usize)> = (0..self.reserve)
             .map(|s| (self.shards[s].idle.lock().unwrap_or_else(|e| e.into_inner()).len(), s))
             .collect();
         shards.sort_unstable();
@@ -820,7 +848,90 @@ fn share(total: usize, shard: usize, shards: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::*;
+    use crate::pool::{test_creds, unreachable_pools_with};
+
+    fn with_reserve(size: usize, reserve: usize, workers: usize) -> PoolSet {
+        let config = PoolConfig {
+            size,
+            pool_timeout: Duration::from_millis(600),
+            reserve_size: reserve,
+            reserve_timeout: Duration::from_millis(150),
+            connect_timeout: Duration::from_secs(1),
+            statement_cache: 10,
+            ..PoolConfig::default()
+        };
+        unreachable_pools_with(config, workers)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_slot_and_no_more_than_the_reserve() {
+        for workers in [1, 2] {
+            let pools = with_reserve(2, 1, workers);
+            let pool = pools.get(&test_creds());
+            let (a, b) = (pool.acquire_slot().await.unwrap(), pool.acquire_slot().await.unwrap());
+            assert_ne!(a.shard, pool.reserve, "free slots first: {workers} workers");
+
+            let started = Instant::now();
+            let extra = pool.acquire_slot().await.expect("a reserve slot");
+            let waited = started.elapsed();
+            assert_eq!(extra.shard, pool.reserve);
+            assert!(waited >= Duration::from_millis(140) && waited < Duration::from_millis(550), "{waited:?}");
+            assert_eq!(pool.active_count(), 3);
+
+            // Pool and reserve both in use: the next one waits out pool_timeout.
+            let started = Instant::now();
+            assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+            assert!(started.elapsed() >= Duration::from_millis(590));
+
+            // A slot given back goes to the next waiter, reserve or not.
+            let waiter = {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.acquire_slot().await })
+            };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(a);
+            let next = waiter.await.unwrap().unwrap();
+            assert_ne!(next.shard, pool.reserve);
+            drop(extra);
+            assert_eq!(pool.try_slot().map(|s| s.shard), None, "the reserve is never taken without a wait");
+            drop((b, next));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_reserve_a_client_waits_out_pool_timeout() {
+        let pools = with_reserve(1, 0, 1);
+        let pool = pools.get(&test_creds());
+        let _a = pool.acquire_slot().await.unwrap();
+        let started = Instant::now();
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+        assert!(started.elapsed() >= Duration::from_millis(590));
+    }
+
+    #[tokio::test]
+    async fn pause_holds_the_reserve_and_reload_resizes_it() {
+        let pools = with_reserve(1, 1, 1);
+        let pool = pools.get(&test_creds());
+        assert!(tokio::time::timeout(Duration::from_secs(5), pools.pause(None).unwrap()).await.unwrap());
+        assert_eq!(pool.held_total(), 2, "the pool's slot and the reserve's");
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))), "nothing is lent while paused");
+        pools.resume(None).unwrap();
+
+        let _a = pool.acquire_slot().await.unwrap();
+        let config = |reserve| PoolConfig { reserve_size: reserve, ..pool_config(&pools) };
+        pools.reconfigure(config(2));
+        let (x, y) = (pool.acquire_slot().await.unwrap(), pool.acquire_slot().await.unwrap());
+        assert_eq!((x.shard, y.shard), (pool.reserve, pool.reserve), "two reserve slots after RELOAD");
+        pools.reconfigure(config(0));
+        drop((x, y));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))), "the reserve is gone");
+    }
+
+    fn pool_config(pools: &PoolSet) -> PoolConfig {
+        pools.config.lock().unwrap().clone()
+    }
 
     #[test]
     fn shares_add_up_to_the_pool_size() {

@@ -1,8 +1,8 @@
-//! Changing a running pool's settings (RELOAD): its timeouts at once (`live`), and its size by
-//! adding or removing slots.
+//! Changing a running pool's settings (RELOAD): its timeouts at once (`live`), and its size and
+//! its reserve's by adding or removing slots.
 //!
-//! Each shard keeps the share of the new size it would have had at creation (the number of
-//! shards stays). Growing adds slots at once. Shrinking removes free slots at once and owes the
+//! Each worker shard keeps the share of the new size it would have had at creation (the number
+//! of shards stays); the reserve shard takes the new reserve size. Growing adds slots at once. Shrinking removes free slots at once and owes the
 //! rest: a task takes each slot a finishing transaction gives back and retires it, until the
 //! debt is paid, so no running transaction is disturbed. Idle connections beyond the new size
 //! are closed.
@@ -13,24 +13,30 @@ use std::sync::Arc;
 use super::{share, Pool, PoolConfig, PoolSet};
 
 impl Pool {
-    /// Takes `config`: the size, the timeouts and the statement cache size of new connections.
+    /// Takes `config`: the size and the reserve's, the timeouts and the statement cache size
+    /// of new connections.
     pub(super) fn reconfigure(self: &Arc<Self>, config: &PoolConfig) {
         self.live.set(config);
         let size = config.size.max(1);
-        if self.size.swap(size, Ordering::AcqRel) == size {
-            return;
-        }
-        let n = self.shards.len();
-        for (i, shard) in self.shards.iter().enumerate() {
-            let target = share(size, i, n);
-            let old = shard.size.swap(target, Ordering::AcqRel);
+        let resized = self.size.swap(size, Ordering::AcqRel) != size;
+        let n = self.reserve;
+        let targets = (0..n).map(|i| share(size, i, n)).chain([config.reserve_size]);
+        let mut changed = false;
+        for (i, target) in targets.enumerate() {
+            if i < n && !resized {
+                continue;
+            }
+            let old = self.shards[i].size.swap(target, Ordering::AcqRel);
             if target > old {
                 self.grow(i, target - old);
             } else if target < old {
                 self.shrink(i, old - target);
             }
+            changed |= target != old;
         }
-        self.close_idle_beyond_size();
+        if changed {
+            self.close_idle_beyond_size();
+        }
     }
 
     fn grow(&self, shard: usize, by: usize) {

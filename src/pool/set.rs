@@ -145,6 +145,19 @@ impl PoolKey {
 /// A pool set whose origin is never reached (for tests of slots, not connections).
 #[cfg(test)]
 pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Duration) -> PoolSet {
+    let config = PoolConfig {
+        size,
+        pool_timeout,
+        connect_timeout: Duration::from_secs(1),
+        statement_cache: 10,
+        ..PoolConfig::default()
+    };
+    unreachable_pools_with(config, workers)
+}
+
+/// Like `unreachable_pools`, with the whole pool config given.
+#[cfg(test)]
+pub(crate) fn unreachable_pools_with(config: PoolConfig, workers: usize) -> PoolSet {
     use crate::config::SslMode;
     use crate::transport::tls::OriginTls;
     let target = OriginTarget {
@@ -153,13 +166,6 @@ pub(crate) fn unreachable_pools(size: usize, workers: usize, pool_timeout: Durat
         tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap_or_else(|e| panic!("{e}"))),
         tunnel: None,
         tcp: Default::default(),
-    };
-    let config = PoolConfig {
-        size,
-        pool_timeout,
-        connect_timeout: Duration::from_secs(1),
-        statement_cache: 10,
-        ..PoolConfig::default()
     };
     PoolSet::new(target, config, workers)
 }
