@@ -1,12 +1,16 @@
 //! The whole tunnel path with real parts: client -> pgwarp -> WebSocket -> `pgwarp tunnel` ->
 //! Postgres, over ws:// and wss://, with Postgres TLS inside the tunnel; a wrong service token;
-//! and pgwarp's tunnel client against websockify, a WebSocket-to-TCP bridge nobody here wrote.
+//! pings that keep connections through a proxy that closes idle ones; and pgwarp's tunnel
+//! client against websockify, a WebSocket-to-TCP bridge nobody here wrote.
 
 mod common;
 mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use common::PgwarpProcess;
 use support::certs::Certs;
@@ -109,6 +113,76 @@ impl Drop for Websockify {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A TCP relay to `target` that closes a connection which carried nothing either way for
+/// `limit`, as a load balancer in front of a tunnel does (60 seconds is a common default).
+async fn idle_closing_proxy(target: u16, limit: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                let (mut in_read, mut in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                let (mut up, mut down) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+                // Returning drops both connections: each side sees the other close.
+                loop {
+                    tokio::select! {
+                        n = in_read.read(&mut up) => match n {
+                            Ok(n @ 1..) => if out_write.write_all(&up[..n]).await.is_err() { return },
+                            _ => return,
+                        },
+                        n = out_read.read(&mut down) => match n {
+                            Ok(n @ 1..) => if in_write.write_all(&down[..n]).await.is_err() { return },
+                            _ => return,
+                        },
+                        () = tokio::time::sleep(limit) => return,
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn pings_keep_idle_and_pinned_tunnel_connections_open_through_a_proxy_that_closes_quiet_ones() {
+    let origin = Origin::start();
+    let tunnel = start_tunnel(origin.cluster.port(), None);
+    let proxy = idle_closing_proxy(tunnel.port(), Duration::from_secs(4)).await;
+    let quiet = Duration::from_secs(5);
+    for (ping, kept) in [(Duration::from_secs(1), true), (Duration::ZERO, false)] {
+        let pgwarp = pgwarp_through(&origin, format!("ws://127.0.0.1:{proxy}/"), |c| {
+            c.pool_size = 1;
+            c.tunnel_ping_interval = ping;
+            // The pool checks idle connections every idle_timeout / 4 (here 2s), and an idle
+            // connection pings at the first check a second after it last sent: within 3s.
+            c.idle_timeout = Duration::from_secs(8);
+        })
+        .await;
+        let client = pgwarp.client().await;
+        let pid = || async { first(&client.simple_query("SELECT pg_backend_pid()").await.unwrap()) };
+
+        // Idle in the pool longer than the proxy allows.
+        let before = pid().await;
+        tokio::time::sleep(quiet).await;
+        let after = pid().await;
+        assert_eq!(before == after, kept, "pings every {ping:?}: the pooled connection was kept: {}", before == after);
+
+        // Pinned under a transaction while the client thinks.
+        client.batch_execute("BEGIN").await.unwrap();
+        tokio::time::sleep(quiet).await;
+        let outcome = client.simple_query("SELECT 1").await;
+        if kept {
+            outcome.expect("the transaction's connection is still there");
+            client.batch_execute("COMMIT").await.unwrap();
+        } else {
+            let err = outcome.expect_err("the proxy closed the transaction's connection");
+            assert!(err.code().is_none_or(|c| c.code() == "08006"), "{err}");
+        }
     }
 }
 

@@ -320,6 +320,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("tls", c.tls_cert.is_some().to_string()),
         ("tls_required", c.tls_required.to_string()),
         ("tunnel_url", c.tunnel_url.clone().unwrap_or_default()),
+        ("tunnel_ping_interval", duration(c.tunnel_ping_interval)),
         ("admin_listen", c.admin_listen.clone().unwrap_or_default()),
         ("admin_users", c.admin_users.join(",")),
     ]

@@ -47,6 +47,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "tcp_keepintvl" => tcp_keepintvl,
         "tcp_keepcnt" => tcp_keepcnt,
         "tcp_user_timeout" => tcp_user_timeout,
+        "tunnel_ping_interval" => tunnel_ping_interval,
         "log_level" => log_level,
         "admin_listen" => admin_listen,
         "tls_cert" => tls_cert,

@@ -234,6 +234,10 @@ pub struct Config {
     pub tunnel_client_secret: Option<String>,
     /// For wss:// tunnels with a private CA: the CA certificates (PEM) to trust.
     pub tunnel_ca_file: Option<std::path::PathBuf>,
+    /// A tunnel connection that has sent nothing this long sends a WebSocket Ping,
+    /// so proxies in front of the tunnel do not close it as idle. Default 30s; 0 turns it off.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub tunnel_ping_interval: Duration,
     /// Address of the admin HTTP endpoint (`/metrics` for Prometheus, `/healthz`), e.g.
     /// 127.0.0.1:9930. Default: off. It needs no password: keep it on a private address.
     pub admin_listen: Option<String>,
@@ -288,6 +292,7 @@ impl Default for Config {
             tunnel_client_id: None,
             tunnel_client_secret: None,
             tunnel_ca_file: None,
+            tunnel_ping_interval: crate::transport::websocket::DEFAULT_PING_INTERVAL,
             admin_listen: None,
             admin_users: Vec::new(),
         }
@@ -366,6 +371,9 @@ impl Config {
         if !self.tcp_user_timeout.subsec_nanos().is_multiple_of(1_000_000) || self.tcp_user_timeout > MAX_USER_TIMEOUT {
             return invalid("tcp_user_timeout", "must be whole milliseconds, at most 24h (0 keeps the system's)");
         }
+        if !self.tunnel_ping_interval.is_zero() && self.tunnel_ping_interval < Duration::from_secs(1) {
+            return invalid("tunnel_ping_interval", "must be at least 1s (0 turns pings off)");
+        }
         if self.reserve_pool_size > 0 && self.reserve_pool_timeout >= self.pool_timeout {
             return invalid("reserve_pool_timeout", "must be shorter than pool_timeout, or the reserve is never used");
         }
@@ -427,6 +435,19 @@ mod tests {
         assert!(config.tcp_keepalive);
         assert_eq!((config.reserve_pool_size, config.reserve_pool_timeout), (0, Duration::from_secs(5)));
         assert_eq!((config.tcp_keepidle, config.tcp_keepcnt), (Duration::ZERO, 0));
+    }
+
+    #[test]
+    fn tunnel_pings_are_at_least_a_second_apart_or_off() {
+        let c = Config { origin: Some("postgres://u:p@h/db".into()), ..Config::default() };
+        assert_eq!(c.tunnel_ping_interval, Duration::from_secs(30));
+        let every = |d| Config { tunnel_ping_interval: d, ..c.clone() }.validate();
+        assert!(matches!(
+            every(Duration::from_millis(500)),
+            Err(ConfigError::Invalid { key: "tunnel_ping_interval", .. })
+        ));
+        every(Duration::ZERO).unwrap();
+        every(Duration::from_secs(1)).unwrap();
     }
 
     #[test]

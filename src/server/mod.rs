@@ -264,8 +264,12 @@ pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<Origi
         if let Some(secret) = &config.tunnel_client_secret {
             headers.push(("CF-Access-Client-Secret".to_owned(), secret.clone()));
         }
-        let ws =
-            WsConfig { ca_file: config.tunnel_ca_file.clone(), tcp: TcpOptions::from(config), ..WsConfig::default() };
+        let ws = WsConfig {
+            ca_file: config.tunnel_ca_file.clone(),
+            tcp: TcpOptions::from(config),
+            ping_interval: config.tunnel_ping_interval,
+            ..WsConfig::default()
+        };
         Arc::new(TunnelRoute { url: url.clone(), headers, ws })
     });
     Ok(OriginTarget {

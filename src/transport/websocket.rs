@@ -9,11 +9,22 @@
 //! growing a buffer. `connect` opens such a stream to a `pgwarp tunnel` (or any compatible
 //! endpoint) over ws:// or wss:// (TLS by BoringSSL), with the service-token headers on the
 //! upgrade request; the tunnel's own end wraps its accepted sockets in the same `WsStream`.
+//!
+//! Proxies and load balancers in front of a tunnel close a WebSocket that carries nothing for
+//! a while (60 seconds is common), and an origin connection idle in the pool, or under a
+//! client that is thinking inside a transaction, carries nothing for much longer. So the
+//! connecting side sends a Ping once it has sent nothing for `ping_interval` (the Pong is
+//! traffic back). Only what it sends counts: an idle connection reads what arrived only at
+//! its next check, too late to tell when it arrived. The ping goes out while the stream is
+//! read: by the session waiting on it, or, for an idle pooled connection, by the pool's
+//! periodic liveness check.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use boring::ssl::{SslConnector, SslMethod};
 use boring::x509::store::X509StoreBuilder;
@@ -24,6 +35,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_boring::SslStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -47,6 +59,11 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// peer's frame cap and to keep one frame's buffer cheap.
 pub const MAX_OUTGOING_FRAME: usize = 64 << 10;
 
+/// Default quiet time after which the connecting side pings: within the 60 seconds idle limit
+/// of common load balancers even when the ping waits for the pool's next liveness check (up to
+/// 15 seconds later).
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Body of a refusal kept in `WsError::Refused`, at most this many bytes of it.
 const REFUSAL_BODY_LIMIT: usize = 256;
 
@@ -62,6 +79,8 @@ pub struct WsConfig {
     pub ca_file: Option<PathBuf>,
     /// Keepalive and user timeout for the TCP connection under the WebSocket.
     pub tcp: TcpOptions,
+    /// After sending nothing for this long, send a Ping (zero: never).
+    pub ping_interval: Duration,
 }
 
 impl Default for WsConfig {
@@ -71,6 +90,7 @@ impl Default for WsConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             ca_file: None,
             tcp: TcpOptions::default(),
+            ping_interval: DEFAULT_PING_INTERVAL,
         }
     }
 }
@@ -153,7 +173,7 @@ pub async fn connect(
     let (ws, _response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config.protocol_config()))
         .await
         .map_err(handshake_error)?;
-    Ok(WsStream::new(ws))
+    Ok(WsStream::new(ws).with_pings(config.ping_interval))
 }
 
 /// TLS to `host`, verifying its certificate against the system roots, or against `ca_file` alone
@@ -225,6 +245,18 @@ pub struct WsStream<S> {
     /// The binary frame being filled by writes; sent when full or on flush.
     outgoing: Vec<u8>,
     max_outgoing_frame: usize,
+    /// Pings after quiet spells, when asked for (`with_pings`).
+    heartbeat: Option<Heartbeat>,
+}
+
+/// When the stream last sent something, and the timer that checks on it.
+struct Heartbeat {
+    every: Duration,
+    /// When the last frame was sent.
+    last: Instant,
+    /// Armed at `last + every` as `last` was when it was set; moved on, not re-armed per frame,
+    /// when it fires early.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
@@ -238,6 +270,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             read_state: ReadState::Open,
             outgoing: Vec::new(),
             max_outgoing_frame,
+            heartbeat: None,
+        }
+    }
+
+    /// Sends a Ping whenever it has sent nothing for `every` (zero: never).
+    pub fn with_pings(mut self, every: Duration) -> Self {
+        self.heartbeat = (!every.is_zero()).then(|| Heartbeat { every, last: Instant::now(), timer: None });
+        self
+    }
+
+    /// Notes a frame sent, for the heartbeat.
+    fn sent(&mut self) {
+        if let Some(hb) = &mut self.heartbeat {
+            hb.last = Instant::now();
+        }
+    }
+
+    /// While a read waits: sends a Ping if nothing was sent for a whole interval, and arms
+    /// the timer that wakes this reader when one is next due.
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let WsStream { inner, heartbeat, .. } = self;
+        let Some(hb) = heartbeat else { return Ok(()) };
+        loop {
+            let due = hb.last + hb.every;
+            let timer = hb.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now < due {
+                // Sent something since the timer was set: wait for the rest of the quiet spell.
+                timer.as_mut().reset(due);
+                continue;
+            }
+            match Pin::new(&mut *inner).poll_ready(cx) {
+                // The sink is busy sending: that is traffic enough, and this reader is woken
+                // when it has room.
+                Poll::Pending => return Ok(()),
+                Poll::Ready(ready) => ready.map_err(into_io_error)?,
+            }
+            Pin::new(&mut *inner).start_send(Message::Ping(Vec::new())).map_err(into_io_error)?;
+            // What the socket does not take now goes with the next write or read.
+            if let Poll::Ready(Err(err)) = Pin::new(&mut *inner).poll_flush(cx) {
+                return Err(into_io_error(err));
+            }
+            hb.last = now;
+            timer.as_mut().reset(now + hb.every);
         }
     }
 
@@ -249,6 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Hands the filled frame to the sink. Call only after `poll_ready` returned ready.
     fn start_send_outgoing(&mut self) -> io::Result<()> {
         let frame = std::mem::take(&mut self.outgoing);
+        self.sent();
         Pin::new(&mut self.inner).start_send(Message::Binary(frame)).map_err(into_io_error)
     }
 
@@ -282,7 +362,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
             }
             // Each poll of the stream also writes out any pong or close reply tungstenite queued
             // while reading, so pings are answered while the reader waits.
-            match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
+            let next = match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    this.poll_heartbeat(cx)?;
+                    return Poll::Pending;
+                }
+            };
+            match next {
                 Some(Ok(Message::Binary(data))) => this.incoming = Bytes::from(data),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
@@ -533,6 +620,67 @@ mod tests {
         peer.send(Message::Binary(b"hello".to_vec())).await.expect("send data");
         let got = timeout(STEP, reader).await.expect("in time").expect("join").expect("read");
         assert_eq!(&got, b"hello");
+    }
+
+    /// The next message the peer gets, and when (paused time: the runtime jumps to timers).
+    async fn next_at(peer: &mut WebSocketStream<DuplexStream>) -> (Message, Instant) {
+        let next = timeout(Duration::from_secs(3600), peer.next()).await.expect("a message within the hour");
+        let msg = next.expect("a message").expect("no error");
+        (msg, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_reader_pings_after_a_quiet_interval_and_writes_put_it_off() {
+        let (stream, mut peer) = stream_and_peer(caps(1 << 20, 64 << 20)).await;
+        let (mut reader, mut writer) = tokio::io::split(stream.with_pings(Duration::from_secs(30)));
+        let start = Instant::now();
+        let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = reader.read(&mut buf).await {
+                let _ = got_tx.send(buf[..n].to_vec());
+            }
+        });
+
+        let (msg, at) = next_at(&mut peer).await;
+        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(at - start, Duration::from_secs(30), "the first ping, after 30s of nothing");
+
+        // Data from the peer does not put the next ping off (it may only be seen later)...
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        peer.send(Message::Binary(b"row".to_vec())).await.unwrap();
+        assert_eq!(got_rx.recv().await.unwrap(), b"row");
+        let (msg, at) = next_at(&mut peer).await;
+        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(at - start, Duration::from_secs(60));
+
+        // ...data sent does.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        writer.write_all(b"query").await.unwrap();
+        writer.flush().await.unwrap();
+        assert_eq!(next_at(&mut peer).await.0, Message::Binary(b"query".to_vec()));
+        let (msg, at) = next_at(&mut peer).await;
+        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(at - start, Duration::from_secs(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_polled_now_and_then_pings_once_due_and_never_when_off() {
+        use futures_util::FutureExt;
+        for (every, pings) in [(Duration::from_secs(30), true), (Duration::ZERO, false)] {
+            let (stream, mut peer) = stream_and_peer(caps(1 << 20, 64 << 20)).await;
+            let mut stream = stream.with_pings(every);
+            let mut buf = [0u8; 16];
+            // As the pool's liveness check polls an idle connection: once, with no waker.
+            tokio::time::advance(Duration::from_secs(20)).await;
+            assert!(stream.read(&mut buf).now_or_never().is_none());
+            assert!(peer.next().now_or_never().is_none(), "no ping before the interval");
+            tokio::time::advance(Duration::from_secs(11)).await;
+            assert!(stream.read(&mut buf).now_or_never().is_none());
+            tokio::task::yield_now().await;
+            let got = peer.next().now_or_never().flatten().map(|m| m.unwrap());
+            assert_eq!(got, pings.then(|| Message::Ping(Vec::new())), "every {every:?}");
+        }
     }
 
     #[tokio::test]
