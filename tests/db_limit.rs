@@ -1,6 +1,7 @@
 //! `max_db_connections`: the origin connections of every pool of one database together stay
 //! under the cap (as PgBouncer's), with several logins each having a pool of its own; a pool
-//! at the cap takes another pool's idle connection rather than waiting. Against a real Postgres.
+//! at the cap takes another pool's idle connection rather than waiting. `max_user_connections`
+//! does the same for the pools of one user over several databases. Against a real Postgres.
 
 mod common;
 mod support;
@@ -100,4 +101,69 @@ async fn at_the_cap_a_pool_takes_another_pools_idle_connection_instead_of_waitin
     let user: String = a.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(user, "app");
     assert!(open_on_origin(&monitor).await <= 2);
+}
+
+/// Origin connections of `app`, to any database, as Postgres counts them.
+async fn open_as_app(monitor: &tokio_postgres::Client) -> i64 {
+    monitor.query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn the_pools_of_one_user_over_several_databases_stay_under_max_user_connections() {
+    let origin = Origin::start();
+    origin.cluster.create_database("app2", APP_USER);
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 3;
+        c.max_user_connections = 2;
+        c.pool_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let monitor = common::connect(&origin.cluster.superuser_url("postgres")).await.unwrap();
+    let url_of = |db: &str| format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{db}", pgwarp.port);
+
+    // The app database's pool opens the two connections the cap allows and leaves them idle.
+    let (a, b) = (common::connect(&url_of(APP_DB)).await.unwrap(), common::connect(&url_of(APP_DB)).await.unwrap());
+    let (x, y) = tokio::join!(
+        a.query_one("SELECT pg_backend_pid() FROM pg_sleep(0.2)", &[]),
+        b.query_one("SELECT pg_backend_pid() FROM pg_sleep(0.2)", &[])
+    );
+    assert_ne!(x.unwrap().get::<_, i32>(0), y.unwrap().get::<_, i32>(0));
+    assert_eq!(open_as_app(&monitor).await, 2);
+
+    // app2's pool, at the user's cap, closes one of them and is served at once.
+    let started = Instant::now();
+    let other = common::connect(&url_of("app2")).await.unwrap();
+    let db: String = other.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
+    assert_eq!(db, "app2");
+    assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
+
+    // Busy on both databases at once: never more than two connections of app.
+    let done = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicI64::new(0));
+    let watcher = {
+        let (done, most) = (done.clone(), most.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                most.fetch_max(open_as_app(&monitor).await, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let url = url_of(if i % 2 == 0 { APP_DB } else { "app2" });
+        clients.push(tokio::spawn(async move {
+            let client = common::connect(&url).await.unwrap();
+            for _ in 0..3 {
+                client.query_one("SELECT 1 FROM pg_sleep(0.1)", &[]).await.unwrap();
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!((1..=2).contains(&most), "{most} origin connections of app were open at once");
 }

@@ -295,6 +295,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("idle_timeout", duration(c.idle_timeout)),
         ("min_pool_size", c.min_pool_size.to_string()),
         ("max_db_connections", c.max_db_connections.to_string()),
+        ("max_user_connections", c.max_user_connections.to_string()),
         ("server_lifetime", duration(c.server_lifetime)),
         ("idle_transaction_timeout", duration(c.idle_transaction_timeout)),
         ("client_idle_timeout", duration(c.client_idle_timeout)),

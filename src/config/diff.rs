@@ -41,6 +41,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "unix_socket_mode" => unix_socket_mode,
         "workers" => workers,
         "max_db_connections" => max_db_connections,
+        "max_user_connections" => max_user_connections,
         "busy_poll" => busy_poll,
         "tcp_keepalive" => tcp_keepalive,
         "tcp_keepidle" => tcp_keepidle,

@@ -139,6 +139,9 @@ pub struct Config {
     /// at the cap, a pool closes another's idle connection or waits (up to `pool_timeout`).
     /// Default 0: no cap beyond `pool_size` per pool.
     pub max_db_connections: usize,
+    /// Origin connections of one origin user over all its pools (every database's), as
+    /// PgBouncer's, and the same way as `max_db_connections`. Default 0: no cap.
+    pub max_user_connections: usize,
     /// Origin connections each pool keeps open even when idle (at most `pool_size`), opened
     /// ahead of need, so the first transactions after a quiet spell, or after start for the
     /// origin URL's own login, do not wait for a login to a far origin. Default 0.
@@ -262,6 +265,7 @@ impl Default for Config {
             reserve_pool_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_db_connections: 0,
+            max_user_connections: 0,
             min_pool_size: 0,
             server_lifetime: Duration::from_secs(3600),
             idle_transaction_timeout: Duration::ZERO,

@@ -147,8 +147,9 @@ pub struct OriginConn {
     pub carrier: &'static str,
     /// Its entry in `SHOW SERVERS`, once the pool has listed it; unlisted when this drops.
     pub listing: Option<Listed<ServerEntry>>,
-    /// Its share of a cap on open connections (`max_db_connections`), given back when it goes.
-    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its share of the caps on open connections (`max_db_connections`,
+    /// `max_user_connections`), given back when it goes.
+    pub hold: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Its pool's generation (RECONNECT, a new origin): counted open until it goes.
     pub vintage: Option<crate::pool::Vintage>,
     /// Where it is connected: a cancel request for its backend goes there, even after the
@@ -203,7 +204,7 @@ impl OriginConn {
             needs_sync: false,
             carrier,
             listing: None,
-            hold: None,
+            hold: Vec::new(),
             vintage: None,
             target: target.clone(),
         };

@@ -6,7 +6,8 @@
 //! checked before reuse, so an origin restart costs no client a dead connection. A connection
 //! older than `server_lifetime` is closed when it comes back, or by the reaper when idle. The
 //! reaper also keeps `min_pool_size` connections open, opening them ahead of need.
-//! `max_db_connections` caps the connections of all pools of one database (`db_limit`).
+//! `max_db_connections` caps the connections of all pools of one database, and
+//! `max_user_connections` those of one origin user (`shared_limit`).
 //! `RECONNECT` and a new origin address replace connections as they come back (`reconnect`).
 //!
 //! The pool is split into one shard per worker thread (`workers`), each with its share of
@@ -23,12 +24,12 @@
 //! only ever returned by `checkin`; one that is dropped instead is closed, which is the safe
 //! default for anything whose state pgwarp is unsure of.
 
-mod db_limit;
 mod live;
 mod pause;
 mod reconnect;
 mod resize;
 mod set;
+mod shared_limit;
 
 pub use pause::PauseError;
 pub use reconnect::{Destination, Vintage};
@@ -44,9 +45,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use db_limit::DbLimit;
 use live::LiveSettings;
 use reconnect::Generation;
+use shared_limit::SharedLimit;
 
 use crate::config::Config;
 use crate::origin::settings::{sync_sql, Settings};
@@ -75,6 +76,8 @@ pub struct PoolConfig {
     pub client_idle_timeout: Duration,
     /// Connections to one database over all its pools (zero: no limit).
     pub max_db_connections: usize,
+    /// Connections of one origin user over all its pools (zero: no limit).
+    pub max_user_connections: usize,
 }
 
 impl From<&Config> for PoolConfig {
@@ -92,6 +95,7 @@ impl From<&Config> for PoolConfig {
             idle_transaction_timeout: c.idle_transaction_timeout,
             client_idle_timeout: c.client_idle_timeout,
             max_db_connections: c.max_db_connections,
+            max_user_connections: c.max_user_connections,
         }
     }
 }
@@ -246,8 +250,8 @@ pub struct Pool {
     replaced: Arc<tokio::sync::Notify>,
     /// Where its connections are listed for `SHOW SERVERS`.
     servers: Arc<Roster<ServerEntry>>,
-    /// The cap on its database's connections over all pools, if set.
-    db_limit: Option<Arc<DbLimit>>,
+    /// The caps it shares with other pools: its database's connections, its user's (when set).
+    limits: Vec<Arc<SharedLimit>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -265,7 +269,7 @@ impl Pool {
         config: PoolConfig,
         workers: usize,
         servers: Arc<Roster<ServerEntry>>,
-        db_limit: Option<Arc<DbLimit>>,
+        limits: Vec<Arc<SharedLimit>>,
     ) -> Arc<Pool> {
         let n = workers.clamp(1, config.size.max(1));
         let sizes = (0..n).map(|i| share(config.size, i, n)).chain([config.reserve_size]);
@@ -295,7 +299,7 @@ impl Pool {
             base_params: Mutex::new(None),
             replaced: Arc::new(tokio::sync::Notify::new()),
             servers,
-            db_limit,
+            limits,
         });
         spawn_reaper(Arc::downgrade(&pool));
         pool
@@ -440,20 +444,39 @@ impl Pool {
             }
             tracing::debug!(conn = conn.id, "dropping dead idle origin connection");
         }
-        let hold = match &self.db_limit {
-            Some(limit) => Some(Box::pin(limit.admit(self.live.pool_timeout())).await?),
-            None => None,
-        };
+        let hold = if self.limits.is_empty() { Vec::new() } else { Box::pin(self.admit()).await? };
         self.connect_new(slot, client, hold).await
     }
 
+    /// A permit of every shared cap for one more connection, within `pool_timeout` in all: the
+    /// database's first, then the user's, always in that order.
+    async fn admit(&self) -> Result<Vec<OwnedSemaphorePermit>, PoolError> {
+        let timeout = self.live.pool_timeout();
+        let started = Instant::now();
+        let mut hold = Vec::with_capacity(self.limits.len());
+        for limit in &self.limits {
+            match limit.admit(timeout.saturating_sub(started.elapsed())).await {
+                Ok(permit) => hold.push(permit),
+                // What the whole wait took, not just its last part.
+                Err(PoolError::Timeout(_)) => return Err(PoolError::Timeout(timeout)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(hold)
+    }
+
+    /// A permit of every shared cap without waiting or closing anything, or none.
+    fn try_admit(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        self.limits.iter().map(|limit| limit.try_admit()).collect()
+    }
+
     /// Opens a new connection in `slot`, lent to `client`, holding `hold` (its share of
-    /// `max_db_connections`) for as long as it is open.
+    /// `max_db_connections` and `max_user_connections`) for as long as it is open.
     async fn connect_new(
         self: &Arc<Self>,
         slot: Slot,
         client: u64,
-        hold: Option<OwnedSemaphorePermit>,
+        hold: Vec<OwnedSemaphorePermit>,
     ) -> Result<PooledConn, PoolError> {
         // Boxed: connecting (TLS, tunnel, authentication) is a large future, and inline it would
         // make every session's per-burst future that large.
@@ -495,10 +518,10 @@ impl Pool {
             tokio::spawn(conn.close());
             return;
         }
-        // Another pool of this database waits to open a connection and nobody here waits for
-        // this one: it is worth more there.
-        if self.db_limit.as_ref().is_some_and(|l| l.wanted()) && self.counters.waiting.load(Ordering::Relaxed) == 0 {
-            tracing::debug!(conn = conn.id, "closing origin connection: max_db_connections, wanted by another pool");
+        // Another pool under one of its caps waits to open a connection and nobody here waits
+        // for this one: it is worth more there.
+        if self.limits.iter().any(|l| l.wanted()) && self.counters.waiting.load(Ordering::Relaxed) == 0 {
+            tracing::debug!(conn = conn.id, "closing origin connection: a shared cap, wanted by another pool");
             tokio::spawn(conn.close());
             return;
         }
@@ -691,14 +714,8 @@ impl Pool {
     async fn refill(self: &Arc<Self>) {
         while self.open_count() < self.min_open() {
             let Some(slot) = self.emptiest_free_slot() else { return };
-            // Never past max_db_connections, nor at another pool's expense.
-            let hold = match &self.db_limit {
-                Some(limit) => match limit.try_admit() {
-                    Some(permit) => Some(permit),
-                    None => return,
-                },
-                None => None,
-            };
+            // Never past a shared cap, nor at another pool's expense.
+            let Some(hold) = self.try_admit() else { return };
             match self.connect_new(slot, 0, hold).await {
                 Ok(pooled) => self.checkin(pooled),
                 Err(e) => {
@@ -741,7 +758,7 @@ impl Pool {
         let mut idle = self.shards[shard].idle.lock().unwrap_or_else(|e| e.into_inner());
         if !idle.is_empty() {
             let conn = idle.remove(0);
-            tracing::debug!(conn = conn.id, "closing idle origin connection for another pool (max_db_connections)");
+            tracing::debug!(conn = conn.id, "closing idle origin connection for another pool (a shared cap)");
             tokio::spawn(conn.close());
         }
     }

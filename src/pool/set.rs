@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 #[cfg(test)]
 use std::time::Duration;
 
-use super::db_limit::DbLimit;
 use super::pause::Pauses;
 use super::reconnect::Destination;
+use super::shared_limit::SharedLimit;
 use super::{Pool, PoolConfig};
 use crate::origin::{Credentials, OriginSecret};
 use crate::roster::{Roster, ServerEntry};
@@ -27,7 +27,9 @@ pub struct PoolSet {
     pub(super) disabled: Mutex<BTreeSet<String>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// `max_db_connections`, by database (when set).
-    db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
+    db_limits: Mutex<HashMap<String, Arc<SharedLimit>>>,
+    /// `max_user_connections`, by origin user (when set).
+    user_limits: Mutex<HashMap<String, Arc<SharedLimit>>>,
     /// Every pool's open connections, for `SHOW SERVERS`.
     pub servers: Arc<Roster<ServerEntry>>,
 }
@@ -44,6 +46,7 @@ impl PoolSet {
             disabled: Mutex::new(BTreeSet::new()),
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
+            user_limits: Mutex::new(HashMap::new()),
             servers: Arc::new(Roster::default()),
         }
     }
@@ -60,19 +63,27 @@ impl PoolSet {
             return pool.clone();
         }
         let config = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let db_limit = (config.max_db_connections > 0).then(|| {
-            let mut limits = self.db_limits.lock().unwrap_or_else(|e| e.into_inner());
-            limits.entry(creds.database.clone()).or_insert_with(|| DbLimit::new(config.max_db_connections)).clone()
-        });
+        let shared = |limits: &Mutex<HashMap<String, Arc<SharedLimit>>>, key: &str, max: usize| {
+            let mut limits = limits.lock().unwrap_or_else(|e| e.into_inner());
+            limits.entry(key.to_owned()).or_insert_with(|| SharedLimit::new(max)).clone()
+        };
+        // The database's cap first: pools always take permits in this order.
+        let mut limits = Vec::new();
+        if config.max_db_connections > 0 {
+            limits.push(shared(&self.db_limits, &creds.database, config.max_db_connections));
+        }
+        if config.max_user_connections > 0 {
+            limits.push(shared(&self.user_limits, &creds.user, config.max_user_connections));
+        }
         let pool = Pool::new(
             self.destination.clone(),
             creds.clone(),
             config,
             self.workers,
             self.servers.clone(),
-            db_limit.clone(),
+            limits.clone(),
         );
-        if let Some(limit) = db_limit {
+        for limit in limits {
             limit.register(&pool);
         }
         if self.is_paused_database(&creds.database) {

@@ -1,9 +1,11 @@
-//! `max_db_connections`: a cap on origin connections to one database over all its pools (every
-//! user's), as PgBouncer's. Each open connection, idle or lent, holds one permit, released when
-//! the connection goes. A pool that must open a connection while the database is at its cap
-//! first closes an idle connection of any pool of that database; failing that it waits, and
-//! pools that get a connection back while someone waits close it instead of keeping it idle.
-//! So many logins (auth_query, `[users]`) cannot together open more than the origin allows.
+//! Caps on origin connections that several pools share, as PgBouncer's: `max_db_connections`
+//! over all pools of one database (every user's), and `max_user_connections` over all pools of
+//! one origin user (every database's). Each open connection, idle or lent, holds one permit of
+//! each cap its pool is under, released when the connection goes. A pool that must open a
+//! connection while a cap is reached first closes an idle connection of another pool under
+//! that cap; failing that it waits, and pools that get a connection back while someone waits
+//! close it instead of keeping it idle. So many logins (auth_query, `[users]`) cannot together
+//! open more than the origin allows.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -13,17 +15,17 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Pool, PoolError, Waiting};
 
-pub struct DbLimit {
+pub struct SharedLimit {
     permits: Arc<Semaphore>,
     /// Pools waiting for a permit right now.
     waiting: AtomicUsize,
-    /// The database's pools, to take idle connections from.
+    /// The pools under this cap, to take idle connections from.
     pools: Mutex<Vec<Weak<Pool>>>,
 }
 
-impl DbLimit {
-    pub fn new(max: usize) -> Arc<DbLimit> {
-        Arc::new(DbLimit {
+impl SharedLimit {
+    pub fn new(max: usize) -> Arc<SharedLimit> {
+        Arc::new(SharedLimit {
             permits: Arc::new(Semaphore::new(max)),
             waiting: AtomicUsize::new(0),
             pools: Mutex::default(),
@@ -42,7 +44,7 @@ impl DbLimit {
     }
 
     /// A permit for one more connection: at once under the cap; else after closing an idle
-    /// connection of one of the database's pools; else when one closes, within `timeout`.
+    /// connection of one of the pools under the cap; else when one closes, within `timeout`.
     pub async fn admit(&self, timeout: Duration) -> Result<OwnedSemaphorePermit, PoolError> {
         if let Some(permit) = self.try_admit() {
             return Ok(permit);
@@ -63,7 +65,7 @@ impl DbLimit {
         self.waiting.load(Ordering::Relaxed) > 0
     }
 
-    /// Closes the least recently used idle connection of any of the database's pools.
+    /// Closes the least recently used idle connection of any of the pools under the cap.
     fn close_one_idle(&self) {
         let pools: Vec<Arc<Pool>> =
             self.pools.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
