@@ -334,11 +334,23 @@ async fn a_burst_that_waited_reserve_pool_timeout_runs_on_reserve_connections() 
     let err = third.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(code(&err), "53300", "{err}");
 
-    // Once the burst is over, the reserve connection waits for the next burst, open.
+    // Once the burst is over, the reserve connection stays open for the next one, which runs
+    // on it at once: only opening one waits for reserve_pool_timeout.
     burst.batch_execute("COMMIT").await.unwrap();
     holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let open = origin.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid IN ({held}, {reserve})"));
     assert_eq!(open.trim(), "2");
+    holder.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(first(&holder.simple_query("SELECT pg_backend_pid()").await.unwrap()), held);
+    let started = Instant::now();
+    assert_eq!(first(&burst.simple_query("SELECT pg_backend_pid()").await.unwrap()), reserve);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "waited {:?} for an open reserve connection",
+        started.elapsed()
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(first(&third.simple_query("SELECT 3").await.unwrap()), "3");
 }
 

@@ -295,3 +295,30 @@ async fn tcp_keepalive_probes_idle_client_and_origin_connections_on_the_configur
     assert_eq!(client_side.len(), 1, "{sockets:?}");
     assert_eq!(client_side[0].timer, 0, "keepalive off, yet a timer runs on the idle client socket: {client_side:?}");
 }
+
+#[tokio::test]
+async fn reserve_connections_close_after_idle_timeout_and_min_pool_size_keeps_the_pools_own() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.min_pool_size = 1;
+        c.reserve_pool_size = 1;
+        c.reserve_pool_timeout = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let holder = pgwarp.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let own = first(&holder.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let burst = pgwarp.client().await;
+    let reserve = first(&burst.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_ne!(own, reserve);
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    // Both idle past idle_timeout: the reserve's goes, the one min_pool_size keeps stays.
+    let open = |pid: &str| origin.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")) == "1";
+    eventually("the idle reserve connection is closed", || !open(&reserve)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(open(&own), "min_pool_size keeps the pool's own connection");
+    assert_eq!(first(&burst.simple_query("SELECT pg_backend_pid()").await.unwrap()), own);
+}

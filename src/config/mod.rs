@@ -129,7 +129,9 @@ pub struct Config {
     /// Extra origin connections per pool for clients that waited `reserve_pool_timeout`, as
     /// PgBouncer's: a burst gets through without a larger pool all the time. Default 0: none.
     pub reserve_pool_size: usize,
-    /// How long a client waits before a reserve connection may serve it. Default 5s.
+    /// How long a client waits before a reserve connection may be opened for it (one already
+    /// open and idle serves a waiting client at once). Default 5s; 0 turns the reserve off, as
+    /// in PgBouncer.
     #[serde(deserialize_with = "units::de_duration")]
     pub reserve_pool_timeout: Duration,
     /// Origin connections idle this long are closed. Default 10m.
@@ -375,10 +377,14 @@ impl Config {
         if !self.tcp_user_timeout.subsec_nanos().is_multiple_of(1_000_000) || self.tcp_user_timeout > MAX_USER_TIMEOUT {
             return invalid("tcp_user_timeout", "must be whole milliseconds, at most 24h (0 keeps the system's)");
         }
+        if !self.tcp_user_timeout.is_zero() && !cfg!(any(target_os = "linux", target_os = "android")) {
+            return invalid("tcp_user_timeout", "is only supported on Linux");
+        }
         if !self.tunnel_ping_interval.is_zero() && self.tunnel_ping_interval < Duration::from_secs(1) {
             return invalid("tunnel_ping_interval", "must be at least 1s (0 turns pings off)");
         }
-        if self.reserve_pool_size > 0 && self.reserve_pool_timeout >= self.pool_timeout {
+        let reserve_on = self.reserve_pool_size > 0 && !self.reserve_pool_timeout.is_zero();
+        if reserve_on && self.reserve_pool_timeout >= self.pool_timeout {
             return invalid("reserve_pool_timeout", "must be shorter than pool_timeout, or the reserve is never used");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
@@ -460,7 +466,8 @@ mod tests {
         c.validate().unwrap();
         let late = Config { reserve_pool_timeout: c.pool_timeout, ..c.clone() };
         assert!(matches!(late.validate(), Err(ConfigError::Invalid { key: "reserve_pool_timeout", .. })));
-        Config { reserve_pool_size: 0, ..late }.validate().unwrap();
+        Config { reserve_pool_size: 0, ..late.clone() }.validate().unwrap();
+        Config { reserve_pool_timeout: Duration::ZERO, ..late }.validate().unwrap();
     }
 
     #[test]

@@ -387,8 +387,15 @@ impl Pool {
             (_, 0) => Some(started),
             _ => Some(started + OWN_SHARD_GRACE),
         };
-        let mut reserve_at =
-            (self.shards[self.reserve].size() > 0).then(|| started + self.live.reserve_timeout().min(timeout));
+        // The reserve: never ahead of the other shards; at once when one of its connections
+        // is open and idle (a burst opened it, and opening is what the timeout holds back);
+        // else after reserve_pool_timeout (zero turns the reserve off, as in PgBouncer).
+        let reserve_timeout = self.live.reserve_timeout();
+        let mut reserve_at = (self.shards[self.reserve].size() > 0 && !reserve_timeout.is_zero()).then(|| {
+            let opened = !self.shards[self.reserve].idle.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+            let at = if opened { started } else { started + reserve_timeout.min(timeout) };
+            widen_at.map_or(at, |widen| at.max(widen))
+        });
         let mut shards = vec![shard];
         let mut queues = vec![Box::pin(self.shards[shard].permits.clone().acquire_owned())];
         loop {
@@ -675,28 +682,38 @@ impl Pool {
         self.active_count() + self.idle_count()
     }
 
+    /// Open connections that count towards `min_pool_size`: all but the reserve's idle ones,
+    /// which are for bursts and close after `idle_timeout` whatever the minimum.
+    fn kept_count(&self) -> usize {
+        let reserve_idle = self.shards[self.reserve].idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.open_count().saturating_sub(reserve_idle)
+    }
+
     /// `min_pool_size`, capped at the pool's size.
     fn min_open(&self) -> usize {
         self.live.min_size().min(self.size.load(Ordering::Acquire))
     }
 
     /// Closes idle connections that died, outlived `server_lifetime`, or sat idle past
-    /// `idle_timeout` (those only down to `min_pool_size`).
+    /// `idle_timeout` (those of worker shards only down to `min_pool_size`).
     fn reap_idle(&self) {
         let mut closing = Vec::new();
-        let mut open = self.open_count();
+        let mut kept = self.kept_count();
         let min = self.min_open();
-        for shard in &self.shards {
+        for (index, shard) in self.shards.iter().enumerate() {
+            let reserve = index == self.reserve;
             let mut idle = shard.idle.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             let timeout = self.live.idle_timeout();
             let mut i = 0;
             while i < idle.len() {
-                let unused = now.duration_since(idle[i].last_used) >= timeout && open > min;
+                let unused = now.duration_since(idle[i].last_used) >= timeout && (reserve || kept > min);
                 let superseded = self.superseded(idle[i].vintage.as_ref());
                 if unused || superseded || self.outlived(&idle[i], now) || !idle[i].is_alive() {
                     closing.push(idle.swap_remove(i));
-                    open = open.saturating_sub(1);
+                    if !reserve {
+                        kept = kept.saturating_sub(1);
+                    }
                 } else {
                     i += 1;
                 }
@@ -712,7 +729,7 @@ impl Pool {
     /// at the origin), each in the free slot of the shard with the fewest idle ones, so every
     /// worker has some. Stops at the first failure, to try again at the reaper's next turn.
     async fn refill(self: &Arc<Self>) {
-        while self.open_count() < self.min_open() {
+        while self.kept_count() < self.min_open() {
             let Some(slot) = self.emptiest_free_slot() else { return };
             // Never past a shared cap, nor at another pool's expense.
             let Some(hold) = self.try_admit() else { return };
@@ -869,11 +886,15 @@ mod tests {
     use crate::pool::{test_creds, unreachable_pools_with};
 
     fn with_reserve(size: usize, reserve: usize, workers: usize) -> PoolSet {
+        with_reserve_after(size, reserve, workers, Duration::from_millis(150))
+    }
+
+    fn with_reserve_after(size: usize, reserve: usize, workers: usize, after: Duration) -> PoolSet {
         let config = PoolConfig {
             size,
             pool_timeout: Duration::from_millis(600),
             reserve_size: reserve,
-            reserve_timeout: Duration::from_millis(150),
+            reserve_timeout: after,
             connect_timeout: Duration::from_secs(1),
             statement_cache: 10,
             ..PoolConfig::default()
@@ -910,20 +931,31 @@ mod tests {
             drop(a);
             let next = waiter.await.unwrap().unwrap();
             assert_ne!(next.shard, pool.reserve);
-            drop(extra);
-            assert_eq!(pool.try_slot().map(|s| s.shard), None, "the reserve is never taken without a wait");
-            drop((b, next));
+            drop((b, next, extra));
         }
     }
 
     #[tokio::test]
     async fn without_a_reserve_a_client_waits_out_pool_timeout() {
-        let pools = with_reserve(1, 0, 1);
+        // No reserve slots, or (as in PgBouncer) a zero reserve_pool_timeout.
+        for pools in [with_reserve(1, 0, 1), with_reserve_after(1, 2, 1, Duration::ZERO)] {
+            let pool = pools.get(&test_creds());
+            let _a = pool.acquire_slot().await.unwrap();
+            let started = Instant::now();
+            assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
+            assert!(started.elapsed() >= Duration::from_millis(590));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_reserve_timeout_never_takes_the_reserve_ahead_of_another_workers_free_slot() {
+        let pools = with_reserve_after(2, 1, 2, Duration::from_millis(1));
         let pool = pools.get(&test_creds());
-        let _a = pool.acquire_slot().await.unwrap();
-        let started = Instant::now();
-        assert!(matches!(pool.acquire_slot().await, Err(PoolError::Timeout(_))));
-        assert!(started.elapsed() >= Duration::from_millis(590));
+        let a = pool.acquire_slot().await.unwrap();
+        let b = pool.acquire_slot().await.unwrap();
+        assert_ne!(b.shard, pool.reserve, "the other worker's slot was free");
+        assert_ne!(a.shard, b.shard);
+        assert_eq!(pool.acquire_slot().await.unwrap().shard, pool.reserve);
     }
 
     #[tokio::test]

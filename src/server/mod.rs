@@ -448,9 +448,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
-                        if let Err(e) = tcp.apply(&socket) {
-                            tracing::debug!(error = %e, %peer, "could not set TCP keepalive on a client connection");
-                        }
+                        tcp.apply_or_warn(&socket, "client");
                         let register = |s| tokio::net::TcpStream::from_std(s).map(ClientStream::Tcp);
                         hand_over(&ctx, &tracker, &workers, socket.into_std(), peer.into(), register);
                     }

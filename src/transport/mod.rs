@@ -204,7 +204,7 @@ pub async fn connect_telling(target: &OriginTarget) -> Result<(OriginStream, &'s
         None => {
             let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
-            target.tcp.apply(&tcp)?;
+            target.tcp.apply_or_warn(&tcp, "origin");
             OriginStream::Tcp(tcp)
         }
     };

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -81,10 +82,22 @@ impl TcpOptions {
                 socket.set_tcp_keepalive(&params)?;
             }
         }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         if !self.user_timeout.is_zero() {
             socket.set_tcp_user_timeout(Some(self.user_timeout))?;
         }
         Ok(())
+    }
+
+    /// Sets these options, and on failure (a kernel without one of them) logs a warning, once
+    /// per process, and leaves the connection as it is: it works without them.
+    pub fn apply_or_warn(&self, socket: &impl AsFd, side: &'static str) {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if let Err(e) = self.apply(socket) {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, side, "cannot set the tcp_* options on a connection; going on without them");
+            }
+        }
     }
 }
 
@@ -100,6 +113,7 @@ mod tests {
         (client, server)
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn every_setting_reaches_the_socket() {
         let (socket, _peer) = pair();
@@ -119,6 +133,7 @@ mod tests {
         assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_millis(25_500)));
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn zeros_leave_the_system_values_and_off_turns_keepalive_off() {
         let (socket, _peer) = pair();

@@ -166,7 +166,7 @@ pub async fn connect(
     let connect_error = |source| WsError::Connect { host: host.clone(), port, source };
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(connect_error)?;
     tcp.set_nodelay(true).map_err(connect_error)?;
-    config.tcp.apply(&tcp).map_err(connect_error)?;
+    config.tcp.apply_or_warn(&tcp, "tunnel");
     let stream: Box<dyn ByteStream> =
         if secure { Box::new(tls_connect(&host, tcp, config.ca_file.as_deref()).await?) } else { Box::new(tcp) };
 
@@ -274,7 +274,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
-    /// Sends a Ping whenever it has sent nothing for `every` (zero: never).
+    /// Sends a Ping whenever it has sent nothing for `every` (zero: never). The ping goes out
+    /// from a waiting read, with the reader's waker on the sink: use the stream from one task
+    /// (as a session uses its origin connection), or a writer waiting on the sink in another
+    /// may not be woken.
     pub fn with_pings(mut self, every: Duration) -> Self {
         self.heartbeat = (!every.is_zero()).then(|| Heartbeat { every, last: Instant::now(), timer: None });
         self

@@ -110,7 +110,7 @@ async fn run(shared: &Shared, tcp: TcpStream, traffic: &Traffic) -> Result<(), S
     tcp.set_nodelay(true)?;
     // Keepalive with the system's timings, as pgwarp's own connections have by default: a
     // pgwarp that vanished does not hold its database connection here for ever.
-    TcpOptions::default().apply(&tcp)?;
+    TcpOptions::default().apply_or_warn(&tcp, "tunnel client");
     match &shared.tls {
         Some(acceptor) => {
             let tls = timeout(HANDSHAKE_TIMEOUT, tokio_boring::accept(acceptor, tcp))
