@@ -87,7 +87,7 @@ fn pool(metric: &str) -> String {
 }
 
 #[tokio::test]
-async fn metrics_count_logins_refusals_checkouts_and_cache_answers() {
+async fn metrics_count_logins_refusals_checkouts_traffic_and_cache_answers() {
     let origin = Origin::start();
     origin.sql("CREATE TABLE seen (v int); INSERT INTO seen VALUES (1); GRANT ALL ON seen TO app");
     let (process, admin) = start(&origin, &["--pool-size", "2"]);
@@ -127,6 +127,23 @@ async fn metrics_count_logins_refusals_checkouts_and_cache_answers() {
     assert_eq!(sample(&after, "pgwarp_cache_uncacheable_total{reason=\"write\"}"), 1.0);
     assert!(sample(&after, "pgwarp_cache_entries") >= 1.0);
     assert!(sample(&after, "pgwarp_cache_invalidations_total") >= 1.0);
+
+    // Traffic, as PgBouncer's SHOW STATS counts it: the session adds it to the pool's totals
+    // once it is idle, just after its answer went out. Eleven Query messages came in (24 bytes
+    // for each read, 33 for the INSERT); one of them went to the origin.
+    let delta = |now: &BTreeMap<String, f64>, metric: &str| sample(now, &pool(metric)) - sample(&warmed, &pool(metric));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = after;
+    while delta(&after, "pool_received_bytes_total") < 273.0 {
+        assert!(Instant::now() < deadline, "received bytes: {}", delta(&after, "pool_received_bytes_total"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(admin);
+    }
+    assert_eq!(delta(&after, "pool_received_bytes_total"), 273.0);
+    assert!(delta(&after, "pool_sent_bytes_total") >= 400.0, "ten answers from the cache and one from the origin");
+    assert_eq!(delta(&after, "pool_queries_total"), 1.0);
+    assert!(delta(&after, "pool_query_seconds_total") > 0.0);
+    assert!(delta(&after, "pool_transaction_seconds_total") >= delta(&after, "pool_query_seconds_total"));
 
     drop(client);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -250,6 +250,11 @@ fn pools_table(snapshot: &Snapshot) -> Table {
             ("connect_failures", INT8),
             ("paused", BOOL),
             ("replaced", INT8),
+            ("transaction_seconds", FLOAT8),
+            ("queries", INT8),
+            ("query_seconds", FLOAT8),
+            ("received_bytes", INT8),
+            ("sent_bytes", INT8),
         ],
         snapshot
             .pools
@@ -270,6 +275,11 @@ fn pools_table(snapshot: &Snapshot) -> Table {
                     p.connect_failures.to_string(),
                     if p.paused { "t" } else { "f" }.to_owned(),
                     p.replaced.to_string(),
+                    format!("{:.6}", p.transaction_seconds),
+                    p.queries.to_string(),
+                    format!("{:.6}", p.query_seconds),
+                    p.received_bytes.to_string(),
+                    p.sent_bytes.to_string(),
                 ]
             })
             .collect(),
@@ -698,6 +708,11 @@ mod tests {
                 timeouts: 0,
                 connects: 4,
                 connect_failures: 1,
+                transaction_seconds: 2.25,
+                queries: 90,
+                query_seconds: 1.125,
+                received_bytes: 4000,
+                sent_bytes: 9000,
             }],
             paused: true,
             ..Snapshot::default()
@@ -705,7 +720,9 @@ mod tests {
         let table = answer(Show::Pools, &snapshot, &Listing::default(), &Config::default());
         assert_eq!(table.columns.len(), table.rows[0].len());
         let row: Vec<&str> = table.rows[0].iter().map(|c| c.as_deref().unwrap_or("NULL")).collect();
-        assert_eq!(row, vec!["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1", "t", "0"]);
+        let traffic = ["2.250000", "90", "1.125000", "4000", "9000"];
+        let fixed = ["shop", "app", "20", "2", "3", "1", "77", "5", "0.500000", "0", "4", "1", "t", "0"];
+        assert_eq!(row, [&fixed[..], &traffic[..]].concat());
         let version = answer(Show::Version, &snapshot, &Listing::default(), &Config::default());
         assert_eq!(version.rows, vec![vec![Some("pgwarp 9.9.9".to_owned())]]);
     }

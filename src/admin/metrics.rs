@@ -149,6 +149,33 @@ impl Collector for Snapshot {
             "Checkouts on a reserve connection, after reserve_pool_timeout (counted in pool_checkouts too)",
             count(|p| p.reserve_checkouts),
         )?;
+        let seconds =
+            |f: fn(&PoolSnapshot) -> f64| pools.iter().map(move |p| (pool_labels(p), ConstCounter::new(f(p))));
+        family(
+            &mut e,
+            "pool_transaction_seconds",
+            "Time origin connections spent lent to clients (PgBouncer's total_xact_time)",
+            seconds(|p| p.transaction_seconds),
+        )?;
+        family(
+            &mut e,
+            "pool_queries",
+            "Requests the origin answered: a simple query, or an extended-protocol sequence up to its Sync",
+            count(|p| p.queries),
+        )?;
+        family(
+            &mut e,
+            "pool_query_seconds",
+            "Time from sending each request to the origin to its ReadyForQuery (PgBouncer's total_query_time)",
+            seconds(|p| p.query_seconds),
+        )?;
+        family(&mut e, "pool_received_bytes", "Bytes received from the pool's clients", count(|p| p.received_bytes))?;
+        family(
+            &mut e,
+            "pool_sent_bytes",
+            "Bytes sent to the pool's clients, whoever answered",
+            count(|p| p.sent_bytes),
+        )?;
         family(&mut e, "pool_waits", "Checkouts that had to wait for a free connection", count(|p| p.waits))?;
         let waited = pools.iter().map(|p| (pool_labels(p), ConstCounter::new(p.wait_seconds)));
         family(&mut e, "pool_wait_seconds", "Time clients spent waiting for an origin connection", waited)?;
@@ -218,6 +245,11 @@ mod tests {
                 paused: true,
                 checkouts: 1000,
                 reserve_checkouts: 6,
+                transaction_seconds: 1.5,
+                queries: 3000,
+                query_seconds: 0.75,
+                received_bytes: 40_000,
+                sent_bytes: 90_000,
                 waits: 4,
                 wait_seconds: 0.25,
                 timeouts: 1,
@@ -251,6 +283,11 @@ mod tests {
             "pgwarp_database_disabled{database=\"old\"} 1",
             "pgwarp_pool_checkouts_total{database=\"shop\",user=\"app\"} 1000",
             "pgwarp_pool_reserve_checkouts_total{database=\"shop\",user=\"app\"} 6",
+            "pgwarp_pool_transaction_seconds_total{database=\"shop\",user=\"app\"} 1.5",
+            "pgwarp_pool_queries_total{database=\"shop\",user=\"app\"} 3000",
+            "pgwarp_pool_query_seconds_total{database=\"shop\",user=\"app\"} 0.75",
+            "pgwarp_pool_received_bytes_total{database=\"shop\",user=\"app\"} 40000",
+            "pgwarp_pool_sent_bytes_total{database=\"shop\",user=\"app\"} 90000",
             "pgwarp_pool_wait_seconds_total{database=\"shop\",user=\"app\"} 0.25",
             "pgwarp_pool_timeouts_total{database=\"shop\",user=\"app\"} 1",
             "pgwarp_origin_connects_total{database=\"shop\",user=\"app\"} 8",

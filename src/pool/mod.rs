@@ -34,6 +34,7 @@ mod shared_limit;
 pub use pause::PauseError;
 pub use reconnect::{Destination, Vintage};
 pub use set::PoolSet;
+
 #[cfg(test)]
 pub(crate) use set::{test_creds, unreachable_pools, unreachable_pools_with};
 
@@ -149,6 +150,13 @@ struct Shard {
     owed: AtomicUsize,
     /// Connections handed out from this shard.
     checkouts: AtomicU64,
+    /// Time its connections spent lent, in microseconds.
+    lent_micros: AtomicU64,
+    /// What the clients of this shard's worker did (see `Traffic`).
+    queries: AtomicU64,
+    query_micros: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl Shard {
@@ -207,11 +215,32 @@ pub struct PoolSnapshot {
     pub checkouts: u64,
     /// Checkouts on a reserve slot (`reserve_pool_size`), counted in `checkouts` too.
     pub reserve_checkouts: u64,
+    /// Time connections spent lent to clients (transactions, and pinned sessions).
+    pub transaction_seconds: f64,
+    /// What its clients did (`Traffic`), query time in seconds.
+    pub queries: u64,
+    pub query_seconds: f64,
+    pub received_bytes: u64,
+    pub sent_bytes: u64,
     pub waits: u64,
     pub wait_seconds: f64,
     pub timeouts: u64,
     pub connects: u64,
     pub connect_failures: u64,
+}
+
+/// What a client did through pgwarp, counted by its session and added to its pool's totals
+/// now and then (`Pool::add_traffic`), as PgBouncer's `SHOW STATS` counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Requests answered by the origin: a simple query, or an extended-protocol sequence up to
+    /// its Sync (each ends with ReadyForQuery).
+    pub queries: u64,
+    /// Time from sending each of those to its ReadyForQuery, in microseconds.
+    pub query_micros: u64,
+    /// Bytes received from the client, and sent to it (answers from the cache included).
+    pub received: u64,
+    pub sent: u64,
 }
 
 /// A right to one connection of shard `shard`.
@@ -280,6 +309,11 @@ impl Pool {
                 size: AtomicUsize::new(size),
                 owed: AtomicUsize::new(0),
                 checkouts: AtomicU64::new(0),
+                lent_micros: AtomicU64::new(0),
+                queries: AtomicU64::new(0),
+                query_micros: AtomicU64::new(0),
+                received: AtomicU64::new(0),
+                sent: AtomicU64::new(0),
             })
             .collect();
         let pool = Arc::new(Pool {
@@ -445,6 +479,7 @@ impl Pool {
                 return Ok(PooledConn {
                     conn: Some(conn),
                     shard: slot.shard,
+                    lent_at: Instant::now(),
                     _permit: slot.permit,
                     pool: self.clone(),
                 });
@@ -500,7 +535,13 @@ impl Pool {
         listing.lend(client);
         conn.listing = Some(listing);
         self.note_base_params(&conn);
-        Ok(PooledConn { conn: Some(conn), shard: slot.shard, _permit: slot.permit, pool: self.clone() })
+        Ok(PooledConn {
+            conn: Some(conn),
+            shard: slot.shard,
+            lent_at: Instant::now(),
+            _permit: slot.permit,
+            pool: self.clone(),
+        })
     }
 
     /// The shard's most recently used idle connection. One its own worker did not open (its
@@ -521,6 +562,8 @@ impl Pool {
         let Some(mut conn) = pooled.conn.take() else {
             return;
         };
+        let lent = u64::try_from(pooled.lent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shards[pooled.shard].lent_micros.fetch_add(lent, Ordering::Relaxed);
         if conn.broken || !conn.is_quiet() {
             tokio::spawn(conn.close());
             return;
@@ -579,6 +622,22 @@ impl Pool {
         }
     }
 
+    /// Adds what a client of this pool did to the pool's totals (on the calling worker's
+    /// shard, so workers do not share the counters' cache line).
+    pub fn add_traffic(&self, t: &Traffic) {
+        let shard = &self.shards[self.own_shard()];
+        for (counter, n) in [
+            (&shard.queries, t.queries),
+            (&shard.query_micros, t.query_micros),
+            (&shard.received, t.received),
+            (&shard.sent, t.sent),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Idle connections right now (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         self.shards.iter().map(|s| s.idle.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
@@ -599,6 +658,7 @@ impl Pool {
     pub fn snapshot(&self) -> PoolSnapshot {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let sum = |f: fn(&Shard) -> &AtomicU64| self.shards.iter().map(|s| load(f(s))).sum::<u64>();
         PoolSnapshot {
             user: self.user.clone(),
             database: self.database.clone(),
@@ -610,6 +670,11 @@ impl Pool {
             paused: false,
             checkouts: self.shards.iter().map(|s| load(&s.checkouts)).sum(),
             reserve_checkouts: load(&self.shards[self.reserve].checkouts),
+            transaction_seconds: sum(|s| &s.lent_micros) as f64 / 1e6,
+            queries: sum(|s| &s.queries),
+            query_seconds: sum(|s| &s.query_micros) as f64 / 1e6,
+            received_bytes: sum(|s| &s.received),
+            sent_bytes: sum(|s| &s.sent),
             waits: load(&c.waits),
             wait_seconds: load(&c.wait_micros) as f64 / 1e6,
             timeouts: load(&c.timeouts),
@@ -828,6 +893,8 @@ fn spawn_reaper(pool: Weak<Pool>) {
 pub struct PooledConn {
     conn: Option<Box<OriginConn>>,
     shard: usize,
+    /// When it was handed out (for the pool's `transaction_seconds`).
+    lent_at: Instant,
     _permit: OwnedSemaphorePermit,
     pool: Arc<Pool>,
 }
