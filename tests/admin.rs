@@ -406,6 +406,39 @@ async fn pause_waits_for_open_transactions_holds_new_ones_and_resume_lets_them_g
 }
 
 #[tokio::test]
+async fn every_stats_period_the_log_says_what_the_pools_did_and_a_quiet_period_says_nothing() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgwarp.toml");
+    std::fs::write(&file, "stats_period = \"1s\"\n").unwrap();
+    let url = origin.url();
+    let args = ["--origin", url.as_str(), "--config", file.to_str().unwrap(), "--log-level", "info", "--no-cache"];
+    let process = PgwarpProcess::start(&args);
+    let stats_lines = || process.log().lines().filter(|l| l.contains(" stats ")).map(str::to_owned).collect::<Vec<_>>();
+    let client = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap();
+    for _ in 0..20 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats_lines().is_empty() {
+        assert!(Instant::now() < deadline, "no stats line; log:\n{}", process.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = stats_lines().remove(0);
+    for field in
+        ["xacts_per_sec=", "queries_per_sec=", "in_bytes_per_sec=", "out_bytes_per_sec=", "xact_us=", "query_us="]
+    {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(!line.contains("queries_per_sec=0.0 "), "{line}");
+    // Nothing happens: no more lines.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let settled = stats_lines().len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(stats_lines().len(), settled, "a quiet period logs nothing:\n{}", process.log());
+}
+
+#[tokio::test]
 async fn reload_applies_the_file_keeps_flags_and_restart_only_settings_and_survives_a_bad_file() {
     let origin = Origin::start();
     let dir = tempfile::tempdir().unwrap();

@@ -316,6 +316,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("tcp_keepcnt", c.tcp_keepcnt.to_string()),
         ("tcp_user_timeout", duration(c.tcp_user_timeout)),
         ("shutdown_timeout", duration(c.shutdown_timeout)),
+        ("stats_period", duration(c.stats_period)),
         ("workers", c.workers.to_string()),
         ("busy_poll", c.busy_poll.map_or_else(|| "auto".to_string(), duration)),
         ("auth_method", format!("{:?}", c.auth_method)),

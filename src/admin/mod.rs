@@ -18,6 +18,7 @@ pub mod http;
 pub mod listing;
 pub mod metrics;
 pub mod ready;
+pub mod stats_log;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

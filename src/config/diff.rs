@@ -75,6 +75,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "client_idle_timeout" => client_idle_timeout,
         "connect_timeout" => connect_timeout,
         "shutdown_timeout" => shutdown_timeout,
+        "stats_period" => stats_period,
         "max_message_size" => max_message_size,
         "auth_method" => auth_method,
         "statement_cache_size" => statement_cache_size,

@@ -184,6 +184,11 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long running transactions get to finish. Default 30s.
     #[serde(deserialize_with = "units::de_duration")]
     pub shutdown_timeout: Duration,
+    /// How often to log a line of what the pools did (transactions and requests per second,
+    /// bytes each way, average times), as PgBouncer's `stats_period`. Default 60s; 0 turns it
+    /// off.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub stats_period: Duration,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. Default info.
     pub log_level: String,
     /// Worker threads; 0 (the default) means one per CPU core. Each runs its clients on its own
@@ -279,6 +284,7 @@ impl Default for Config {
             tcp_keepcnt: 0,
             tcp_user_timeout: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
+            stats_period: Duration::from_secs(60),
             log_level: "info".into(),
             workers: 0,
             busy_poll: None,

@@ -440,6 +440,7 @@ impl Server {
             }
             AbortOnDrop(tokio::spawn(admin.run(ctx.clone())))
         });
+        let _stats_log = AbortOnDrop(tokio::spawn(crate::admin::stats_log::run(ctx.clone())));
         // Restart-only settings: the running config's stay as they were at start.
         let tcp = TcpOptions::from(&*ctx.config());
         loop {
