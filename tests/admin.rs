@@ -406,11 +406,11 @@ async fn pause_waits_for_open_transactions_holds_new_ones_and_resume_lets_them_g
 }
 
 #[tokio::test]
-async fn every_stats_period_the_log_says_what_the_pools_did_and_a_quiet_period_says_nothing() {
+async fn the_log_has_logins_ends_and_every_stats_period_what_the_pools_did_but_not_for_a_quiet_period() {
     let origin = Origin::start();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pgwarp.toml");
-    std::fs::write(&file, "stats_period = \"1s\"\n").unwrap();
+    std::fs::write(&file, "stats_period = \"1s\"\nlog_connections = true\nlog_disconnections = true\n").unwrap();
     let url = origin.url();
     let args = ["--origin", url.as_str(), "--config", file.to_str().unwrap(), "--log-level", "info", "--no-cache"];
     let process = PgwarpProcess::start(&args);
@@ -431,6 +431,13 @@ async fn every_stats_period_the_log_says_what_the_pools_did_and_a_quiet_period_s
         assert!(line.contains(field), "{field} missing in {line}");
     }
     assert!(!line.contains("queries_per_sec=0.0 "), "{line}");
+    assert!(process.log().contains("client logged in"), "{}", process.log());
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !process.log().contains("client disconnected: client close request") {
+        assert!(Instant::now() < deadline, "no disconnection line; log:\n{}", process.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Nothing happens: no more lines.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let settled = stats_lines().len();

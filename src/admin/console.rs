@@ -317,6 +317,8 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("tcp_user_timeout", duration(c.tcp_user_timeout)),
         ("shutdown_timeout", duration(c.shutdown_timeout)),
         ("stats_period", duration(c.stats_period)),
+        ("log_connections", c.log_connections.to_string()),
+        ("log_disconnections", c.log_disconnections.to_string()),
         ("workers", c.workers.to_string()),
         ("busy_poll", c.busy_poll.map_or_else(|| "auto".to_string(), duration)),
         ("auth_method", format!("{:?}", c.auth_method)),

@@ -76,6 +76,8 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "connect_timeout" => connect_timeout,
         "shutdown_timeout" => shutdown_timeout,
         "stats_period" => stats_period,
+        "log_connections" => log_connections,
+        "log_disconnections" => log_disconnections,
         "max_message_size" => max_message_size,
         "auth_method" => auth_method,
         "statement_cache_size" => statement_cache_size,

@@ -189,6 +189,12 @@ pub struct Config {
     /// off.
     #[serde(deserialize_with = "units::de_duration")]
     pub stats_period: Duration,
+    /// Log each client login (user, database, TLS), as PgBouncer's `log_connections`. Default
+    /// false: with a connection per request (serverless apps) it would be most of the log.
+    pub log_connections: bool,
+    /// Log each client's end, with its reason and age, as PgBouncer's `log_disconnections`.
+    /// Default false.
+    pub log_disconnections: bool,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. Default info.
     pub log_level: String,
     /// Worker threads; 0 (the default) means one per CPU core. Each runs its clients on its own
@@ -285,6 +291,8 @@ impl Default for Config {
             tcp_user_timeout: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
             stats_period: Duration::from_secs(60),
+            log_connections: false,
+            log_disconnections: false,
             log_level: "info".into(),
             workers: 0,
             busy_poll: None,

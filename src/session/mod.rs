@@ -92,6 +92,24 @@ enum End {
     HeldStill { in_transaction: bool },
 }
 
+impl End {
+    /// Why, in a few words (for the log).
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Terminate => "client close request",
+            End::ClientGone => "client connection closed",
+            End::Protocol(_) => "protocol violation",
+            End::OriginLost { .. } => "origin connection lost",
+            End::Shutdown => "shutdown",
+            End::Killed => "killed from the console",
+            End::Replaced => "pinned origin connection replaced",
+            End::Refused { .. } => "startup settings refused by the origin",
+            End::HeldStill { in_transaction: true } => "idle_transaction_timeout",
+            End::HeldStill { in_transaction: false } => "client_idle_timeout",
+        }
+    }
+}
+
 /// How reading back a client's settings went.
 enum Capture {
     Done,
@@ -936,6 +954,16 @@ impl Session {
             .await;
         }
         self.pool.add_traffic(&self.traffic);
+        if self.ctx.config().log_disconnections {
+            let age = self.listing.connected_at.elapsed().unwrap_or_default();
+            tracing::info!(
+                user = %self.user,
+                database = %self.database,
+                age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                "client disconnected: {}",
+                end.reason()
+            );
+        }
         let cancel_in_flight = self.cancel.slot.detach();
         if let Some(att) = self.origin.take() {
             let (pool, status) = (self.pool.clone(), self.status);

@@ -240,7 +240,11 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
     stream.write_all(&hello).await.map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     let leftover = reader.into_buffer();
     let reader = MessageReader::with_buffered(ctx.config().max_message_size, leftover);
-    tracing::debug!(user = %startup.user, database = %startup.database, "client logged in");
+    if ctx.config().log_connections {
+        tracing::info!(user = %startup.user, database = %startup.database, tls = stream.is_tls(), "client logged in");
+    } else {
+        tracing::debug!(user = %startup.user, database = %startup.database, "client logged in");
+    }
     Ok(Some(Login::Pooled(Established {
         user: startup.user,
         database: startup.database,
