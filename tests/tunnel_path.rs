@@ -83,6 +83,47 @@ async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
     assert!(ssl, "Postgres TLS must run inside the tunnel");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_of_tls_inside_wss_moves_between_workers_as_their_clients_take_turns() {
+    let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
+    let origin = Origin::start_with_ssl(&certs);
+    let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
+    let url = format!(
+        "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
+        origin.cluster.port(),
+        certs.path("ca.pem").display()
+    );
+    let ca = certs.path("ca.pem");
+    // One connection, two workers: each turn of a client on the other worker moves the socket
+    // under both TLS layers and the WebSocket to that worker's reactor.
+    let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
+        c.origin = Some(url);
+        c.tunnel_ca_file = Some(ca);
+        c.workers = 2;
+        c.pool_size = 1;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..4i32 {
+        let client = pgwarp.client().await;
+        clients.push(tokio::spawn(async move {
+            let mut pids = std::collections::BTreeSet::new();
+            for j in 0..40i32 {
+                let row =
+                    client.query_one("SELECT $1::int * 1000 + $2::int, pg_backend_pid()", &[&i, &j]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), i * 1000 + j);
+                pids.insert(row.get::<_, i32>(1));
+            }
+            pids
+        }));
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    for c in clients {
+        pids.extend(c.await.unwrap());
+    }
+    assert_eq!(pids.len(), 1, "every client used the one connection: {pids:?}");
+}
+
 #[tokio::test]
 async fn a_wrong_service_token_never_reaches_the_database() {
     let origin = Origin::start();

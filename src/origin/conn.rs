@@ -401,14 +401,14 @@ impl OriginConn {
         self.home
     }
 
-    /// Moves the socket to the calling worker's reactor, when its kind allows (a plain TCP or
-    /// Unix-domain socket).
+    /// Moves the socket, under any TLS or WebSocket layers, to the calling worker's reactor.
     /// Only for an idle connection: nobody may be waiting on it. On failure the connection is
     /// marked broken.
     pub fn rehome(&mut self) {
         if !self.stream.can_rehome() {
             return;
         }
+        // Layers keep what they buffered; only the socket under them moves.
         match self.stream.rehome() {
             Ok(()) => self.home = crate::workers::current(),
             Err(e) => {

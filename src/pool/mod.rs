@@ -546,7 +546,7 @@ impl Pool {
 
     /// The shard's most recently used idle connection. One its own worker did not open (its
     /// shard is shared, or it was opened by a client borrowing the slot) moves to the calling
-    /// worker when its kind allows, so connections end up where they are used; so does a
+    /// worker (TLS and WebSocket ones too), so connections end up where they are used; so does a
     /// reserve connection, which any worker may use.
     fn pop_idle(&self, shard: usize) -> Option<Box<OriginConn>> {
         let mut conn = self.shards[shard].idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;

@@ -26,14 +26,28 @@ use tls::{OriginTls, TlsError};
 pub trait ByteStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> ByteStream for T {}
 
+/// A stream layered over an origin socket (TLS, a WebSocket, or both) whose socket can move to
+/// the calling worker's reactor, as `OriginStream::rehome` moves a plain one.
+pub trait Layer: ByteStream {
+    /// Moves the socket under the layers; their buffered state stays as it is.
+    fn rehome(&mut self) -> io::Result<()>;
+}
+
+impl<S: Layer> Layer for SslStream<S> {
+    fn rehome(&mut self) -> io::Result<()> {
+        self.get_mut().rehome()
+    }
+}
+
 /// The origin connection's stream, whatever carries it. Plain sockets (TCP, Unix-domain) are
-/// kept apart from the layered kinds (TLS, WebSocket) for one reason: a socket can move to
-/// another worker's reactor (`rehome`).
+/// kept apart from the layered kinds (TLS, WebSocket), which hold buffers of their own and
+/// are always worth a read to ask whether anything arrived (`maybe_readable`). Also the
+/// stream under the tunnel's WebSocket.
 pub enum OriginStream {
     Tcp(TcpStream),
     /// The server's Unix-domain socket, when the origin runs on this machine.
     Unix(UnixStream),
-    Layered(Box<dyn ByteStream>),
+    Layered(Box<dyn Layer>),
     /// Between reactors inside `rehome`; never read or written.
     Moving,
 }
@@ -56,26 +70,33 @@ impl OriginStream {
         }
     }
 
-    /// Re-registers the socket with the calling thread's runtime, so its readiness events wake
-    /// tasks here without a cross-thread hop (see `workers`). Layered streams stay registered
-    /// where they were opened; they work from any thread all the same.
+    /// Re-registers the socket (under any layers) with the calling thread's runtime, so its
+    /// readiness events wake tasks here without a cross-thread hop (see `workers`).
     /// Only for a connection nobody is waiting on. Readiness starts afresh: bytes already waiting
     /// are reported when the new reactor next polls, so right after this `maybe_readable` (and a
     /// read) may not see them yet.
     pub fn rehome(&mut self) -> io::Result<()> {
-        if self.can_rehome() {
-            match std::mem::replace(self, OriginStream::Moving) {
-                OriginStream::Tcp(tcp) => *self = OriginStream::Tcp(TcpStream::from_std(tcp.into_std()?)?),
-                OriginStream::Unix(unix) => *self = OriginStream::Unix(UnixStream::from_std(unix.into_std()?)?),
-                other => *self = other,
+        match std::mem::replace(self, OriginStream::Moving) {
+            OriginStream::Tcp(tcp) => *self = OriginStream::Tcp(TcpStream::from_std(tcp.into_std()?)?),
+            OriginStream::Unix(unix) => *self = OriginStream::Unix(UnixStream::from_std(unix.into_std()?)?),
+            OriginStream::Layered(mut layered) => {
+                layered.rehome()?;
+                *self = OriginStream::Layered(layered);
             }
+            OriginStream::Moving => {}
         }
         Ok(())
     }
 
     /// Whether `rehome` moves this stream.
     pub fn can_rehome(&self) -> bool {
-        matches!(self, OriginStream::Tcp(_) | OriginStream::Unix(_))
+        !matches!(self, OriginStream::Moving)
+    }
+}
+
+impl Layer for OriginStream {
+    fn rehome(&mut self) -> io::Result<()> {
+        OriginStream::rehome(self)
     }
 }
 

@@ -44,7 +44,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::transport::tcp_options::TcpOptions;
-use crate::transport::ByteStream;
+use crate::transport::{Layer, OriginStream};
 
 /// Header carrying the service token's id on the upgrade request (Cloudflare Access naming).
 pub const ACCESS_CLIENT_ID_HEADER: &str = "CF-Access-Client-Id";
@@ -142,7 +142,7 @@ pub async fn connect(
     url: &str,
     headers: &[(String, String)],
     config: WsConfig,
-) -> Result<WsStream<Box<dyn ByteStream>>, WsError> {
+) -> Result<WsStream<OriginStream>, WsError> {
     let invalid = |reason: &str| WsError::InvalidUrl { url: url.to_string(), reason: reason.to_string() };
     let mut request = url.into_client_request().map_err(|err| invalid(&err.to_string()))?;
     let secure = match request.uri().scheme_str() {
@@ -167,8 +167,13 @@ pub async fn connect(
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(connect_error)?;
     tcp.set_nodelay(true).map_err(connect_error)?;
     config.tcp.apply_or_warn(&tcp, "tunnel");
-    let stream: Box<dyn ByteStream> =
-        if secure { Box::new(tls_connect(&host, tcp, config.ca_file.as_deref()).await?) } else { Box::new(tcp) };
+    // An OriginStream, so the socket can move between workers under the layers (`rehome`).
+    let tcp = OriginStream::Tcp(tcp);
+    let stream = if secure {
+        OriginStream::Layered(Box::new(tls_connect(&host, tcp, config.ca_file.as_deref()).await?))
+    } else {
+        tcp
+    };
 
     let (ws, _response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config.protocol_config()))
         .await
@@ -178,7 +183,11 @@ pub async fn connect(
 
 /// TLS to `host`, verifying its certificate against the system roots, or against `ca_file` alone
 /// when given.
-async fn tls_connect(host: &str, tcp: TcpStream, ca_file: Option<&Path>) -> Result<SslStream<TcpStream>, WsError> {
+async fn tls_connect(
+    host: &str,
+    tcp: OriginStream,
+    ca_file: Option<&Path>,
+) -> Result<SslStream<OriginStream>, WsError> {
     let mut builder = SslConnector::builder(SslMethod::tls())?;
     if let Some(path) = ca_file {
         builder.set_cert_store_builder(ca_store(path)?);
@@ -328,6 +337,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.inner.get_ref()
     }
 
+    /// The stream under the WebSocket, to change how it is registered (not to read or write).
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
     /// Hands the filled frame to the sink. Call only after `poll_ready` returned ready.
     fn start_send_outgoing(&mut self) -> io::Result<()> {
         let frame = std::mem::take(&mut self.outgoing);
@@ -342,6 +356,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             self.start_send_outgoing()?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: Layer> Layer for WsStream<S> {
+    fn rehome(&mut self) -> io::Result<()> {
+        self.get_mut().rehome()
     }
 }
 
@@ -463,6 +483,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::*;
+    use crate::transport::ByteStream;
 
     const STEP: Duration = Duration::from_secs(10);
 
