@@ -13,12 +13,49 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// Origin connections to the app database by pgwarp's roles, as Postgres counts them.
+const OPEN_ON_ORIGIN: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND usename IN ('app', 'alice')";
+/// Origin connections of `app`, to any database.
+const OPEN_AS_APP: &str = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'";
+
+async fn count(monitor: &tokio_postgres::Client, sql: &str) -> i64 {
+    monitor.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 async fn open_on_origin(monitor: &tokio_postgres::Client) -> i64 {
-    monitor
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND usename IN ('app', 'alice')", &[])
-        .await
-        .unwrap()
-        .get(0)
+    count(monitor, OPEN_ON_ORIGIN).await
+}
+
+/// Six clients, taking `urls` in turn, each run three short queries; returns the most origin
+/// connections `count_sql` saw open at once meanwhile.
+async fn most_open_while_busy(monitor: tokio_postgres::Client, count_sql: &'static str, urls: &[String]) -> i64 {
+    let done = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicI64::new(0));
+    let watcher = {
+        let (done, most) = (done.clone(), most.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                most.fetch_max(count(&monitor, count_sql).await, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let url = urls[i % urls.len()].clone();
+        clients.push(tokio::spawn(async move {
+            let client = common::connect(&url).await.unwrap();
+            for _ in 0..3 {
+                client.query_one("SELECT 1 FROM pg_sleep(0.1)", &[]).await.unwrap();
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    most.load(Ordering::Relaxed)
 }
 
 async fn start(origin: &Origin, pool_size: usize, max_db_connections: usize) -> Pgwarp {
@@ -42,35 +79,9 @@ async fn the_pools_of_one_database_together_stay_under_max_db_connections() {
     let pgwarp = start(&origin, 3, 3).await;
     let monitor = common::connect(&origin.cluster.superuser_url("app")).await.unwrap();
 
-    let done = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicI64::new(0));
-    let watcher = {
-        let (done, most) = (done.clone(), most.clone());
-        tokio::spawn(async move {
-            while !done.load(Ordering::Relaxed) {
-                most.fetch_max(open_on_origin(&monitor).await, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
     // Two logins, each with a pool of 3, six clients: without the cap 6 connections.
-    let mut clients = Vec::new();
-    for i in 0..6 {
-        let url = if i % 2 == 0 { pgwarp.url() } else { pgwarp.url_as("alice", "alice-pw") };
-        clients.push(tokio::spawn(async move {
-            let client = common::connect(&url).await.unwrap();
-            for _ in 0..3 {
-                let row = client.query_one("SELECT current_user::text FROM pg_sleep(0.1)", &[]).await.unwrap();
-                assert!(["app", "alice"].contains(&row.get::<_, String>(0).as_str()));
-            }
-        }));
-    }
-    for c in clients {
-        c.await.unwrap();
-    }
-    done.store(true, Ordering::Relaxed);
-    watcher.await.unwrap();
-    let most = most.load(Ordering::Relaxed);
+    let urls = [pgwarp.url(), pgwarp.url_as("alice", "alice-pw")];
+    let most = most_open_while_busy(monitor, OPEN_ON_ORIGIN, &urls).await;
     assert!((1..=3).contains(&most), "{most} origin connections were open at once");
 }
 
@@ -103,11 +114,6 @@ async fn at_the_cap_a_pool_takes_another_pools_idle_connection_instead_of_waitin
     assert!(open_on_origin(&monitor).await <= 2);
 }
 
-/// Origin connections of `app`, to any database, as Postgres counts them.
-async fn open_as_app(monitor: &tokio_postgres::Client) -> i64 {
-    monitor.query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'", &[]).await.unwrap().get(0)
-}
-
 #[tokio::test]
 async fn the_pools_of_one_user_over_several_databases_stay_under_max_user_connections() {
     let origin = Origin::start();
@@ -128,7 +134,7 @@ async fn the_pools_of_one_user_over_several_databases_stay_under_max_user_connec
         b.query_one("SELECT pg_backend_pid() FROM pg_sleep(0.2)", &[])
     );
     assert_ne!(x.unwrap().get::<_, i32>(0), y.unwrap().get::<_, i32>(0));
-    assert_eq!(open_as_app(&monitor).await, 2);
+    assert_eq!(count(&monitor, OPEN_AS_APP).await, 2);
 
     // app2's pool, at the user's cap, closes one of them and is served at once.
     let started = Instant::now();
@@ -138,32 +144,6 @@ async fn the_pools_of_one_user_over_several_databases_stay_under_max_user_connec
     assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
 
     // Busy on both databases at once: never more than two connections of app.
-    let done = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicI64::new(0));
-    let watcher = {
-        let (done, most) = (done.clone(), most.clone());
-        tokio::spawn(async move {
-            while !done.load(Ordering::Relaxed) {
-                most.fetch_max(open_as_app(&monitor).await, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
-    let mut clients = Vec::new();
-    for i in 0..6 {
-        let url = url_of(if i % 2 == 0 { APP_DB } else { "app2" });
-        clients.push(tokio::spawn(async move {
-            let client = common::connect(&url).await.unwrap();
-            for _ in 0..3 {
-                client.query_one("SELECT 1 FROM pg_sleep(0.1)", &[]).await.unwrap();
-            }
-        }));
-    }
-    for c in clients {
-        c.await.unwrap();
-    }
-    done.store(true, Ordering::Relaxed);
-    watcher.await.unwrap();
-    let most = most.load(Ordering::Relaxed);
+    let most = most_open_while_busy(monitor, OPEN_AS_APP, &[url_of(APP_DB), url_of("app2")]).await;
     assert!((1..=2).contains(&most), "{most} origin connections of app were open at once");
 }

@@ -42,6 +42,27 @@ async fn pgwarp_through(origin: &Origin, url: String, tweak: impl FnOnce(&mut pg
     .await
 }
 
+/// Postgres with TLS, `pgwarp tunnel` over wss:// in front of it, and pgwarp through the tunnel
+/// with Postgres TLS (verify-full) inside it, with `tweak` applied to pgwarp's config.
+async fn tls_inside_wss(tweak: impl FnOnce(&mut pgwarp::config::Config)) -> (Certs, Origin, PgwarpProcess, Pgwarp) {
+    let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
+    let origin = Origin::start_with_ssl(&certs);
+    let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
+    let url = format!(
+        "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
+        origin.cluster.port(),
+        certs.path("ca.pem").display()
+    );
+    let ca = certs.path("ca.pem");
+    let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
+        c.origin = Some(url);
+        c.tunnel_ca_file = Some(ca);
+        tweak(c);
+    })
+    .await;
+    (certs, origin, tunnel, pgwarp)
+}
+
 async fn exercise(pgwarp: &Pgwarp) {
     let client = pgwarp.client().await;
     assert_eq!(client.query_one("SELECT 1 + 1", &[]).await.unwrap().get::<_, i32>(0), 2);
@@ -62,20 +83,7 @@ async fn through_pgwarp_tunnel_over_ws() {
 
 #[tokio::test]
 async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
-    let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
-    let origin = Origin::start_with_ssl(&certs);
-    let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
-    let url = format!(
-        "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
-        origin.cluster.port(),
-        certs.path("ca.pem").display()
-    );
-    let ca = certs.path("ca.pem");
-    let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
-        c.origin = Some(url);
-        c.tunnel_ca_file = Some(ca);
-    })
-    .await;
+    let (_certs, _origin, _tunnel, pgwarp) = tls_inside_wss(|_| {}).await;
     exercise(&pgwarp).await;
     let client = pgwarp.client().await;
     let ssl: bool =
@@ -85,20 +93,9 @@ async fn through_pgwarp_tunnel_over_wss_with_postgres_tls_inside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_of_tls_inside_wss_moves_between_workers_as_their_clients_take_turns() {
-    let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
-    let origin = Origin::start_with_ssl(&certs);
-    let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
-    let url = format!(
-        "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
-        origin.cluster.port(),
-        certs.path("ca.pem").display()
-    );
-    let ca = certs.path("ca.pem");
     // One connection, two workers: each turn of a client on the other worker moves the socket
     // under both TLS layers and the WebSocket to that worker's reactor.
-    let pgwarp = pgwarp_through(&origin, format!("wss://localhost:{}/", tunnel.port()), move |c| {
-        c.origin = Some(url);
-        c.tunnel_ca_file = Some(ca);
+    let (_certs, _origin, _tunnel, pgwarp) = tls_inside_wss(|c| {
         c.workers = 2;
         c.pool_size = 1;
     })
