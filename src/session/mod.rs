@@ -181,7 +181,8 @@ pub struct Session {
     replaced: Option<Pin<Box<OwnedNotified>>>,
     /// This client in `SHOW CLIENTS`.
     listing: Listed<ClientEntry>,
-    /// What it did since its pool's totals last took it (at each release, and at the end).
+    /// What it did since its pool's totals last took it (when it goes idle, at the end of a
+    /// pinned client's transaction, and at the end).
     traffic: Traffic,
     /// When the oldest request still waiting for its ReadyForQuery went to the origin.
     query_started: Option<Instant>,
@@ -325,7 +326,7 @@ impl Session {
                 r = std::future::poll_fn(|cx| {
                     let unsent = self.to_client.len();
                     let r = poll_duplex(cx, &mut self.client, &mut self.reader, &mut self.to_client, read_client);
-                    self.traffic.sent += (unsent - self.to_client.len()) as u64;
+                    self.traffic.sent += unsent.saturating_sub(self.to_client.len()) as u64;
                     r
                 }), if client_active => match r {
                     Ok(Duplex::Buffered) => self.on_client().await?,
