@@ -1,6 +1,7 @@
 //! What pgwarp does over time, set as PgBouncer users set it: `idle_transaction_timeout` and
 //! `client_idle_timeout` (a client that holds still too long is closed as Postgres itself
-//! closes it), `server_lifetime` (origin connections are renewed between transactions),
+//! closes it), `query_timeout` (a request the origin leaves unanswered ends its client and is
+//! cancelled), `server_lifetime` (origin connections are renewed between transactions),
 //! `min_pool_size` (connections opened ahead of need and kept) and the `tcp_*` keepalive
 //! settings (idle connections are probed), against a real Postgres.
 
@@ -167,6 +168,49 @@ async fn server_lifetime_renews_connections_between_transactions_never_during_on
     let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {next}");
     assert_eq!(origin.sql(&alive), "1");
     wait_for(|| origin.sql(&alive) == "0").await;
+}
+
+#[tokio::test]
+async fn a_request_the_origin_leaves_unanswered_past_query_timeout_ends_its_client_and_is_cancelled() {
+    let origin = Origin::start();
+    let pgwarp = Pgwarp::start(&origin, |c| {
+        c.pool_size = 1;
+        c.query_timeout = Duration::from_millis(500);
+    })
+    .await;
+
+    // Under the limit nothing happens: a slow statement, a transaction idle between statements
+    // for longer than the limit (idleness is not a query), and a pipeline whose requests each
+    // take less than the limit but together more (each counts from the answer before it).
+    let client = pgwarp.client().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("SELECT pg_sleep(0.3)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.batch_execute("SELECT pg_sleep(0.3)").await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    let mut raw = pgwarp.raw().await;
+    raw.send(&[query("SELECT pg_sleep(0.3)"), query("SELECT pg_sleep(0.3)"), query("SELECT 'piped'")].concat()).await;
+    for _ in 0..2 {
+        assert_eq!(error_code(&raw.until_ready().await), None);
+    }
+    assert_eq!(first_column(&raw.until_ready().await), vec![Some("piped".to_owned())]);
+
+    // Over it: the client ends as PgBouncer ends it, with the SQLSTATE of a cancelled query.
+    let pid = one_value(&mut raw, "SELECT pg_backend_pid()").await;
+    raw.send(&query("SELECT pg_sleep(60)")).await;
+    let sent = Instant::now();
+    assert_eq!(closed_with(&mut raw).await, ("FATAL".to_owned(), "57014".to_owned()));
+    let waited = sent.elapsed();
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(5), "closed after {waited:?}");
+
+    // The query was cancelled and its connection closed, not handed to the next client: the
+    // pool's only slot is free again at once, on a new backend.
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    wait_for(|| origin.sql(&gone) == "0").await;
+    let next = pgwarp.client().await;
+    let row = next.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+    assert_ne!(row.get::<_, i32>(0).to_string(), pid);
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1, "another client is unaffected");
 }
 
 /// Origin backends logged in as the app role.

@@ -309,6 +309,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("server_lifetime", duration(c.server_lifetime)),
         ("idle_transaction_timeout", duration(c.idle_transaction_timeout)),
         ("client_idle_timeout", duration(c.client_idle_timeout)),
+        ("query_timeout", duration(c.query_timeout)),
         ("connect_timeout", duration(c.connect_timeout)),
         ("tcp_keepalive", c.tcp_keepalive.to_string()),
         ("tcp_keepidle", duration(c.tcp_keepidle)),

@@ -73,6 +73,7 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "server_lifetime" => server_lifetime,
         "idle_transaction_timeout" => idle_transaction_timeout,
         "client_idle_timeout" => client_idle_timeout,
+        "query_timeout" => query_timeout,
         "connect_timeout" => connect_timeout,
         "shutdown_timeout" => shutdown_timeout,
         "stats_period" => stats_period,
@@ -212,10 +213,17 @@ mod tests {
         loaded.server_lifetime = Duration::from_secs(60);
         loaded.idle_transaction_timeout = Duration::from_secs(5);
         loaded.client_idle_timeout = Duration::from_secs(300);
+        loaded.query_timeout = Duration::from_secs(60);
         let (next, changes) = reconcile(&running(), loaded.clone());
         assert_eq!(
             changes.applied,
-            vec!["min_pool_size", "server_lifetime", "idle_transaction_timeout", "client_idle_timeout"]
+            vec![
+                "min_pool_size",
+                "server_lifetime",
+                "idle_transaction_timeout",
+                "client_idle_timeout",
+                "query_timeout"
+            ]
         );
         assert_eq!(next, loaded);
     }

@@ -162,6 +162,12 @@ pub struct Config {
     /// A client idle this long outside a transaction is closed with FATAL 57P05. Default 0: off.
     #[serde(deserialize_with = "units::de_duration")]
     pub client_idle_timeout: Duration,
+    /// A request the origin has not answered (ReadyForQuery) this long after it was sent ends
+    /// its client with FATAL 57014: the query is cancelled and the origin connection closed, as
+    /// PgBouncer's `query_timeout` does. Meant for network failures, set a little above the
+    /// origin's `statement_timeout`. Default 0: off.
+    #[serde(deserialize_with = "units::de_duration")]
+    pub query_timeout: Duration,
     /// How long connecting and logging in to the origin may take. Default 10s.
     #[serde(deserialize_with = "units::de_duration")]
     pub connect_timeout: Duration,
@@ -283,6 +289,7 @@ impl Default for Config {
             server_lifetime: Duration::from_secs(3600),
             idle_transaction_timeout: Duration::ZERO,
             client_idle_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,

@@ -37,6 +37,7 @@ pub(super) struct LiveSettings {
     statement_cache: AtomicUsize,
     idle_transaction_timeout: AtomicDuration,
     client_idle_timeout: AtomicDuration,
+    query_timeout: AtomicDuration,
 }
 
 impl LiveSettings {
@@ -57,6 +58,7 @@ impl LiveSettings {
         self.statement_cache.store(config.statement_cache, Ordering::Relaxed);
         self.idle_transaction_timeout.set(config.idle_transaction_timeout);
         self.client_idle_timeout.set(config.client_idle_timeout);
+        self.query_timeout.set(config.query_timeout);
     }
 
     pub fn pool_timeout(&self) -> Duration {
@@ -87,10 +89,10 @@ impl LiveSettings {
         self.statement_cache.load(Ordering::Relaxed)
     }
 
-    /// Whether either limit on clients sitting idle is set (checked at every idle moment, so
-    /// no conversion to a Duration).
-    pub fn limits_holding_still(&self) -> bool {
-        !self.idle_transaction_timeout.is_zero() || !self.client_idle_timeout.is_zero()
+    /// Whether any limit on clients' time is set: on sitting idle, or on waiting for the
+    /// origin (checked at every idle moment, so no conversion to a Duration).
+    pub fn limits_client_time(&self) -> bool {
+        !self.idle_transaction_timeout.is_zero() || !self.client_idle_timeout.is_zero() || !self.query_timeout.is_zero()
     }
 
     pub fn idle_transaction_timeout(&self) -> Duration {
@@ -99,6 +101,10 @@ impl LiveSettings {
 
     pub fn client_idle_timeout(&self) -> Duration {
         self.client_idle_timeout.get()
+    }
+
+    pub fn query_timeout(&self) -> Duration {
+        self.query_timeout.get()
     }
 }
 
@@ -117,6 +123,7 @@ mod tests {
             ..PoolConfig::default()
         };
         let live = LiveSettings::new(&config);
+        assert!(!live.limits_client_time());
         assert_eq!(live.pool_timeout(), Duration::from_millis(1500));
         assert_eq!(live.statement_cache(), 200);
         config.pool_timeout = Duration::from_secs(2);
@@ -126,5 +133,11 @@ mod tests {
         assert_eq!((live.pool_timeout(), live.idle_timeout()), (Duration::from_secs(2), Duration::from_secs(1)));
         assert_eq!(live.idle_transaction_timeout(), Duration::from_secs(3));
         assert_eq!(live.connect_timeout(), Duration::from_secs(10));
+        assert!(live.limits_client_time());
+        config.idle_transaction_timeout = Duration::ZERO;
+        config.query_timeout = Duration::from_secs(4);
+        live.set(&config);
+        assert!(live.limits_client_time(), "query_timeout alone is a limit on clients' time");
+        assert_eq!(live.query_timeout(), Duration::from_secs(4));
     }
 }

@@ -75,6 +75,8 @@ pub struct PoolConfig {
     /// Limits on clients of this pool that hold still (zero: none).
     pub idle_transaction_timeout: Duration,
     pub client_idle_timeout: Duration,
+    /// How long a client's request may wait for the origin's answer (zero: no limit).
+    pub query_timeout: Duration,
     /// Connections to one database over all its pools (zero: no limit).
     pub max_db_connections: usize,
     /// Connections of one origin user over all its pools (zero: no limit).
@@ -95,6 +97,7 @@ impl From<&Config> for PoolConfig {
             statement_cache: c.statement_cache_size,
             idle_transaction_timeout: c.idle_transaction_timeout,
             client_idle_timeout: c.client_idle_timeout,
+            query_timeout: c.query_timeout,
             max_db_connections: c.max_db_connections,
             max_user_connections: c.max_user_connections,
         }
@@ -607,9 +610,15 @@ impl Pool {
         !lifetime.is_zero() && now.duration_since(conn.created) >= lifetime
     }
 
-    /// Whether its clients have a limit on sitting idle, inside a transaction or outside.
-    pub fn limits_holding_still(&self) -> bool {
-        self.live.limits_holding_still()
+    /// Whether its clients have a limit on sitting idle (inside a transaction or outside) or on
+    /// waiting for the origin.
+    pub fn limits_client_time(&self) -> bool {
+        self.live.limits_client_time()
+    }
+
+    /// How long a request of a client of this pool may wait for the origin (zero: no limit).
+    pub fn query_timeout(&self) -> Duration {
+        self.live.query_timeout()
     }
 
     /// How long a client of this pool may sit idle (zero: no limit): `idle_transaction_timeout`

@@ -15,6 +15,7 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");

@@ -9,10 +9,10 @@
 //! high-water marks so that neither side can buffer without bound.
 
 mod caching;
+mod limits;
 pub(crate) mod plan;
 pub mod startup;
 pub mod statements;
-mod still;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +39,7 @@ use crate::roster::{ClientEntry, ClientState, Listed};
 use crate::server::ServerContext;
 use crate::sql::inspect;
 use crate::transport::ClientStream;
+use limits::Stretch;
 use plan::{apply_undo, Planner};
 use startup::Established;
 use statements::StatementMap;
@@ -83,6 +84,8 @@ enum End {
     Shutdown,
     /// An operator ended this client (`KILL`, `KILL_CLIENT`).
     Killed,
+    /// The origin did not answer a request within `query_timeout`.
+    QueryTimeout,
     /// The client is pinned to an origin connection that a RECONNECT or a new origin replaced.
     Replaced,
     /// The origin refused the client's startup settings.
@@ -93,6 +96,14 @@ enum End {
 }
 
 impl End {
+    /// How a client whose stretch ran past its limit ends.
+    fn out_of_time(stretch: Stretch) -> End {
+        match stretch {
+            Stretch::Still { in_transaction } => End::HeldStill { in_transaction },
+            Stretch::Query { .. } => End::QueryTimeout,
+        }
+    }
+
     /// Why, in a few words (for the log).
     fn reason(&self) -> &'static str {
         match self {
@@ -102,6 +113,7 @@ impl End {
             End::OriginLost { .. } => "origin connection lost",
             End::Shutdown => "shutdown",
             End::Killed => "killed from the console",
+            End::QueryTimeout => "query_timeout",
             End::Replaced => "pinned origin connection replaced",
             End::Refused { .. } => "startup settings refused by the origin",
             End::HeldStill { in_transaction: true } => "idle_transaction_timeout",
@@ -256,16 +268,16 @@ impl Session {
                 self.reader.shrink_if_empty();
                 spare::give(std::mem::take(&mut self.to_client));
                 // Holding no connection, and outside a transaction.
-                let mut watch = still::Watch::new(self.pool.limits_holding_still());
-                if watch.on() {
+                let mut watch = limits::Watch::default();
+                if self.pool.limits_client_time() {
                     let pool = &self.pool;
-                    watch.observe(Some(false), |in_transaction| pool.holding_still_limit(in_transaction));
+                    watch.observe(Some(Stretch::Still { in_transaction: false }), |s| time_limit(pool, s));
                 }
                 let mut drain = std::pin::pin!(self.cancel.slot.stopped(Stop::Drain));
                 tokio::select! {
                     r = self.client.readable() => if r.is_err() { return End::ClientGone },
                     r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(drain.as_mut(), cx)) => {
-                        return r.map_or_else(|| self.stopped(), |in_transaction| End::HeldStill { in_transaction });
+                        return r.map_or_else(|| self.stopped(), End::out_of_time);
                     }
                 }
             }
@@ -284,12 +296,15 @@ impl Session {
         let slot = self.cancel.slot.clone();
         let kill = slot.stopped(Stop::Kill);
         tokio::pin!(kill);
-        // A RELOAD that sets a limit applies from the client's next idle moment.
-        let mut watch = still::Watch::new(self.pool.limits_holding_still());
+        let mut watch = limits::Watch::default();
         loop {
-            if watch.on() {
+            // Checked at every turn, so a RELOAD that sets a limit reaches a client pinned for
+            // its whole session too.
+            if self.pool.limits_client_time() {
                 let pool = &self.pool;
-                watch.observe(self.holding_still(), |in_transaction| pool.holding_still_limit(in_transaction));
+                watch.observe(self.stretch(), |s| time_limit(pool, s));
+            } else {
+                watch.off();
             }
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
             // Input queued behind a wait counts as backlog too: the client is not read
@@ -302,7 +317,7 @@ impl Session {
             tokio::select! {
                 biased;
                 r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(kill.as_mut(), cx)) => {
-                    return Err(r.map_or_else(|| self.stopped(), |in_transaction| End::HeldStill { in_transaction }));
+                    return Err(r.map_or_else(|| self.stopped(), End::out_of_time));
                 }
                 r = std::future::poll_fn(|cx| match self.origin.as_mut() {
                     Some(a) => a.poll_io(cx, read_origin),
@@ -389,6 +404,16 @@ impl Session {
             return None;
         }
         Some(self.status != b'I')
+    }
+
+    /// The stretch a client is in, for its time limits: holding still, or waiting for the
+    /// origin to answer a request of its own.
+    fn stretch(&self) -> Option<Stretch> {
+        if let Some(in_transaction) = self.holding_still() {
+            return Some(Stretch::Still { in_transaction });
+        }
+        let since = self.query_started?;
+        self.origin.as_ref().is_some_and(|a| a.queue.has_entries()).then_some(Stretch::Query { since })
     }
 
     fn origin_lost(&self, e: &OriginError) -> End {
@@ -925,6 +950,13 @@ impl Session {
                 SqlState::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command (KILL in pgwarp's console)".to_owned(),
             )),
+            End::QueryTimeout => Some((
+                SqlState::QUERY_CANCELED,
+                format!(
+                    "terminating connection: the origin did not answer within query_timeout ({}); the query was cancelled",
+                    humantime::format_duration(self.pool.query_timeout())
+                ),
+            )),
             End::Replaced => Some((
                 SqlState::ADMIN_SHUTDOWN,
                 "terminating connection: its origin connection was replaced (RECONNECT, or the origin moved), and the session state it holds (LISTEN, advisory locks, temporary tables) cannot move with it; connect again".to_owned(),
@@ -974,7 +1006,7 @@ impl Session {
             match end {
                 End::OriginLost { .. } => {}
                 // The connection goes too, and nobody gets it back half-used.
-                End::Killed => {
+                End::Killed | End::QueryTimeout => {
                     tokio::spawn(close_killed(att));
                 }
                 _ => {
@@ -1039,6 +1071,14 @@ async fn close_killed(conn: PooledConn) {
         cancel::send_cancel(conn.target.clone(), conn.key).await;
     }
     drop(conn);
+}
+
+/// The limit of a stretch of a client of `pool` (zero: none), as the pool's settings are now.
+fn time_limit(pool: &Pool, stretch: Stretch) -> Duration {
+    match stretch {
+        Stretch::Still { in_transaction } => pool.holding_still_limit(in_transaction),
+        Stretch::Query { .. } => pool.query_timeout(),
+    }
 }
 
 /// Polls the watch a pinned session keeps for reconnects, if it has one.
