@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::PgwarpProcess;
+use pgwarp::config::ClientCertCheck;
 use support::certs::Certs;
 use support::*;
 
@@ -63,6 +64,61 @@ async fn tls_required_refuses_plain_clients() {
     assert!(!ok && err.contains("requires an encrypted connection"), "{err}");
     let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=require"), "SELECT 1").await;
     assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn a_client_ca_file_asks_clients_for_a_certificate_it_signed_and_verify_full_for_their_own() {
+    let certs = Certs::new("client-ca", "DNS:localhost");
+    let stranger = Certs::new("client-ca-other", "DNS:localhost");
+    let origin = Origin::start();
+    let (cert, key, ca) = (certs.path("server.pem"), certs.path("server.key"), certs.path("ca.pem"));
+    let start = |check| {
+        let (cert, key, ca) = (cert.clone(), key.clone(), ca.clone());
+        Pgwarp::start(&origin, move |c| {
+            c.tls_cert = Some(cert);
+            c.tls_key = Some(key);
+            c.tls_client_ca_file = Some(ca);
+            c.tls_client_cert = check;
+        })
+    };
+    let with_cert = |port: u16, (cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        format!(
+            "postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{port}/{APP_DB}?sslmode=require&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        )
+    };
+    let app = certs.client(APP_USER);
+    let other_user = certs.client("someone-else");
+    let untrusted = stranger.client(APP_USER);
+
+    // verify-ca, the default: any certificate the CA signed, whoever it names.
+    let pgwarp = start(None).await;
+    let base = format!("postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}", pgwarp.port);
+    for client in [&app, &other_user] {
+        let (ok, out, err) = psql_at(&origin, with_cert(pgwarp.port, client), "SELECT 'signed'").await;
+        assert!(ok && out == "signed", "{err}");
+    }
+    // A certificate from another CA, or none, fails the handshake.
+    let (ok, _, err) = psql_at(&origin, with_cert(pgwarp.port, &untrusted), "SELECT 1").await;
+    assert!(!ok && err.to_lowercase().contains("ssl"), "{err}");
+    let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=require"), "SELECT 1").await;
+    assert!(!ok && err.to_lowercase().contains("certificate"), "{err}");
+    // Without TLS there is no certificate to check: refused like tls_required.
+    let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=disable"), "SELECT 1").await;
+    assert!(!ok && err.contains("requires a client certificate"), "{err}");
+    // The password is still checked.
+    let wrong = with_cert(pgwarp.port, &app).replace(APP_PASSWORD, "not-the-password");
+    let (ok, _, err) = psql_at(&origin, wrong, "SELECT 1").await;
+    assert!(!ok && err.contains("password authentication failed"), "{err}");
+    drop(pgwarp);
+
+    // verify-full: the certificate must name the user, as Postgres's clientcert=verify-full.
+    let pgwarp = start(Some(ClientCertCheck::VerifyFull)).await;
+    let (ok, out, err) = psql_at(&origin, with_cert(pgwarp.port, &app), "SELECT 'mine'").await;
+    assert!(ok && out == "mine", "{err}");
+    let (ok, _, err) = psql_at(&origin, with_cert(pgwarp.port, &other_user), "SELECT 1").await;
+    assert!(!ok && err.contains(&format!("certificate authentication failed for user \"{APP_USER}\"")), "{err}");
 }
 
 #[tokio::test]

@@ -334,6 +334,7 @@ fn config_rows(c: &Config) -> Vec<(&'static str, String)> {
         ("cache.max_entry_size", c.cache.max_entry_size.to_string()),
         ("tls", c.tls_cert.is_some().to_string()),
         ("tls_required", c.tls_required.to_string()),
+        ("tls_client_cert", c.client_cert_check().map_or("off", |check| check.as_str()).to_owned()),
         ("tunnel_url", c.tunnel_url.clone().unwrap_or_default()),
         ("tunnel_ping_interval", duration(c.tunnel_ping_interval)),
         ("admin_listen", c.admin_listen.clone().unwrap_or_default()),

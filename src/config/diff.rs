@@ -53,6 +53,8 @@ pub fn reconcile(running: &Config, mut loaded: Config) -> (Config, Changes) {
         "admin_listen" => admin_listen,
         "tls_cert" => tls_cert,
         "tls_key" => tls_key,
+        "tls_client_ca_file" => tls_client_ca_file,
+        "tls_client_cert" => tls_client_cert,
         "cache.enabled" => cache.enabled,
         "cache.max_size" => cache.max_size,
         "cache.max_entry_size" => cache.max_entry_size,

@@ -83,6 +83,27 @@ pub enum AuthMethod {
     Md5,
 }
 
+/// What a client certificate must prove (`tls_client_cert`), named as Postgres's `clientcert`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum ClientCertCheck {
+    /// Signed by a CA of `tls_client_ca_file`.
+    #[default]
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    /// That, and its common name is the user the client logs in as.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+impl ClientCertCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientCertCheck::VerifyCa => "verify-ca",
+            ClientCertCheck::VerifyFull => "verify-full",
+        }
+    }
+}
+
 /// One client login that pgwarp accepts, and the origin credentials its work runs under.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -246,6 +267,15 @@ pub struct Config {
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse clients that do not use TLS (SQLSTATE 28000).
     pub tls_required: bool,
+    /// CA certificates (PEM) that clients' certificates must chain to. With it, a client on TCP
+    /// must use TLS and present a certificate signed by one of them (libpq's `sslcert` and
+    /// `sslkey`) besides its password, as with PgBouncer's `client_tls_ca_file` and
+    /// `client_tls_sslmode = verify-ca`. Re-read with `tls_cert` on SIGHUP and RELOAD.
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
+    /// What a client certificate must prove, with `tls_client_ca_file`: `verify-ca` (the
+    /// default) that a trusted CA signed it; `verify-full` also that its common name is the
+    /// user the client logs in as, as Postgres's `clientcert=verify-full`.
+    pub tls_client_cert: Option<ClientCertCheck>,
     /// Reach the origin through a WebSocket tunnel (`pgwarp tunnel` or any peer that carries
     /// raw Postgres bytes in binary frames): ws:// or wss:// URL. One WebSocket per origin
     /// connection; Postgres TLS per the origin URL's sslmode runs inside it.
@@ -314,6 +344,8 @@ impl Default for Config {
             cache: crate::cache::CacheConfig::default(),
             tls_cert: None,
             tls_key: None,
+            tls_client_ca_file: None,
+            tls_client_cert: None,
             tls_required: false,
             tunnel_url: None,
             tunnel_client_id: None,
@@ -327,6 +359,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// What clients' certificates must prove: nothing (`None`) without `tls_client_ca_file`.
+    pub fn client_cert_check(&self) -> Option<ClientCertCheck> {
+        self.tls_client_ca_file.as_ref().map(|_| self.tls_client_cert.unwrap_or_default())
+    }
+
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -413,6 +450,12 @@ impl Config {
         }
         if self.tls_required && self.tls_cert.is_none() {
             return invalid("tls_required", "needs tls_cert and tls_key");
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert.is_none() {
+            return invalid("tls_client_ca_file", "needs tls_cert and tls_key");
+        }
+        if self.tls_client_cert.is_some() && self.tls_client_ca_file.is_none() {
+            return invalid("tls_client_cert", "needs tls_client_ca_file, the CAs client certificates must chain to");
         }
         if let Some(url) = &self.tunnel_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -551,6 +594,24 @@ mod tests {
         let c = Config { listen: "localhost".into(), ..c };
         assert!(c.validate().is_err());
         assert!(matches!(Config::default().validate(), Err(ConfigError::NoOrigin)));
+    }
+
+    #[test]
+    fn client_certificates_need_server_tls_and_a_ca_and_default_to_verify_ca() {
+        let origin = "origin = \"postgres://u:p@h/db\"\n";
+        let tls = "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n";
+        let with = |extra: &str| Config::from_toml(&format!("{origin}{extra}")).unwrap();
+        let c = with(&format!("{tls}tls_client_ca_file = \"/ca.pem\""));
+        c.validate().unwrap();
+        assert_eq!(c.client_cert_check(), Some(ClientCertCheck::VerifyCa));
+        let c = with(&format!("{tls}tls_client_ca_file = \"/ca.pem\"\ntls_client_cert = \"verify-full\""));
+        assert_eq!(c.client_cert_check(), Some(ClientCertCheck::VerifyFull));
+        assert_eq!(with(tls).client_cert_check(), None);
+        let err = with("tls_client_ca_file = \"/ca.pem\"").validate().unwrap_err().to_string();
+        assert!(err.contains("tls_client_ca_file"), "{err}");
+        let err = with(&format!("{tls}tls_client_cert = \"verify-full\"")).validate().unwrap_err().to_string();
+        assert!(err.contains("tls_client_cert"), "{err}");
+        assert!(Config::from_toml("tls_client_cert = \"verify-some\"").is_err());
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl Server {
         let users = UserDirectory::build(&config, &origin).await?;
         let target = origin_target(&config, &origin)?;
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(ClientTls::load(cert, key)?),
+            (Some(cert), Some(key)) => Some(ClientTls::load(cert, key, config.tls_client_ca_file.as_deref())?),
             _ => None,
         };
         let n = workers::resolve(config.workers);

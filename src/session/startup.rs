@@ -13,7 +13,7 @@ use super::Session;
 use crate::admin::console;
 use crate::auth::lookup::LookupError;
 use crate::auth::{random_bytes, ClientSecret, UserEntry};
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, ClientCertCheck};
 use crate::origin::settings::{is_reserved, Settings};
 use crate::origin::Credentials;
 use crate::pool::{Pool, PoolError, StartupParamsError};
@@ -174,13 +174,34 @@ async fn run(ctx: &Arc<ServerContext>, stream: &mut ClientStream) -> Result<Opti
             .await
             .map_err(|_| Refusal::new(SqlState::CONNECTION_FAILURE, ""))?;
     }
-    if ctx.config().tls_required && !stream.is_tls() && !stream.is_unix() {
-        return Err(Refusal::new(
-            SqlState::INVALID_AUTHORIZATION,
-            "pgwarp requires an encrypted connection: connect with sslmode=require",
-        ));
+    // On the Unix-domain socket neither TLS nor a certificate is asked for, as in Postgres.
+    let cert_check = ctx.config().client_cert_check();
+    if !stream.is_tls() && !stream.is_unix() {
+        if cert_check.is_some() {
+            return Err(Refusal::new(
+                SqlState::INVALID_AUTHORIZATION,
+                "pgwarp requires a client certificate: connect with sslmode=require, sslcert and sslkey",
+            ));
+        }
+        if ctx.config().tls_required {
+            return Err(Refusal::new(
+                SqlState::INVALID_AUTHORIZATION,
+                "pgwarp requires an encrypted connection: connect with sslmode=require",
+            ));
+        }
     }
     let startup = StartupParams::from_packet(params)?;
+    // The handshake checked the certificate's signature; verify-full also checks whose it is,
+    // before any password is asked for.
+    if cert_check == Some(ClientCertCheck::VerifyFull)
+        && stream.is_tls()
+        && stream.peer_common_name().as_deref() != Some(startup.user.as_str())
+    {
+        return Err(Refusal::new(
+            SqlState::INVALID_AUTHORIZATION,
+            format!("certificate authentication failed for user \"{}\"", startup.user),
+        ));
+    }
     let permit = ctx
         .client_slots
         .clone()

@@ -334,6 +334,14 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
+    /// The common name of the certificate a TLS client presented (see `tls_client_ca_file`).
+    pub fn peer_common_name(&self) -> Option<String> {
+        match self {
+            ClientStream::Tls(s) => tls::peer_common_name(s),
+            _ => None,
+        }
+    }
+
     /// On pgwarp's Unix-domain socket: a client on this machine, for whom TLS is neither
     /// offered nor required.
     pub fn is_unix(&self) -> bool {

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use boring::nid::Nid;
 use boring::ssl::{SslAcceptor, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use boring::x509::X509Name;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_boring::SslStream;
 
@@ -26,6 +28,8 @@ fn config_error(what: &str, path: &Path, e: impl std::fmt::Display) -> TlsError 
 pub struct ClientTls {
     cert: PathBuf,
     key: PathBuf,
+    /// The CAs client certificates must chain to, when clients must present one.
+    client_ca: Option<PathBuf>,
     acceptor: RwLock<Arc<SslAcceptor>>,
 }
 
@@ -36,14 +40,21 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
-    pub fn load(cert: &Path, key: &Path) -> Result<ClientTls, TlsError> {
-        let acceptor = build_acceptor(cert, key)?;
-        Ok(ClientTls { cert: cert.to_owned(), key: key.to_owned(), acceptor: RwLock::new(Arc::new(acceptor)) })
+    /// `client_ca`: ask every client for a certificate, and refuse the handshake unless one
+    /// of these CAs signed it.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ClientTls, TlsError> {
+        let acceptor = build_acceptor(cert, key, client_ca)?;
+        Ok(ClientTls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
+            acceptor: RwLock::new(Arc::new(acceptor)),
+        })
     }
 
-    /// Re-reads the certificate and key; on failure the old ones stay in use.
+    /// Re-reads the certificate, key and client CAs; on failure the old ones stay in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let acceptor = build_acceptor(&self.cert, &self.key)?;
+        let acceptor = build_acceptor(&self.cert, &self.key, self.client_ca.as_deref())?;
         *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acceptor);
         Ok(())
     }
@@ -57,12 +68,29 @@ impl ClientTls {
     }
 }
 
-fn build_acceptor(cert: &Path, key: &Path) -> Result<SslAcceptor, TlsError> {
+fn build_acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<SslAcceptor, TlsError> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| TlsError::Config(e.to_string()))?;
     b.set_certificate_chain_file(cert).map_err(|e| config_error("cannot use certificate", cert, e))?;
     b.set_private_key_file(key, SslFiletype::PEM).map_err(|e| config_error("cannot use key", key, e))?;
     b.check_private_key().map_err(|e| config_error("key does not match certificate", key, e))?;
+    if let Some(ca) = client_ca {
+        let cannot = |e| config_error("cannot use client CA file", ca, e);
+        b.set_ca_file(ca).map_err(cannot)?;
+        // Named in the certificate request, so a client with several certificates picks the
+        // right one.
+        let names = X509Name::load_client_ca_file(ca).map_err(cannot)?;
+        b.set_client_ca_list(names);
+        b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    }
     Ok(b.build())
+}
+
+/// The common name in the certificate a TLS peer presented, if it presented one with a
+/// UTF-8 common name.
+pub fn peer_common_name<S>(stream: &SslStream<S>) -> Option<String> {
+    let cert = stream.ssl().peer_certificate()?;
+    let entry = cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?;
+    entry.data().as_utf8().ok().map(|name| name.to_string())
 }
 
 /// How pgwarp speaks TLS to the origin, from the origin URL's ssl parameters.

@@ -77,4 +77,34 @@ impl Certs {
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
     }
+
+    /// A client certificate with common name `cn`, signed by this CA: (certificate, key), the
+    /// key readable by its owner only, as libpq insists.
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (cert, key, csr) = (format!("client-{cn}.pem"), format!("client-{cn}.key"), format!("client-{cn}.csr"));
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let subject = format!("/CN={cn}");
+        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+        ]);
+        Command::new("chmod").args(["600", d.join(&key).to_str().unwrap()]).status().unwrap();
+        (d.join(cert), d.join(key))
+    }
 }
