@@ -294,6 +294,7 @@ mod tests {
             tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap()),
             tunnel: None,
             tcp: Default::default(),
+            choice: Default::default(),
         })
     }
 

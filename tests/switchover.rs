@@ -231,3 +231,58 @@ async fn a_rotated_origin_password_is_used_by_the_clients_already_connected() {
     let err = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap_err();
     assert_eq!(code(&err), "28P01", "the old password no longer logs in: {err}");
 }
+
+/// The port of the server a client's transactions run on.
+async fn server_port(client: &tokio_postgres::Client) -> u16 {
+    let port: i32 = client.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    u16::try_from(port).unwrap()
+}
+
+#[tokio::test]
+async fn an_origin_url_with_several_hosts_uses_the_first_that_answers_and_suits_target_session_attrs() {
+    let (a, b) = (Origin::start(), Origin::start());
+    // `a` takes only read-only transactions, as a standby would (libpq's read-write check looks
+    // at default_transaction_read_only too); `b` is read-write.
+    a.sql("ALTER DATABASE app SET default_transaction_read_only = on");
+    let (pa, pb) = (a.cluster.port(), b.cluster.port());
+    let dead = common::free_port();
+    let url = |hosts: &str, attrs: &str| format!("postgres://{APP_USER}:{APP_PASSWORD}@{hosts}/{APP_DB}{attrs}");
+    let through = |origin: String| Pgwarp::start(&a, move |c| c.origin = Some(origin));
+
+    // Any server: the first host that answers, past one that does not.
+    let pgwarp = through(url(&format!("127.0.0.1:{pa},127.0.0.1:{pb}"), "")).await;
+    assert_eq!(server_port(&pgwarp.client().await).await, pa);
+    drop(pgwarp);
+    let pgwarp = through(url(&format!("127.0.0.1:{dead},127.0.0.1:{pb}"), "")).await;
+    assert_eq!(server_port(&pgwarp.client().await).await, pb);
+    drop(pgwarp);
+
+    // read-write passes over the read-only host, and writes work.
+    let pgwarp = through(url(&format!("127.0.0.1:{pa},127.0.0.1:{pb}"), "?target_session_attrs=read-write")).await;
+    let client = pgwarp.client().await;
+    assert_eq!(server_port(&client).await, pb);
+    client.batch_execute("CREATE TABLE written (id int)").await.unwrap();
+    // A cancel reaches the host the query runs on.
+    let cancel = client.cancel_token();
+    let slow = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), slow).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(support::code(&err), "57014");
+    drop(pgwarp);
+
+    // read-only takes the read-only host even when it is listed last.
+    let pgwarp = through(url(&format!("127.0.0.1:{pb},127.0.0.1:{pa}"), "?target_session_attrs=read-only")).await;
+    assert_eq!(server_port(&pgwarp.client().await).await, pa);
+    drop(pgwarp);
+
+    // Nothing suits: a clear error (here at login, which needs the origin's parameters).
+    let pgwarp = through(url(&format!("127.0.0.1:{pa},127.0.0.1:{dead}"), "?target_session_attrs=read-write")).await;
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    assert_eq!(support::code(&err), "08006");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("no origin host that is read-write"), "{message}");
+    // The failover: `a` takes writes now, and the next connection finds it.
+    a.sql("SET default_transaction_read_only = off; ALTER DATABASE app RESET default_transaction_read_only");
+    assert_eq!(server_port(&pgwarp.client().await).await, pa);
+}

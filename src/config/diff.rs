@@ -103,16 +103,17 @@ pub enum OriginMove {
     /// Same place, same way (a changed user, password or database name alone is no move: new
     /// connections log in differently; see `UserDirectory::rotations`).
     None,
-    /// Same server, reached another way: TLS settings, the tunnel's token or CA. Connections
+    /// Same server, reached another way: TLS settings, `target_session_attrs`, the tunnel's
+    /// token or CA. Connections
     /// are replaced; what the server said (the query cache) still holds.
     Route,
-    /// Another server: another host or port, or another tunnel. Connections are replaced, and
+    /// Another server: another host or port (or list of them), or another tunnel. Connections are replaced, and
     /// the query cache forgets what the old server said.
     Place,
 }
 
 pub fn origin_move(running: &Config, next: &Config) -> OriginMove {
-    let place = |c: &Config| (c.origin_url().ok().map(|u| (u.host, u.port)), c.tunnel_url.clone());
+    let place = |c: &Config| (c.origin_url().ok().map(|u| (u.host, u.port, u.more_hosts)), c.tunnel_url.clone());
     let route = |c: &Config| {
         // TLS settings mean nothing for an origin on a Unix-domain socket.
         let tls = c
@@ -120,7 +121,8 @@ pub fn origin_move(running: &Config, next: &Config) -> OriginMove {
             .ok()
             .filter(|u| !u.is_unix_socket())
             .map(|u| (u.sslmode, u.sslrootcert, u.sslcert, u.sslkey));
-        (tls, c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
+        let attrs = c.origin_url().ok().map(|u| u.target_session_attrs);
+        (tls, attrs, c.tunnel_client_id.clone(), c.tunnel_client_secret.clone(), c.tunnel_ca_file.clone())
     };
     if place(running) != place(next) {
         OriginMove::Place

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use origin_url::{unix_socket_path, OriginUrl, SslMode};
+pub use origin_url::{unix_socket_path, OriginUrl, SessionAttrs, SslMode};
 pub use units::parse_auto_duration;
 pub(crate) use units::{de_byte_size, de_duration};
 pub use units::{parse_byte_size, parse_duration};
@@ -478,6 +478,10 @@ impl Config {
             let message = "the origin's host is a socket directory, which the tunnel's far end reaches, not pgwarp: give the origin a host name and `pgwarp tunnel --target` the socket";
             return invalid("tunnel_url", message);
         }
+        if !origin.more_hosts.is_empty() && self.tunnel_url.is_some() {
+            let message = "the origin URL names several hosts, but every connection goes to the tunnel's far end, which has one target: name one host";
+            return invalid("tunnel_url", message);
+        }
         Ok(())
     }
 }
@@ -629,6 +633,8 @@ mod tests {
         let socket_origin = Config { origin: Some("postgres://u:p@%2Frun%2Fpg/db".into()), ..base.clone() };
         socket_origin.validate().unwrap();
         let tunnelled = Config { tunnel_url: Some("ws://edge:8080".into()), ..socket_origin };
-        assert_eq!(key_of(tunnelled), "tunnel_url");
+        assert_eq!(key_of(tunnelled.clone()), "tunnel_url");
+        let several = Config { origin: Some("postgres://u@h1,h2/db".into()), ..tunnelled };
+        assert_eq!(key_of(several), "tunnel_url");
     }
 }

@@ -4,6 +4,10 @@
 //! in the host part, or given as `?host=/var/run/postgresql`) is the directory of the server's
 //! Unix-domain socket, `.s.PGSQL.<port>`; and `host`, `port`, `user`, `password` and `dbname` may
 //! come as query parameters, which win over the URL's own parts.
+//!
+//! Several hosts may be named, as libpq takes them (`postgres://u@h1:5432,h2:5433/db`, or
+//! `?host=h1,h2&port=5432`), with `target_session_attrs` saying which of them a connection may
+//! use (see `origin::hosts`).
 
 use std::fmt;
 
@@ -45,11 +49,58 @@ impl SslMode {
     }
 }
 
+/// libpq's `target_session_attrs`: what a server must be for a connection to it to be kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionAttrs {
+    #[default]
+    Any,
+    /// Takes read-write transactions by default: not a standby, and not
+    /// `default_transaction_read_only`.
+    ReadWrite,
+    ReadOnly,
+    /// Not in recovery (not a hot standby).
+    Primary,
+    Standby,
+    /// A standby if any host is one, else any host.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SessionAttrs, String> {
+        [
+            SessionAttrs::Any,
+            SessionAttrs::ReadWrite,
+            SessionAttrs::ReadOnly,
+            SessionAttrs::Primary,
+            SessionAttrs::Standby,
+            SessionAttrs::PreferStandby,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+        .ok_or_else(|| format!("unknown target_session_attrs {s:?}"))
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub struct OriginUrl {
     /// A host name or IP address, or (starting with `/`) the directory of a Unix-domain socket.
+    /// The first of the URL's hosts.
     pub host: String,
     pub port: u16,
+    /// The URL's other hosts, with their ports, in the URL's order.
+    pub more_hosts: Vec<(String, u16)>,
+    pub target_session_attrs: SessionAttrs,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -63,18 +114,29 @@ pub struct OriginUrl {
 /// Never print the password.
 impl fmt::Debug for OriginUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        write!(f, "postgres://{}@{}:{}", self.user, self.host, self.port)?;
+        for (host, port) in &self.more_hosts {
+            write!(f, ",{host}:{port}")?;
+        }
+        write!(f, "/{}", self.database)?;
+        if self.target_session_attrs != SessionAttrs::Any {
+            write!(f, "?target_session_attrs={}", self.target_session_attrs.as_str())?;
+        }
+        Ok(())
     }
 }
 
 impl OriginUrl {
     pub fn parse(raw: &str) -> Result<OriginUrl, String> {
         // libpq takes `user@/db?host=...`; the url crate refuses an empty host after user info,
-        // so a placeholder stands in for it while parsing.
-        let hostless = hostless_at(raw);
-        let url = match hostless {
-            Some(at) => url::Url::parse(&format!("{}{HOST_PLACEHOLDER}{}", &raw[..=at], &raw[at + 1..])),
-            None => url::Url::parse(raw),
+        // and a list of hosts, so a placeholder stands in for them while parsing.
+        let (start, end) = hosts_span(raw);
+        let listed = &raw[start..end];
+        let hostless = raw.contains("://") && (listed.is_empty() || listed.contains(','));
+        let url = if hostless {
+            url::Url::parse(&format!("{}{HOST_PLACEHOLDER}{}", &raw[..start], &raw[end..]))
+        } else {
+            url::Url::parse(raw)
         }
         .map_err(|e| format!("{e}"))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
@@ -83,9 +145,16 @@ impl OriginUrl {
         let decode = |s: &str| -> Result<String, String> {
             percent_decode(s).ok_or_else(|| "invalid percent-encoding".to_string())
         };
-        let host = if hostless.is_some() { "" } else { url.host_str().unwrap_or_default() };
-        let mut host = decode(host.trim_start_matches('[').trim_end_matches(']'))?;
-        let mut port = url.port();
+        // Each host with the port written after it, if any.
+        let mut hosts: Vec<(String, Option<u16>)> = if !hostless {
+            let host = url.host_str().unwrap_or_default();
+            vec![(decode(host.trim_start_matches('[').trim_end_matches(']'))?, url.port())]
+        } else if listed.is_empty() {
+            Vec::new()
+        } else {
+            listed.split(',').map(|h| host_and_port(h, &decode)).collect::<Result<_, _>>()?
+        };
+        let mut ports: Vec<u16> = Vec::new();
         let mut user = decode(url.username())?;
         let mut password = url.password().map(decode).transpose()?;
         let path = url.path().trim_start_matches('/');
@@ -93,6 +162,8 @@ impl OriginUrl {
         let mut out = OriginUrl {
             host: String::new(),
             port: 5432,
+            more_hosts: Vec::new(),
+            target_session_attrs: SessionAttrs::Any,
             user: String::new(),
             password: None,
             database: String::new(),
@@ -107,8 +178,14 @@ impl OriginUrl {
             let (k, v) = pair.split_once('=').ok_or_else(|| format!("URL parameter {pair:?} has no value"))?;
             let (k, v) = (decode(k)?, decode(v)?);
             match k.as_str() {
-                "host" => host = v,
-                "port" => port = Some(v.parse().map_err(|_| format!("invalid port {v:?}"))?),
+                "host" => hosts = v.split(',').map(|h| (h.to_owned(), None)).collect(),
+                "port" => {
+                    ports = v
+                        .split(',')
+                        .map(|p| p.parse().map_err(|_| format!("invalid port {p:?}")))
+                        .collect::<Result<_, _>>()?
+                }
+                "target_session_attrs" => out.target_session_attrs = SessionAttrs::parse(&v)?,
                 "user" => user = v,
                 "password" => password = Some(v),
                 "dbname" => database = Some(v),
@@ -121,18 +198,23 @@ impl OriginUrl {
                 other => return Err(format!("unsupported URL parameter {other:?}")),
             }
         }
-        if host.is_empty() {
+        if hosts.is_empty() || hosts.iter().any(|(h, _)| h.is_empty()) {
             return Err("the URL names no host".into());
         }
-        if host.contains(',') {
-            return Err("the URL names several hosts; pgwarp connects to one".into());
+        // As libpq: one port for every host, or one per host.
+        match ports.len() {
+            0 => {}
+            1 => hosts.iter_mut().for_each(|(_, p)| *p = Some(ports[0])),
+            n if n == hosts.len() => hosts.iter_mut().zip(&ports).for_each(|((_, p), port)| *p = Some(*port)),
+            n => return Err(format!("the URL names {} hosts but {n} ports", hosts.len())),
         }
         if user.is_empty() {
             return Err("the URL names no user".into());
         }
         out.database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-        out.host = host;
-        out.port = port.unwrap_or(5432);
+        let mut hosts = hosts.into_iter().map(|(h, p)| (h, p.unwrap_or(5432)));
+        (out.host, out.port) = hosts.next().ok_or("the URL names no host")?;
+        out.more_hosts = hosts.collect();
         out.user = user;
         out.password = password;
         Ok(out)
@@ -146,12 +228,33 @@ impl OriginUrl {
 
 const HOST_PLACEHOLDER: &str = "pgwarp.invalid";
 
-/// Where the `@` ending the user info is, when no host follows it (`postgres://u:p@/db`).
-fn hostless_at(raw: &str) -> Option<usize> {
-    let start = raw.find("://")? + 3;
-    let len = raw[start..].find(['/', '?', '#']).unwrap_or(raw.len() - start);
-    let authority = &raw[start..start + len];
-    authority.ends_with('@').then(|| start + len - 1)
+/// Where the URL's host list is (after the user info, up to the path): a byte range of `raw`,
+/// empty when no host is written there (`postgres://u:p@/db`).
+fn hosts_span(raw: &str) -> (usize, usize) {
+    let Some(scheme_end) = raw.find("://").map(|i| i + 3) else { return (0, 0) };
+    let len = raw[scheme_end..].find(['/', '?', '#']).unwrap_or(raw.len() - scheme_end);
+    let authority = &raw[scheme_end..scheme_end + len];
+    let start = scheme_end + authority.rfind('@').map_or(0, |at| at + 1);
+    (start, scheme_end + len)
+}
+
+/// One `host[:port]` of a list of hosts (`[::1]:5432` for an IPv6 address).
+fn host_and_port(
+    written: &str,
+    decode: &impl Fn(&str) -> Result<String, String>,
+) -> Result<(String, Option<u16>), String> {
+    let (host, port) = match written.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(|| format!("invalid host {written:?}"))?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match written.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (written, None),
+        },
+    };
+    let port = port.map(|p| p.parse().map_err(|_| format!("invalid port {p:?}"))).transpose()?;
+    Ok((decode(host)?, port))
 }
 
 /// The Unix-domain socket a Postgres server listening on `port` makes in directory `host`, as
@@ -238,8 +341,35 @@ mod tests {
     }
 
     #[test]
+    fn several_hosts_as_libpq_takes_them() {
+        let u = OriginUrl::parse("postgres://app:pw@pg1:5433,pg2,[::1]:6000/appdb?target_session_attrs=read-write")
+            .unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("pg1", 5433));
+        assert_eq!(u.more_hosts, vec![("pg2".to_owned(), 5432), ("::1".to_owned(), 6000)]);
+        assert_eq!((u.user.as_str(), u.password.as_deref(), u.database.as_str()), ("app", Some("pw"), "appdb"));
+        assert_eq!(u.target_session_attrs, SessionAttrs::ReadWrite);
+        assert_eq!(format!("{u:?}"), "postgres://app@pg1:5433,pg2:5432,::1:6000/appdb?target_session_attrs=read-write");
+        // As parameters: one port for all, or one each.
+        let u = OriginUrl::parse("postgres://app@/db?host=a,b&port=7000").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.more_hosts), ("a", 7000, vec![("b".to_owned(), 7000)]));
+        let u = OriginUrl::parse("postgres://app@/db?host=a,b&port=7000,7001").unwrap();
+        assert_eq!((u.port, u.more_hosts), (7000, vec![("b".to_owned(), 7001)]));
+        assert!(OriginUrl::parse("postgres://app@/db?host=a,b,c&port=1,2")
+            .unwrap_err()
+            .contains("3 hosts but 2 ports"));
+        assert!(OriginUrl::parse("postgres://app@a,,b/db").unwrap_err().contains("no host"));
+        assert!(OriginUrl::parse("postgres://app@a,b:x/db").unwrap_err().contains("port"));
+        assert!(OriginUrl::parse("postgres://app@a/db?target_session_attrs=leader").is_err());
+        // One host stays one host.
+        let u = OriginUrl::parse("postgres://app@one:5433/db").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.more_hosts.len(), u.target_session_attrs),
+            ("one", 5433, 0, SessionAttrs::Any)
+        );
+    }
+
+    #[test]
     fn refuses_what_it_cannot_follow() {
-        assert!(OriginUrl::parse("postgres://app@h1,h2/db").unwrap_err().contains("several hosts"));
         assert!(OriginUrl::parse("postgres://app@/db").unwrap_err().contains("no host"));
         assert!(OriginUrl::parse("postgres://app@h/db?port=x").unwrap_err().contains("port"));
     }

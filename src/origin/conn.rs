@@ -164,8 +164,23 @@ impl std::fmt::Debug for OriginConn {
 }
 
 impl OriginConn {
-    /// Connects and logs in, within `timeout`.
+    /// Connects and logs in, within `timeout`: to the target's host, or, when its URL names
+    /// several hosts or a `target_session_attrs`, to the first that answers and suits
+    /// (`hosts`), each within `timeout`.
     pub async fn connect(
+        target: &Arc<OriginTarget>,
+        creds: &Credentials,
+        statement_cache: usize,
+        timeout: Duration,
+    ) -> Result<OriginConn, OriginError> {
+        if target.choice.is_trivial() {
+            return Self::connect_to(target, creds, statement_cache, timeout).await;
+        }
+        Box::pin(super::hosts::connect(target, creds, statement_cache, timeout)).await
+    }
+
+    /// Connects to the target's own host and logs in, within `timeout`.
+    pub(super) async fn connect_to(
         target: &Arc<OriginTarget>,
         creds: &Credentials,
         statement_cache: usize,

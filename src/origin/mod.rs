@@ -2,6 +2,7 @@
 //! the session settings applied to it, and the queue of answers it owes.
 
 mod conn;
+pub mod hosts;
 pub mod queue;
 pub mod settings;
 pub mod statements;
@@ -33,6 +34,8 @@ pub enum OriginError {
     Closed,
     #[error("origin sent something pgwarp cannot read: {0}")]
     Protocol(String),
+    #[error("no origin host is {wanted} (target_session_attrs): {tried}")]
+    NoSuitableHost { wanted: &'static str, tried: String },
 }
 
 impl OriginError {
@@ -53,6 +56,11 @@ impl OriginError {
             OriginError::Connect(e @ (ConnectError::Tls(_) | ConnectError::TlsRefused(_))) => (
                 SqlState::CONNECTION_FAILURE.code().into(),
                 format!("pgwarp could not connect to the origin database: {e}"),
+            ),
+            // Which hosts were what is the operator's to know; a client learns what was wanted.
+            OriginError::NoSuitableHost { wanted, .. } => (
+                SqlState::CONNECTION_FAILURE.code().into(),
+                format!("pgwarp found no origin host that is {wanted} (target_session_attrs)"),
             ),
             OriginError::Connect(_) | OriginError::ConnectTimeout => {
                 (SqlState::CONNECTION_FAILURE.code().into(), "pgwarp could not connect to the origin database".into())

@@ -177,6 +177,7 @@ pub(crate) fn unreachable_pools_with(config: PoolConfig, workers: usize) -> Pool
         tls: Arc::new(OriginTls::new(SslMode::Disable, None, None, None).unwrap_or_else(|e| panic!("{e}"))),
         tunnel: None,
         tcp: Default::default(),
+        choice: Default::default(),
     };
     PoolSet::new(target, config, workers)
 }

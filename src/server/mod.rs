@@ -42,7 +42,7 @@ use crate::transport::listen::UnixSocket;
 use crate::transport::tcp_options::TcpOptions;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
-use crate::transport::{self, ClientStream, OriginTarget, Peer, TunnelRoute};
+use crate::transport::{self, ClientStream, HostChoice, OriginTarget, Peer, TunnelRoute};
 use crate::workers::{self, Workers};
 
 /// What every session shares.
@@ -278,6 +278,11 @@ pub(crate) fn origin_target(config: &Config, origin: &OriginUrl) -> Result<Origi
         tls: Arc::new(origin_tls),
         tunnel,
         tcp: TcpOptions::from(config),
+        choice: Arc::new(HostChoice {
+            more_hosts: origin.more_hosts.clone(),
+            attrs: origin.target_session_attrs,
+            last_good: Default::default(),
+        }),
     })
 }
 

@@ -157,6 +157,25 @@ pub struct OriginTarget {
     pub tunnel: Option<Arc<TunnelRoute>>,
     /// Keepalive and user timeout for a TCP origin (the tunnel's are in its `WsConfig`).
     pub tcp: TcpOptions,
+    /// The origin URL's other hosts, and what a server must be to be used (`origin::hosts`).
+    pub choice: Arc<HostChoice>,
+}
+
+/// Which of several hosts a new origin connection goes to. The default: only `host`, any server.
+#[derive(Debug, Default)]
+pub struct HostChoice {
+    /// The hosts after the first, in the URL's order.
+    pub more_hosts: Vec<(String, u16)>,
+    pub attrs: crate::config::SessionAttrs,
+    /// The host that last took a connection (0: the first), tried first next time.
+    pub last_good: std::sync::atomic::AtomicUsize,
+}
+
+impl HostChoice {
+    /// Whether there is anything to choose: several hosts, or a server of some kind wanted.
+    pub fn is_trivial(&self) -> bool {
+        self.more_hosts.is_empty() && self.attrs == crate::config::SessionAttrs::Any
+    }
 }
 
 /// How to reach the origin through a WebSocket tunnel.
@@ -190,6 +209,22 @@ pub enum ConnectError {
 }
 
 impl OriginTarget {
+    /// Host `i` of the origin URL (0: the first), as the target a connection to it keeps:
+    /// cancel requests for its backend go there.
+    pub fn host(self: &Arc<Self>, i: usize) -> Arc<OriginTarget> {
+        match self.choice.more_hosts.get(i.wrapping_sub(1)) {
+            Some((host, port)) if i > 0 => {
+                Arc::new(OriginTarget { host: host.clone(), port: *port, ..(**self).clone() })
+            }
+            _ => self.clone(),
+        }
+    }
+
+    /// How many hosts the origin URL names.
+    pub fn host_count(&self) -> usize {
+        1 + self.choice.more_hosts.len()
+    }
+
     /// Where the server is, for people: `host:port`, or its socket's path.
     pub fn place(&self) -> String {
         match crate::config::unix_socket_path(&self.host, self.port) {
