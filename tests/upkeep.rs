@@ -194,6 +194,15 @@ async fn a_request_the_origin_leaves_unanswered_past_query_timeout_ends_its_clie
         assert_eq!(error_code(&raw.until_ready().await), None);
     }
     assert_eq!(first_column(&raw.until_ready().await), vec![Some("piped".to_owned())]);
+    // asyncpg prepares with Parse/Describe/Flush and runs the statement later: the time in
+    // between is the client's, not a request's.
+    raw.send(&[parse("", "SELECT 'prepared'", &[]), describe(b'S', ""), flush()].concat()).await;
+    for tag in [b'1', b't', b'T'] {
+        assert_eq!(raw.recv().await.tag(), tag);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    raw.send(&[bind("", "", &[]), execute("", 0), sync()].concat()).await;
+    assert_eq!(first_column(&raw.until_ready().await), vec![Some("prepared".to_owned())]);
 
     // Over it: the client ends as PgBouncer ends it, with the SQLSTATE of a cancelled query.
     let pid = one_value(&mut raw, "SELECT pg_backend_pid()").await;

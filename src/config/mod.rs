@@ -184,8 +184,8 @@ pub struct Config {
     #[serde(deserialize_with = "units::de_duration")]
     pub client_idle_timeout: Duration,
     /// A request the origin has not answered (ReadyForQuery) this long after it was sent ends
-    /// its client with FATAL 57014: the query is cancelled and the origin connection closed, as
-    /// PgBouncer's `query_timeout` does. Meant for network failures, set a little above the
+    /// its client with FATAL 57014: the query is cancelled and the origin connection closed,
+    /// like PgBouncer's `query_timeout` (which does not cancel, and counts the pool wait too). Meant for network failures, set a little above the
     /// origin's `statement_timeout`. Default 0: off.
     #[serde(deserialize_with = "units::de_duration")]
     pub query_timeout: Duration,

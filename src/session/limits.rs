@@ -27,6 +27,9 @@ pub(super) enum Stretch {
 struct Timer {
     sleep: Pin<Box<Sleep>>,
     stretch: Stretch,
+    /// When the stretch began, and the limit its deadline was set with.
+    start: tokio::time::Instant,
+    limit: Duration,
 }
 
 #[derive(Default)]
@@ -41,25 +44,28 @@ impl Watch {
     }
 
     /// Notes the stretch the client is in now (`None`: busy, with nothing owed by the origin).
-    /// A stretch keeps its timer while it lasts, so its limit counts from its start: the moment
-    /// it was first observed when holding still, the request's own time for a query. Any other
-    /// stretch, or none, ends it. `limit` gives the limit for a stretch (zero: none), read only
-    /// when the stretch begins.
+    /// A stretch keeps its start while it lasts, so its limit counts from there: the moment it
+    /// was first observed when holding still, the request's own time for a query. Any other
+    /// stretch, or none, ends it. `limit` gives the limit for a stretch (zero: none), as the
+    /// settings are now: a RELOAD that changes it moves the deadline of the stretch under way,
+    /// still counted from its start, as PgBouncer's periodic check would.
     pub fn observe(&mut self, now: Option<Stretch>, limit: impl FnOnce(Stretch) -> Duration) {
         let Some(stretch) = now else {
             self.timer = None;
             return;
         };
-        if self.timer.as_ref().is_some_and(|t| t.stretch == stretch) {
-            return;
-        }
         let limit = limit(stretch);
-        self.timer = (!limit.is_zero()).then(|| {
-            let deadline = match stretch {
-                Stretch::Still { .. } => tokio::time::Instant::now() + limit,
-                Stretch::Query { since } => tokio::time::Instant::from_std(since) + limit,
-            };
-            Timer { sleep: Box::pin(tokio::time::sleep_until(deadline)), stretch }
+        let start = match (&self.timer, stretch) {
+            (Some(t), _) if t.stretch == stretch && t.limit == limit => return,
+            (Some(t), _) if t.stretch == stretch => t.start,
+            (_, Stretch::Still { .. }) => tokio::time::Instant::now(),
+            (_, Stretch::Query { since }) => tokio::time::Instant::from_std(since),
+        };
+        self.timer = (!limit.is_zero()).then(|| Timer {
+            sleep: Box::pin(tokio::time::sleep_until(start + limit)),
+            stretch,
+            start,
+            limit,
         });
     }
 
@@ -131,7 +137,7 @@ mod tests {
         watch.observe(Some(STILL_IN), limits(300, 0, 0));
         tokio::time::advance(Duration::from_millis(200)).await;
         // Still the same stretch: the limit counts from its start.
-        watch.observe(Some(STILL_IN), |_| unreachable!("the stretch already has its timer"));
+        watch.observe(Some(STILL_IN), limits(300, 0, 0));
         let started = tokio::time::Instant::now();
         assert_eq!(expired(&mut watch).await, STILL_IN);
         assert_eq!(started.elapsed(), Duration::from_millis(100));
@@ -162,7 +168,7 @@ mod tests {
         let query = Stretch::Query { since: now() };
         watch.observe(Some(query), limits(0, 0, 300));
         tokio::time::advance(Duration::from_millis(250)).await;
-        watch.observe(Some(query), |_| unreachable!("the request already has its timer"));
+        watch.observe(Some(query), limits(0, 0, 300));
         let started = tokio::time::Instant::now();
         assert_eq!(expired(&mut watch).await, query);
         assert_eq!(started.elapsed(), Duration::from_millis(50));
@@ -178,6 +184,21 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(expired(&mut watch).await, STILL_IN);
         assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_limit_moves_the_deadline_of_the_stretch_under_way_from_its_start() {
+        let mut watch = Watch::default();
+        watch.observe(Some(STILL_IN), limits(1000, 0, 0));
+        let started = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        // Lowered by a RELOAD: due 300ms after the stretch began, not after the change.
+        watch.observe(Some(STILL_IN), limits(300, 0, 0));
+        assert_eq!(expired(&mut watch).await, STILL_IN);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        // Turned off for the stretch: no timer.
+        watch.observe(Some(STILL_IN), limits(0, 0, 0));
+        assert!(watch.timer.is_none());
     }
 
     #[tokio::test]

@@ -141,6 +141,9 @@ enum AttachError {
     /// connection.
     #[error("stopped while waiting for an origin connection")]
     Stopped,
+    /// The origin did not answer pgwarp's own settings query within `query_timeout`.
+    #[error("the origin did not answer within query_timeout")]
+    TimedOut,
 }
 
 pub struct Session {
@@ -529,6 +532,7 @@ impl Session {
                 }
                 Err(AttachError::Rejected(f)) => return Err(End::Refused { code: f.code, message: f.message }),
                 Err(AttachError::Stopped) => return Err(self.stopped()),
+                Err(AttachError::TimedOut) => return Err(End::QueryTimeout),
             }
         }
         // A batch being recorded for the cache was classified as reads only: it writes nothing.
@@ -542,6 +546,7 @@ impl Session {
         // The status the client last saw is the transaction's only when nothing it sent before
         // is still unanswered (a pipelined ROLLBACK may be on its way).
         let aborted = self.status == b'E' && conn.queue.is_empty();
+        let owed_before = conn.queue.has_entries();
         let notes = Planner {
             statements: &mut self.statements,
             server: &mut conn.statements,
@@ -554,9 +559,6 @@ impl Session {
         }
         .plan(batch)
         .map_err(|e| End::Protocol(e.to_string()))?;
-        if self.query_started.is_none() && !conn.queue.is_empty() {
-            self.query_started = Some(Instant::now());
-        }
         if let Some(at) = notes.wait_at {
             // The rest goes back in front of whatever the client sends next, and is planned
             // again once the origin has answered more (see `on_origin`).
@@ -566,6 +568,11 @@ impl Session {
         }
         let start = self.to_client.len();
         conn.queue.drain_synthetic(&mut self.to_client);
+        // A request starts when the origin comes to owe answers; answers pgwarp made itself do
+        // not count, nor does an earlier stretch that ended without a ReadyForQuery (a Flush).
+        if !owed_before && conn.queue.has_entries() {
+            self.query_started = Some(Instant::now());
+        }
         self.capture_synthetic(start);
         if let Some(feature) = notes.session_feature {
             if !self.pinned {
@@ -607,7 +614,17 @@ impl Session {
                 att.out.extend_from_slice(&build::query(&sql));
                 att.queue.push(Expect::query(Owner::Internal));
             } else {
-                Box::pin(self.validate_settings(&mut att, &sql)).await?;
+                // The client's request waits on this round trip: query_timeout covers it.
+                let limit = self.pool.query_timeout();
+                let validated = Box::pin(self.validate_settings(&mut att, &sql));
+                if limit.is_zero() {
+                    validated.await?;
+                } else if let Ok(validated) = tokio::time::timeout(limit, validated).await {
+                    validated?;
+                } else {
+                    att.broken = true;
+                    return Err(AttachError::TimedOut);
+                }
             }
         }
         self.cancel.slot.attach(att.key, &att.target);
@@ -900,7 +917,14 @@ impl Session {
     /// can get it (the client has its answer already).
     async fn capture_settings(&mut self, att: &mut PooledConn) -> Result<Capture, End> {
         self.flush_client().await?;
-        match att.simple_query(&capture_sql()).await {
+        let limit = self.pool.query_timeout();
+        let read = if limit.is_zero() {
+            att.simple_query(&capture_sql()).await
+        } else {
+            // A silent origin costs this connection, not the client, who has its answer.
+            tokio::time::timeout(limit, att.simple_query(&capture_sql())).await.unwrap_or(Err(OriginError::Closed))
+        };
+        match read {
             Ok(out) if out.error.is_some() && out.status == b'I' => Ok(Capture::Unreadable),
             Ok(out) if out.status == b'I' => {
                 let captured: Settings = out
@@ -953,7 +977,7 @@ impl Session {
             End::QueryTimeout => Some((
                 SqlState::QUERY_CANCELED,
                 format!(
-                    "terminating connection: the origin did not answer within query_timeout ({}); the query was cancelled",
+                    "terminating connection: the origin did not answer within query_timeout ({}); the query is being cancelled",
                     humantime::format_duration(self.pool.query_timeout())
                 ),
             )),
@@ -975,6 +999,13 @@ impl Session {
                 Some((SqlState::CONNECTION_FAILURE, "the connection to the origin database was lost".to_owned()))
             }
         };
+        // What a killed or timed-out client ran is cancelled now, not after its FATAL is
+        // written: a client that does not read could hold that up for seconds.
+        if matches!(end, End::Killed | End::QueryTimeout) {
+            if let Some(att) = self.origin.take() {
+                tokio::spawn(close_killed(att));
+            }
+        }
         if let Some((code, message)) = &fatal {
             tracing::info!(code = code.code(), "closing client: {message}");
             self.to_client.extend_from_slice(&build::error(Severity::Fatal, *code, message));
