@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::http::Response;
-use crate::origin::{Credentials, OriginConn};
+use crate::origin::{Credentials, OriginConn, OriginError};
 use crate::roster::clock;
 use crate::server::ServerContext;
 
@@ -95,7 +95,9 @@ async fn probe(ctx: &ServerContext) -> Result<(), String> {
     let origin = ctx.config().origin_url().map_err(|e| e.to_string())?;
     let creds = Credentials::with_password(origin.user, origin.password, origin.database);
     let target = ctx.pools.target();
-    match OriginConn::connect(&target, &creds, 1, PROBE_TIMEOUT).await {
+    // One deadline for the whole probe, however many hosts the origin URL names.
+    let connected = tokio::time::timeout(PROBE_TIMEOUT, OriginConn::connect(&target, &creds, 1, PROBE_TIMEOUT)).await;
+    match connected.unwrap_or(Err(OriginError::ConnectTimeout)) {
         Ok(conn) => {
             conn.close().await;
             Ok(())

@@ -116,7 +116,10 @@ impl fmt::Debug for OriginUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "postgres://{}@{}:{}", self.user, self.host, self.port)?;
         for (host, port) in &self.more_hosts {
-            write!(f, ",{host}:{port}")?;
+            match host.contains(':') {
+                true => write!(f, ",[{host}]:{port}")?,
+                false => write!(f, ",{host}:{port}")?,
+            }
         }
         write!(f, "/{}", self.database)?;
         if self.target_session_attrs != SessionAttrs::Any {
@@ -145,8 +148,9 @@ impl OriginUrl {
         let decode = |s: &str| -> Result<String, String> {
             percent_decode(s).ok_or_else(|| "invalid percent-encoding".to_string())
         };
-        // Each host with the port written after it, if any.
-        let mut hosts: Vec<(String, Option<u16>)> = if !hostless {
+        // As libpq: a list of hosts and a list of ports (None: the default), each of which a
+        // parameter may replace; a port written after a host in the URL goes in the port list.
+        let written: Vec<(String, Option<u16>)> = if !hostless {
             let host = url.host_str().unwrap_or_default();
             vec![(decode(host.trim_start_matches('[').trim_end_matches(']'))?, url.port())]
         } else if listed.is_empty() {
@@ -154,7 +158,11 @@ impl OriginUrl {
         } else {
             listed.split(',').map(|h| host_and_port(h, &decode)).collect::<Result<_, _>>()?
         };
-        let mut ports: Vec<u16> = Vec::new();
+        let mut ports: Vec<Option<u16>> = written.iter().map(|(_, p)| *p).collect();
+        if ports.iter().all(Option::is_none) {
+            ports.clear();
+        }
+        let mut hosts: Vec<String> = written.into_iter().map(|(h, _)| h).collect();
         let mut user = decode(url.username())?;
         let mut password = url.password().map(decode).transpose()?;
         let path = url.path().trim_start_matches('/');
@@ -178,13 +186,8 @@ impl OriginUrl {
             let (k, v) = pair.split_once('=').ok_or_else(|| format!("URL parameter {pair:?} has no value"))?;
             let (k, v) = (decode(k)?, decode(v)?);
             match k.as_str() {
-                "host" => hosts = v.split(',').map(|h| (h.to_owned(), None)).collect(),
-                "port" => {
-                    ports = v
-                        .split(',')
-                        .map(|p| p.parse().map_err(|_| format!("invalid port {p:?}")))
-                        .collect::<Result<_, _>>()?
-                }
+                "host" => hosts = v.split(',').map(str::to_owned).collect(),
+                "port" => ports = v.split(',').map(parse_port).collect::<Result<_, _>>()?,
                 "target_session_attrs" => out.target_session_attrs = SessionAttrs::parse(&v)?,
                 "user" => user = v,
                 "password" => password = Some(v),
@@ -198,21 +201,21 @@ impl OriginUrl {
                 other => return Err(format!("unsupported URL parameter {other:?}")),
             }
         }
-        if hosts.is_empty() || hosts.iter().any(|(h, _)| h.is_empty()) {
+        if hosts.is_empty() || hosts.iter().any(String::is_empty) {
             return Err("the URL names no host".into());
         }
         // As libpq: one port for every host, or one per host.
-        match ports.len() {
-            0 => {}
-            1 => hosts.iter_mut().for_each(|(_, p)| *p = Some(ports[0])),
-            n if n == hosts.len() => hosts.iter_mut().zip(&ports).for_each(|((_, p), port)| *p = Some(*port)),
+        let ports: Vec<Option<u16>> = match ports.len() {
+            0 => vec![None; hosts.len()],
+            1 => vec![ports[0]; hosts.len()],
+            n if n == hosts.len() => ports,
             n => return Err(format!("the URL names {} hosts but {n} ports", hosts.len())),
-        }
+        };
         if user.is_empty() {
             return Err("the URL names no user".into());
         }
         out.database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-        let mut hosts = hosts.into_iter().map(|(h, p)| (h, p.unwrap_or(5432)));
+        let mut hosts = hosts.into_iter().zip(ports).map(|(h, p)| (h, p.unwrap_or(5432)));
         (out.host, out.port) = hosts.next().ok_or("the URL names no host")?;
         out.more_hosts = hosts.collect();
         out.user = user;
@@ -220,9 +223,11 @@ impl OriginUrl {
         Ok(out)
     }
 
-    /// Whether the host is the directory of the server's Unix-domain socket.
+    /// Whether the host (every host, when the URL names several) is the directory of a
+    /// server's Unix-domain socket.
     pub fn is_unix_socket(&self) -> bool {
         unix_socket_path(&self.host, self.port).is_some()
+            && self.more_hosts.iter().all(|(host, port)| unix_socket_path(host, *port).is_some())
     }
 }
 
@@ -231,21 +236,26 @@ const HOST_PLACEHOLDER: &str = "pgwarp.invalid";
 /// Where the URL's host list is (after the user info, up to the path): a byte range of `raw`,
 /// empty when no host is written there (`postgres://u:p@/db`).
 fn hosts_span(raw: &str) -> (usize, usize) {
-    let Some(scheme_end) = raw.find("://").map(|i| i + 3) else { return (0, 0) };
+    let Some(scheme) = raw.find("://") else { return (0, 0) };
+    if !raw[..scheme].chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+        return (0, 0);
+    }
+    let scheme_end = scheme + 3;
     let len = raw[scheme_end..].find(['/', '?', '#']).unwrap_or(raw.len() - scheme_end);
     let authority = &raw[scheme_end..scheme_end + len];
     let start = scheme_end + authority.rfind('@').map_or(0, |at| at + 1);
     (start, scheme_end + len)
 }
 
-/// One `host[:port]` of a list of hosts (`[::1]:5432` for an IPv6 address).
+/// One `host[:port]` of a list of hosts (`[::1]:5432` for an IPv6 address). Errors do not
+/// quote what was written: a password with an unencoded `/` lands here.
 fn host_and_port(
     written: &str,
     decode: &impl Fn(&str) -> Result<String, String>,
 ) -> Result<(String, Option<u16>), String> {
     let (host, port) = match written.strip_prefix('[') {
         Some(rest) => {
-            let (host, after) = rest.split_once(']').ok_or_else(|| format!("invalid host {written:?}"))?;
+            let (host, after) = rest.split_once(']').ok_or("invalid host in the URL's list of hosts")?;
             (host, after.strip_prefix(':'))
         }
         None => match written.rsplit_once(':') {
@@ -253,8 +263,16 @@ fn host_and_port(
             None => (written, None),
         },
     };
-    let port = port.map(|p| p.parse().map_err(|_| format!("invalid port {p:?}"))).transpose()?;
+    let port = port.map(parse_port).transpose()?.flatten();
     Ok((decode(host)?, port))
+}
+
+/// A port of a list; empty is the default, as in libpq.
+fn parse_port(p: &str) -> Result<Option<u16>, String> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    p.parse().map(Some).map_err(|_| "invalid port in the URL".to_owned())
 }
 
 /// The Unix-domain socket a Postgres server listening on `port` makes in directory `host`, as
@@ -348,7 +366,10 @@ mod tests {
         assert_eq!(u.more_hosts, vec![("pg2".to_owned(), 5432), ("::1".to_owned(), 6000)]);
         assert_eq!((u.user.as_str(), u.password.as_deref(), u.database.as_str()), ("app", Some("pw"), "appdb"));
         assert_eq!(u.target_session_attrs, SessionAttrs::ReadWrite);
-        assert_eq!(format!("{u:?}"), "postgres://app@pg1:5433,pg2:5432,::1:6000/appdb?target_session_attrs=read-write");
+        assert_eq!(
+            format!("{u:?}"),
+            "postgres://app@pg1:5433,pg2:5432,[::1]:6000/appdb?target_session_attrs=read-write"
+        );
         // As parameters: one port for all, or one each.
         let u = OriginUrl::parse("postgres://app@/db?host=a,b&port=7000").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.more_hosts), ("a", 7000, vec![("b".to_owned(), 7000)]));
@@ -359,6 +380,14 @@ mod tests {
             .contains("3 hosts but 2 ports"));
         assert!(OriginUrl::parse("postgres://app@a,,b/db").unwrap_err().contains("no host"));
         assert!(OriginUrl::parse("postgres://app@a,b:x/db").unwrap_err().contains("port"));
+        // An empty port is the default; a host parameter keeps the URL's port, as in libpq.
+        let u = OriginUrl::parse("postgres://app@a:,b:6000/db").unwrap();
+        assert_eq!((u.port, u.more_hosts), (5432, vec![("b".to_owned(), 6000)]));
+        let u = OriginUrl::parse("postgres://app@localhost:5433/db?host=/var/run/postgresql").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("/var/run/postgresql", 5433));
+        // A password with an unencoded `/` and `,` is not echoed back.
+        let err = OriginUrl::parse("postgres://app:se,cret/x@h/db").unwrap_err();
+        assert!(!err.contains("se,") && !err.contains("cret"), "{err}");
         assert!(OriginUrl::parse("postgres://app@a/db?target_session_attrs=leader").is_err());
         // One host stays one host.
         let u = OriginUrl::parse("postgres://app@one:5433/db").unwrap();

@@ -180,7 +180,7 @@ impl OriginConn {
     }
 
     /// Connects to the target's own host and logs in, within `timeout`.
-    pub(super) async fn connect_to(
+    async fn connect_to(
         target: &Arc<OriginTarget>,
         creds: &Credentials,
         statement_cache: usize,
@@ -191,7 +191,8 @@ impl OriginConn {
             .map_err(|_| OriginError::ConnectTimeout)?
     }
 
-    async fn connect_inner(
+    /// Connects and logs in, with no time limit of its own.
+    pub(super) async fn connect_inner(
         target: &Arc<OriginTarget>,
         creds: &Credentials,
         statement_cache: usize,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use super::conn::OriginConn;
 use super::{Credentials, OriginError};
 use crate::config::SessionAttrs;
+use crate::protocol::error::SqlState;
 use crate::transport::OriginTarget;
 
 /// What a server is, as far as `target_session_attrs` goes.
@@ -81,8 +82,17 @@ pub fn order(n: usize, last_good: usize) -> impl Iterator<Item = usize> {
     std::iter::once(first).chain((0..n).filter(move |&i| i != first))
 }
 
+/// What trying one host came to.
+enum Attempt {
+    Suits(Box<OriginConn>),
+    /// Logged in, but not what `target_session_attrs` wants.
+    Unsuitable(ServerRole),
+}
+
 /// Connects to the first host of `target` that answers and suits its `target_session_attrs`,
-/// each host within `timeout`.
+/// each host within `timeout` (its login and, on an older server, the query for its role).
+/// As in libpq, a host that answers but refuses the login ends the search with its error,
+/// unless it is starting up or shutting down (57P03).
 pub async fn connect(
     target: &Arc<OriginTarget>,
     creds: &Credentials,
@@ -93,47 +103,64 @@ pub async fn connect(
     let passes = if choice.attrs == SessionAttrs::PreferStandby { 2 } else { 1 };
     let mut tried: Vec<String> = Vec::new();
     let mut last_error = None;
+    let mut any_unsuitable = false;
     for pass in 0..passes {
         for i in order(target.host_count(), choice.last_good.load(Ordering::Relaxed)) {
             let host = target.host(i);
-            let mut conn = match OriginConn::connect_to(&host, creds, statement_cache, timeout).await {
-                Ok(conn) => conn,
+            let attempt =
+                tokio::time::timeout(timeout, attempt(&host, creds, statement_cache, choice.attrs, pass == 0))
+                    .await
+                    .unwrap_or(Err(OriginError::ConnectTimeout));
+            match attempt {
+                Ok(Attempt::Suits(conn)) => {
+                    choice.last_good.store(i, Ordering::Relaxed);
+                    return Ok(*conn);
+                }
+                Ok(Attempt::Unsuitable(role)) => {
+                    tracing::debug!(host = %host.place(), role = role.describe(), "origin host is not what target_session_attrs wants");
+                    any_unsuitable = true;
+                    if pass == 0 {
+                        tried.push(format!("{} ({})", host.place(), role.describe()));
+                    }
+                }
+                Err(OriginError::Refused(f)) if f.code != SqlState::CANNOT_CONNECT_NOW.code() => {
+                    return Err(OriginError::Refused(f));
+                }
                 Err(e) => {
                     if pass == 0 {
                         tracing::warn!(host = %host.place(), error = %e, "origin host unusable, trying the next");
                         tried.push(format!("{} ({e})", host.place()));
                     }
                     last_error = Some(e);
-                    continue;
-                }
-            };
-            if choice.attrs != SessionAttrs::Any {
-                let role = match role_of(&mut conn).await {
-                    Ok(role) => role,
-                    Err(e) => {
-                        tried.push(format!("{} ({e})", host.place()));
-                        last_error = Some(e);
-                        continue;
-                    }
-                };
-                if !suits(choice.attrs, role, pass == 0) {
-                    tracing::debug!(host = %host.place(), role = role.describe(), "origin host is not what target_session_attrs wants");
-                    if pass == 0 {
-                        tried.push(format!("{} ({})", host.place(), role.describe()));
-                    }
-                    tokio::spawn(conn.close());
-                    continue;
                 }
             }
-            choice.last_good.store(i, Ordering::Relaxed);
-            return Ok(conn);
         }
     }
-    // One host: its own error, as before there was a choice.
+    // Where every host failed to connect, the last failure says what (one host: its own).
     match last_error {
-        Some(e) if target.host_count() == 1 && choice.attrs == SessionAttrs::Any => Err(e),
+        Some(e) if !any_unsuitable && target.host_count() == 1 => Err(e),
         _ => Err(OriginError::NoSuitableHost { wanted: choice.attrs.as_str(), tried: tried.join(", ") }),
     }
+}
+
+/// Logs in to one host and, when it matters, finds out whether it suits `attrs`.
+async fn attempt(
+    host: &Arc<OriginTarget>,
+    creds: &Credentials,
+    statement_cache: usize,
+    attrs: SessionAttrs,
+    first_pass: bool,
+) -> Result<Attempt, OriginError> {
+    let mut conn = OriginConn::connect_inner(host, creds, statement_cache).await?;
+    if attrs == SessionAttrs::Any {
+        return Ok(Attempt::Suits(Box::new(conn)));
+    }
+    let role = role_of(&mut conn).await?;
+    if suits(attrs, role, first_pass) {
+        return Ok(Attempt::Suits(Box::new(conn)));
+    }
+    tokio::spawn(conn.close());
+    Ok(Attempt::Unsuitable(role))
 }
 
 /// What the server on `conn` is: from its login's ParameterStatus, or by asking.

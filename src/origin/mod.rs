@@ -34,7 +34,7 @@ pub enum OriginError {
     Closed,
     #[error("origin sent something pgwarp cannot read: {0}")]
     Protocol(String),
-    #[error("no origin host is {wanted} (target_session_attrs): {tried}")]
+    #[error("no origin host is usable as {wanted} (target_session_attrs): {tried}")]
     NoSuitableHost { wanted: &'static str, tried: String },
 }
 
@@ -58,6 +58,9 @@ impl OriginError {
                 format!("pgwarp could not connect to the origin database: {e}"),
             ),
             // Which hosts were what is the operator's to know; a client learns what was wanted.
+            OriginError::NoSuitableHost { wanted: "any", .. } => {
+                (SqlState::CONNECTION_FAILURE.code().into(), "pgwarp could not connect to any origin host".into())
+            }
             OriginError::NoSuitableHost { wanted, .. } => (
                 SqlState::CONNECTION_FAILURE.code().into(),
                 format!("pgwarp found no origin host that is {wanted} (target_session_attrs)"),
