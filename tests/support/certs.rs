@@ -1,7 +1,7 @@
 //! Certificates for TLS tests, made with the openssl CLI: a CA and a server certificate signed
 //! by it, readable by the postgres user so a test cluster can use them too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub struct Certs {
@@ -13,10 +13,7 @@ impl Certs {
     pub fn new(name: &str, san: &str) -> Certs {
         let dir = tempfile::Builder::new().prefix(&format!("pgwarp-certs-{name}-")).tempdir_in("/tmp").unwrap();
         let d = dir.path();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
+        let run = |args: &[&str]| openssl(d, args);
         let ca_subject = format!("/CN=pgwarp test CA {name}");
         run(&[
             "req",
@@ -83,10 +80,7 @@ impl Certs {
     pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
         let d = self.dir.path();
         let (cert, key, csr) = (format!("client-{cn}.pem"), format!("client-{cn}.key"), format!("client-{cn}.csr"));
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
+        let run = |args: &[&str]| openssl(d, args);
         let subject = format!("/CN={cn}");
         run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject]);
         run(&[
@@ -107,4 +101,10 @@ impl Certs {
         Command::new("chmod").args(["600", d.join(&key).to_str().unwrap()]).status().unwrap();
         (d.join(cert), d.join(key))
     }
+}
+
+/// Runs the openssl CLI in `dir`, failing the test if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
