@@ -999,8 +999,9 @@ impl Session {
                 Some((SqlState::CONNECTION_FAILURE, "the connection to the origin database was lost".to_owned()))
             }
         };
-        // What a killed or timed-out client ran is cancelled now, not after its FATAL is
-        // written: a client that does not read could hold that up for seconds.
+        // What a killed or timed-out client ran is cancelled now, and its connection goes too
+        // (nobody gets it back half-used), not after its FATAL is written: a client that does
+        // not read could hold that up for seconds.
         if matches!(end, End::Killed | End::QueryTimeout) {
             if let Some(att) = self.origin.take() {
                 tokio::spawn(close_killed(att));
@@ -1035,11 +1036,8 @@ impl Session {
             // anything a pinned client did) is discarded before anyone else gets the connection.
             let reset = self.pinned || self.settings_dirty;
             match end {
-                End::OriginLost { .. } => {}
-                // The connection goes too, and nobody gets it back half-used.
-                End::Killed | End::QueryTimeout => {
-                    tokio::spawn(close_killed(att));
-                }
+                // A killed or timed-out client's connection was closed above, before its FATAL.
+                End::OriginLost { .. } | End::Killed | End::QueryTimeout => {}
                 _ => {
                     let cancel = cancel_in_flight.then(|| self.cancel.slot.clone());
                     tokio::spawn(release_after_client(pool, att, status, reset, cancel));
