@@ -60,8 +60,8 @@ pub struct TunnelArgs {
     /// Worker threads that relay sessions; 0 means one per CPU core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
-    /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off.
-    /// auto: 100us, or 0 under a CPU quota of less than a core per worker.
+    /// After work, the longest a worker polls for more before its CPU sleeps; 0 turns it off.
+    /// auto: 200us, or 0 under a CPU quota of less than a core per worker.
     #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll, default_value = "auto")]
     pub busy_poll: BusyPollArg,
     /// Log level or tracing filter.
@@ -115,8 +115,8 @@ pub struct RunArgs {
     /// Worker threads, each with its share of every pool; 0 means one per CPU core [default: 0].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-    /// After work, how long a worker polls for more before its CPU sleeps; 0 turns it off, at
-    /// most 1ms. auto: 100us, or 0 under a CPU quota of less than a core per worker
+    /// After work, the longest a worker polls for more before its CPU sleeps; 0 turns it off,
+    /// at most 1ms. auto: 200us, or 0 under a CPU quota of less than a core per worker
     /// [default: auto].
     #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll)]
     pub busy_poll: Option<BusyPollArg>,

@@ -33,9 +33,10 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// `busy_poll` when it is "auto" and the CPU quota allows: a wake-up of a halted vCPU plus a
-/// point select, with room.
-pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
+/// `busy_poll` when it is "auto" and the CPU quota allows: the longest window a worker polls
+/// for, which it narrows to the gaps it sees. A point select's answer on a loaded VM took 100 to
+/// 175 µs (2026-11-23), and KVM's halt polling stops at the same 200 µs.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 /// Past this a poll is a spin, not a wait for the next message.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
@@ -227,11 +228,12 @@ pub struct Config {
     /// Worker threads; 0 (the default) means one per CPU core. Each runs its clients on its own
     /// share of every pool (see `workers`).
     pub workers: usize,
-    /// How long a worker that has just done work polls for more before it sleeps ("100us"; 0
-    /// turns it off; at most 1ms). It spares each hop the wake-up of a sleeping CPU (tens of
-    /// microseconds on a VM) at the price of CPU time while polling, and stops by itself when
-    /// traffic is sparse. "auto" (the default, None here) is 100us, or 0 when the process's
-    /// CPU quota (cgroup) is less than one core per worker.
+    /// The longest a worker that has just done work polls for more before it sleeps ("200us";
+    /// 0 turns it off; at most 1ms). It spares each hop the wake-up of a sleeping CPU (tens of
+    /// microseconds on a VM) at the price of CPU time while polling; each worker polls only as
+    /// long as its recent gaps needed, and stops by itself when traffic is sparse. "auto" (the
+    /// default, None here) is 200us, or 0 when the process's CPU quota (cgroup) is less than
+    /// one core per worker.
     #[serde(default, deserialize_with = "units::de_auto_duration")]
     pub busy_poll: Option<Duration>,
     /// Longest protocol message accepted, in bytes or with a unit ("256MiB"). Hard ceiling 1GiB.

@@ -39,6 +39,7 @@ use crate::roster::{ClientEntry, ClientState, Listed};
 use crate::server::ServerContext;
 use crate::sql::inspect;
 use crate::transport::ClientStream;
+use crate::workers::mark_awaiting_origin;
 use limits::Stretch;
 use plan::{apply_undo, Planner};
 use startup::Established;
@@ -201,7 +202,15 @@ pub struct Session {
     traffic: Traffic,
     /// When the oldest request still waiting for its ReadyForQuery went to the origin.
     query_started: Option<Instant>,
+    /// Whether the origin owes this client an answer, for the worker's busy polling.
+    awaiting: bool,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        mark_awaiting_origin(&mut self.awaiting, false);
+    }
 }
 
 impl Session {
@@ -245,6 +254,7 @@ impl Session {
             listing,
             traffic: Traffic::default(),
             query_started: None,
+            awaiting: false,
             _slot: e.permit,
             ctx,
         }
@@ -270,6 +280,7 @@ impl Session {
                 }
                 self.reader.shrink_if_empty();
                 spare::give(std::mem::take(&mut self.to_client));
+                mark_awaiting_origin(&mut self.awaiting, false);
                 // Holding no connection, and outside a transaction.
                 let mut watch = limits::Watch::default();
                 if self.pool.limits_client_time() {
@@ -309,6 +320,8 @@ impl Session {
             } else {
                 watch.off();
             }
+            let owed = self.origin.as_ref().is_some_and(|a| a.queue.has_entries());
+            mark_awaiting_origin(&mut self.awaiting, owed);
             let origin_backlog = self.origin.as_ref().map_or(0, |a| a.out.len());
             // Input queued behind a wait counts as backlog too: the client is not read
             // without bound while the origin has not answered.
@@ -1148,8 +1161,8 @@ mod tests {
         let task = size_of_future(&fut);
         let session = std::mem::size_of::<super::Session>();
         assert!(task <= 768, "a client's task future grew to {task} bytes");
-        // 512 until the traffic counters (48 bytes) came; the target for an idle client is 4 KiB
-        // in all.
-        assert!(session <= 576, "Session grew to {session} bytes");
+        // 512 until the traffic counters (48 bytes) came, 576 until the busy-poll flag (a ninth
+        // one-byte field); the target for an idle client is 4 KiB in all.
+        assert!(session <= 584, "Session grew to {session} bytes");
     }
 }

@@ -16,12 +16,22 @@
 //! tasks are runnable than there are CPUs (`run_queue`): a CPU that polls looks busy, so the
 //! kernel would not move a waiting task onto it.
 //!
-//! Polling only pays when the next event comes soon. Each idle gap (from the moment the worker
-//! ran out of work to the moment it had work again) is a hit if it was no longer than
-//! `busy_poll`, whether a poll caught it or a sleep did; the worker polls while at least half of
-//! its recent gaps (a moving average over about the last eight) were hits. Under sparse traffic
-//! it stops polling after a few long gaps, and an idle pgwarp never polls: polling only
-//! follows work.
+//! Polling only pays when the next event comes soon. An idle gap runs from the moment the
+//! worker ran out of work to the moment it had work again, and it is a hit if it was no longer
+//! than `busy_poll`, whether a poll caught it or a sleep did. Gaps are judged in two kinds, by
+//! what the worker waits for when it runs out of work ([`Awaits`]): an origin's answer to a
+//! request a session sent, or anything else, mostly clients' next messages. A database answers
+//! a point query in a steady time; a client thinks for as long as its application makes it. One
+//! client at a fixed rate shows both: a 150 µs answer, then 850 µs of think time. Judged
+//! together they would poll through every gap or none; apart, the worker polls for the answers
+//! and sleeps through the think time. For each kind:
+//! - the worker polls while at least half of its recent gaps (a moving average over about the
+//!   last eight) were hits. Under sparse traffic it stops after a few long gaps, and an idle
+//!   pgwarp never polls: polling only follows work;
+//! - it polls for a window sized from the longest of its last eight hits, with a quarter and
+//!   10 µs to spare, at most `busy_poll`. A gap longer than the window is slept through and
+//!   widens it; eight shorter ones narrow it. So `busy_poll` is a ceiling, not a cost paid on
+//!   every miss: after 40 µs answers, a slow one costs 60 µs of polling, not 200.
 //!
 //! [`BusyPoll`] is the pure decision; `mod.rs` drives it from the runtime's park hooks.
 
@@ -46,16 +56,75 @@ const FULL: u32 = 256;
 const THRESHOLD: u32 = FULL / 2;
 /// A poll turn longer than this means another process ran in it.
 const CONTENDED: Duration = Duration::from_micros(20);
+/// How many recent hits the window is sized from.
+const HISTORY: usize = 8;
+/// Added to the longest recent hit for the window: a quarter of it, and this.
+const SLACK: Duration = Duration::from_micros(10);
+
+/// What a worker waits for when it runs out of work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Awaits {
+    /// A session sent its origin a request and waits for the answer. A database answers a
+    /// short query in a steady time, so these gaps are short and regular: polling pays.
+    Origin,
+    /// Anything else: a client's next message, a new client, a timer. Client think time is
+    /// whatever the application makes it.
+    Clients,
+}
+
+/// Recent idle gaps of one kind.
+#[derive(Debug)]
+struct Gaps {
+    /// Moving average of gaps no longer than `max`, in 1/256ths. Starts full.
+    hits: u32,
+    /// The last hits, oldest overwritten first.
+    recent: [Duration; HISTORY],
+    /// How many of `recent` are filled, and the next to overwrite.
+    filled: usize,
+    next: usize,
+}
+
+impl Gaps {
+    fn new() -> Gaps {
+        Gaps { hits: FULL, recent: [Duration::ZERO; HISTORY], filled: 0, next: 0 }
+    }
+
+    fn record(&mut self, gap: Duration, max: Duration) {
+        let hit = gap <= max;
+        self.hits = self.hits - self.hits / 8 + if hit { FULL / 8 } else { 0 };
+        if hit {
+            self.recent[self.next] = gap;
+            self.next = (self.next + 1) % HISTORY;
+            self.filled = (self.filled + 1).min(HISTORY);
+        }
+    }
+
+    fn polling(&self) -> bool {
+        self.hits >= THRESHOLD
+    }
+
+    /// How long to poll: long enough for the longest recent hit with some room, so a gap
+    /// like those is caught and a longer one costs little more than they did; `max` until
+    /// there are hits to go by.
+    fn window(&self, max: Duration) -> Duration {
+        match self.recent[..self.filled].iter().max() {
+            Some(&longest) => (longest + longest / 4 + SLACK).min(max),
+            None => max,
+        }
+    }
+}
 
 /// One worker's busy-poll state.
 #[derive(Debug)]
 pub struct BusyPoll {
-    /// How long to poll after work; zero turns polling off.
+    /// The longest a worker polls after work; zero turns polling off.
     max: Duration,
-    /// Moving average of gaps no longer than `max`, in 1/256ths. Starts full.
-    hits: u32,
-    /// When the current idle gap began (the worker's first idle moment after work).
-    idle_since: Option<Instant>,
+    /// Gaps spent waiting for an origin, and the others.
+    origin: Gaps,
+    clients: Gaps,
+    /// When the current idle gap began (the worker's first idle moment after work), and what it
+    /// waits for.
+    idle_since: Option<(Instant, Awaits)>,
     /// When the worker last looked for I/O in this gap: the last poll, or the wake-up from a sleep.
     /// Work found by that look arrived just before it, so this is when the gap ended.
     looked: Option<Instant>,
@@ -65,28 +134,45 @@ pub struct BusyPoll {
 
 impl BusyPoll {
     pub fn new(max: Duration) -> BusyPoll {
-        BusyPoll { max, hits: FULL, idle_since: None, looked: None, slept: false }
+        BusyPoll { max, origin: Gaps::new(), clients: Gaps::new(), idle_since: None, looked: None, slept: false }
+    }
+
+    fn gaps(&mut self, awaits: Awaits) -> &mut Gaps {
+        match awaits {
+            Awaits::Origin => &mut self.origin,
+            Awaits::Clients => &mut self.clients,
+        }
     }
 
     /// The worker has nothing to run. `worked`: whether it ran any task since the last call;
-    /// `crowded`: whether another process is waiting for a CPU (asked only before a poll).
+    /// `awaits`: what it waits for now (asked only after work); `crowded`: whether another
+    /// process is waiting for a CPU (asked only before a poll).
     /// Returns true to poll for I/O once more, false to sleep until an event.
-    pub fn idle(&mut self, now: Instant, worked: bool, crowded: impl FnOnce() -> bool) -> bool {
+    pub fn idle(
+        &mut self,
+        now: Instant,
+        worked: bool,
+        awaits: impl FnOnce() -> Awaits,
+        crowded: impl FnOnce() -> bool,
+    ) -> bool {
         if worked {
-            if let (Some(since), Some(looked)) = (self.idle_since, self.looked) {
-                self.record(looked.saturating_duration_since(since));
+            if let (Some((since, kind)), Some(looked)) = (self.idle_since, self.looked) {
+                let max = self.max;
+                self.gaps(kind).record(looked.saturating_duration_since(since), max);
             }
-            self.idle_since = Some(now);
+            self.idle_since = Some((now, awaits()));
         }
         // A poll turn takes a microsecond or two. A longer one means the yield let another
         // process run: the CPU is wanted, and polling on would take turns from it.
         let contended =
             !worked && !self.slept && self.looked.is_some_and(|at| now.saturating_duration_since(at) > CONTENDED);
         let poll = match self.idle_since {
-            Some(since) => {
-                !contended && self.polling() && now.saturating_duration_since(since) < self.max && !crowded()
+            Some((since, kind)) if !contended && !self.max.is_zero() => {
+                let max = self.max;
+                let gaps = self.gaps(kind);
+                gaps.polling() && now.saturating_duration_since(since) < gaps.window(max) && !crowded()
             }
-            None => false,
+            _ => false,
         };
         self.looked = Some(now);
         self.slept = !poll;
@@ -99,42 +185,52 @@ impl BusyPoll {
             self.looked = Some(now);
         }
     }
-
-    /// Whether recent gaps were short enough that polling pays.
-    pub fn polling(&self) -> bool {
-        !self.max.is_zero() && self.hits >= THRESHOLD
-    }
-
-    fn record(&mut self, gap: Duration) {
-        let hit = if gap <= self.max { FULL / 8 } else { 0 };
-        self.hits = self.hits - self.hits / 8 + hit;
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Awaits::{Clients, Origin};
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
     }
 
-    /// Runs one idle gap of `gap` after work at `t`: polls every microsecond while told to,
-    /// sleeps otherwise, and returns whether the event was caught by a poll.
-    fn gap(p: &mut BusyPoll, t: &mut Instant, gap: Duration) -> bool {
-        let end = *t + gap;
-        let mut now = *t;
+    impl BusyPoll {
+        fn polling(&self, awaits: Awaits) -> bool {
+            match awaits {
+                Origin => self.origin.polling(),
+                Clients => self.clients.polling(),
+            }
+        }
+    }
+
+    /// How one idle gap went.
+    #[derive(Debug)]
+    struct Gap {
+        /// The event was found by a poll, not by a wake-up from sleep.
+        caught: bool,
+        /// How long the worker polled.
+        polled: Duration,
+    }
+
+    /// Runs one idle gap of `gap`, waiting for `awaits`, after work at `t`: polls every
+    /// microsecond while told to, sleeps otherwise (a wake-up takes 40 µs).
+    fn gap(p: &mut BusyPoll, t: &mut Instant, gap: Duration, awaits: Awaits) -> Gap {
+        let start = *t;
+        let end = start + gap;
+        let mut now = start;
         let mut worked = true;
         loop {
-            if !p.idle(now, std::mem::take(&mut worked), || false) {
-                p.woke(end);
-                *t = end + us(3);
-                return false;
+            if !p.idle(now, std::mem::take(&mut worked), || awaits, || false) {
+                p.woke(end + us(40));
+                *t = end + us(43);
+                return Gap { caught: false, polled: now - start };
             }
             now += us(1);
             if now >= end {
                 *t = now + us(3);
-                return true;
+                return Gap { caught: true, polled: now - start };
             }
         }
     }
@@ -153,52 +249,57 @@ mod tests {
     fn an_idle_worker_that_never_worked_sleeps() {
         let mut p = BusyPoll::new(us(50));
         let t = Instant::now();
-        assert!(!p.idle(t, false, || false));
+        assert!(!p.idle(t, false, || Clients, || false));
         p.woke(t + us(1000));
-        assert!(!p.idle(t + us(1001), false, || false));
+        assert!(!p.idle(t + us(1001), false, || Clients, || false));
     }
 
     #[test]
     fn polls_for_up_to_busy_poll_after_work_then_sleeps() {
         let mut p = BusyPoll::new(us(50));
         let t = Instant::now();
-        assert!(p.idle(t, true, || false));
+        assert!(p.idle(t, true, || Clients, || false));
         for n in 1..50 {
-            assert!(p.idle(t + us(n), false, || false), "turn {n}");
+            assert!(p.idle(t + us(n), false, || Clients, || false), "turn {n}");
         }
-        assert!(!p.idle(t + us(50), false, || false));
+        assert!(!p.idle(t + us(50), false, || Clients, || false));
         // Work restarts the window.
         p.woke(t + us(60));
-        assert!(p.idle(t + us(61), true, || false));
-        assert!((2..=50).all(|n| p.idle(t + us(60 + n), false, || false)));
+        assert!(p.idle(t + us(61), true, || Clients, || false));
+        assert!((2..=50).all(|n| p.idle(t + us(60 + n), false, || Clients, || false)));
     }
 
     #[test]
     fn a_poll_turn_that_another_process_took_ends_the_polling() {
         let mut p = BusyPoll::new(us(100));
         let t = Instant::now();
-        assert!(p.idle(t, true, || false));
-        assert!(p.idle(t + us(2), false, || false));
+        assert!(p.idle(t, true, || Clients, || false));
+        assert!(p.idle(t + us(2), false, || Clients, || false));
         // The yield in that turn ran someone else for 30 µs: sleep rather than take turns.
-        assert!(!p.idle(t + us(32), false, || false));
+        assert!(!p.idle(t + us(32), false, || Clients, || false));
         // A long turn spent on our own work is not contention.
         p.woke(t + us(40));
-        assert!(p.idle(t + us(41), true, || false));
-        assert!(p.idle(t + us(90), true, || false));
+        assert!(p.idle(t + us(41), true, || Clients, || false));
+        assert!(p.idle(t + us(90), true, || Clients, || false));
     }
 
     #[test]
     fn a_process_waiting_for_a_cpu_vetoes_polling() {
         let mut p = BusyPoll::new(us(100));
         let t = Instant::now();
-        assert!(!p.idle(t, true, || true));
+        assert!(!p.idle(t, true, || Clients, || true));
         // Asked only when polling is otherwise due.
         p.woke(t + us(500));
         let mut asked = false;
-        assert!(!p.idle(t + us(5000), false, || {
-            asked = true;
-            false
-        }));
+        assert!(!p.idle(
+            t + us(5000),
+            false,
+            || Clients,
+            || {
+                asked = true;
+                false
+            }
+        ));
         assert!(!asked);
     }
 
@@ -207,7 +308,7 @@ mod tests {
         let mut p = BusyPoll::new(Duration::ZERO);
         let mut t = Instant::now();
         for _ in 0..10 {
-            assert!(!gap(&mut p, &mut t, Duration::ZERO));
+            assert!(!gap(&mut p, &mut t, Duration::ZERO, Origin).caught);
         }
     }
 
@@ -215,8 +316,61 @@ mod tests {
     fn short_gaps_are_caught_by_polling() {
         let mut p = BusyPoll::new(us(50));
         let mut t = Instant::now();
-        let caught = (0..100).filter(|_| gap(&mut p, &mut t, us(30))).count();
+        let caught = (0..100).filter(|_| gap(&mut p, &mut t, us(30), Clients).caught).count();
         assert_eq!(caught, 100);
+    }
+
+    #[test]
+    fn the_window_shrinks_to_the_gaps_it_catches() {
+        let mut p = BusyPoll::new(us(500));
+        let mut t = Instant::now();
+        for _ in 0..10 {
+            assert!(gap(&mut p, &mut t, us(40), Origin).caught);
+        }
+        // One answer slower than those costs a poll of about their length, not busy_poll.
+        let slow = gap(&mut p, &mut t, Duration::from_millis(5), Origin);
+        assert!(!slow.caught);
+        assert!(slow.polled <= us(61), "{slow:?}");
+        // And the next short ones are still caught.
+        assert!(gap(&mut p, &mut t, us(40), Origin).caught);
+    }
+
+    #[test]
+    fn the_window_grows_to_a_gap_it_slept_through() {
+        let mut p = BusyPoll::new(us(500));
+        let mut t = Instant::now();
+        for _ in 0..10 {
+            gap(&mut p, &mut t, us(40), Origin);
+        }
+        // The database slows down: its answers now take 200 µs. One is slept through, and the
+        // window takes it in.
+        let after: Vec<bool> = (0..5).map(|_| gap(&mut p, &mut t, us(200), Origin).caught).collect();
+        assert_eq!(after, [false, true, true, true, true]);
+        // Past busy_poll it does not go.
+        let mut p = BusyPoll::new(us(100));
+        for _ in 0..3 {
+            gap(&mut p, &mut t, us(90), Origin);
+        }
+        assert!(gap(&mut p, &mut t, Duration::from_millis(1), Origin).polled <= us(100));
+    }
+
+    #[test]
+    fn gaps_waiting_for_an_origin_and_for_clients_are_judged_apart() {
+        // One client at a fixed rate: the database answers in 150 µs, the client sends its next
+        // query 850 µs later. Polling catches the answers and sleeps through the think time.
+        let mut p = BusyPoll::new(us(500));
+        let mut t = Instant::now();
+        let (mut caught, mut polled_for_clients) = (0, Duration::ZERO);
+        for i in 0..100 {
+            caught += usize::from(gap(&mut p, &mut t, us(150), Origin).caught);
+            let client = gap(&mut p, &mut t, us(850), Clients);
+            if i >= 10 {
+                polled_for_clients += client.polled;
+            }
+        }
+        assert!(caught >= 99, "caught {caught} of 100 answers");
+        assert!(p.polling(Origin) && !p.polling(Clients));
+        assert_eq!(polled_for_clients, Duration::ZERO);
     }
 
     #[test]
@@ -225,10 +379,10 @@ mod tests {
         let mut t = Instant::now();
         let mut polled = 0;
         for _ in 0..100 {
-            gap(&mut p, &mut t, Duration::from_millis(2));
-            polled += usize::from(p.polling());
+            gap(&mut p, &mut t, Duration::from_millis(2), Clients);
+            polled += usize::from(p.polling(Clients));
         }
-        assert!(!p.polling());
+        assert!(!p.polling(Clients));
         assert!(polled <= 6, "kept polling for {polled} long gaps");
     }
 
@@ -237,11 +391,11 @@ mod tests {
         let mut p = BusyPoll::new(us(50));
         let mut t = Instant::now();
         for _ in 0..50 {
-            gap(&mut p, &mut t, Duration::from_millis(2));
+            gap(&mut p, &mut t, Duration::from_millis(2), Clients);
         }
-        assert!(!p.polling());
+        assert!(!p.polling(Clients));
         // Short gaps, slept through at first, show that polling would pay.
-        let caught: Vec<bool> = (0..10).map(|_| gap(&mut p, &mut t, us(20))).collect();
+        let caught: Vec<bool> = (0..10).map(|_| gap(&mut p, &mut t, us(5), Clients).caught).collect();
         assert!(!caught[0]);
         assert!(caught[9], "{caught:?}");
     }
@@ -253,7 +407,7 @@ mod tests {
         let mut caught = 0;
         for i in 0..100 {
             let g = if i % 3 == 0 { us(400) } else { us(25) };
-            caught += usize::from(gap(&mut p, &mut t, g));
+            caught += usize::from(gap(&mut p, &mut t, g, Clients).caught);
         }
         assert!(caught >= 60, "caught {caught} of 67 short gaps");
     }
@@ -264,8 +418,8 @@ mod tests {
         let mut t = Instant::now();
         for i in 0..100 {
             let g = if i % 3 == 0 { us(25) } else { us(400) };
-            gap(&mut p, &mut t, g);
+            gap(&mut p, &mut t, g, Clients);
         }
-        assert!(!p.polling());
+        assert!(!p.polling(Clients));
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
-use busy_poll::BusyPoll;
+use busy_poll::{Awaits, BusyPoll};
 use run_queue::RunQueue;
 
 thread_local! {
@@ -34,6 +34,21 @@ thread_local! {
     /// Polls of this worker's tasks so far: how the park hook tells work from an empty turn.
     static POLLS: Cell<u64> = const { Cell::new(0) };
     static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
+    /// Sessions on this worker waiting for their origin to answer (`mark_awaiting_origin`).
+    static AWAITING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets a session's flag `awaiting` to `owed`, whether its origin owes it an answer, and counts
+/// it in its worker's sessions that do: busy polling tells a wait for a database, short and
+/// steady, from a wait for clients (see `busy_poll`). A session clears its flag when it ends.
+pub fn mark_awaiting_origin(awaiting: &mut bool, owed: bool) {
+    if *awaiting == owed {
+        return;
+    }
+    *awaiting = owed;
+    // Normally on the worker that set it; elsewhere (a runtime dropped from another thread, or
+    // at thread exit) a count is only a hint, so it must not underflow or fail.
+    let _ = AWAITING.try_with(|n| n.set(if owed { n.get() + 1 } else { n.get().saturating_sub(1) }));
 }
 
 /// A worker thread's busy-poll state and the waker that keeps its runtime from sleeping.
@@ -57,7 +72,8 @@ fn before_park() {
         let Idle { poll, run_queue, keep_awake, .. } = &mut *idle;
         let Some(poll) = poll.as_mut() else { return };
         let now = Instant::now();
-        if poll.idle(now, worked, || run_queue.crowded(now)) {
+        let awaits = || if AWAITING.with(Cell::get) > 0 { Awaits::Origin } else { Awaits::Clients };
+        if poll.idle(now, worked, awaits, || run_queue.crowded(now)) {
             // Let a database or client process that shares this core run first.
             std::thread::yield_now();
             if let Some(waker) = keep_awake {
