@@ -29,7 +29,7 @@ use std::time::Duration;
 use boring::ssl::{SslConnector, SslMethod};
 use boring::x509::store::X509StoreBuilder;
 use boring::x509::X509;
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
@@ -58,6 +58,12 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// Largest frame `WsStream` sends: big enough that framing costs little, small enough for any
 /// peer's frame cap and to keep one frame's buffer cheap.
 pub const MAX_OUTGOING_FRAME: usize = 64 << 10;
+
+/// How much tungstenite reads from the socket at a time. Each read clears this much of its
+/// buffer first and every connection keeps one, so it stays at the size of a socket read
+/// elsewhere in pgwarp rather than tungstenite's 128 KiB default; a larger frame still gets the
+/// room it needs.
+const READ_BUFFER_SIZE: usize = 8 << 10;
 
 /// Default quiet time after which the connecting side pings: within the 60 seconds idle limit
 /// of common load balancers even when the ping waits for the pool's next liveness check (up to
@@ -98,11 +104,10 @@ impl Default for WsConfig {
 impl WsConfig {
     /// The tungstenite settings carrying this config's size caps.
     pub fn protocol_config(&self) -> WebSocketConfig {
-        WebSocketConfig {
-            max_message_size: Some(self.max_message_size),
-            max_frame_size: Some(self.max_frame_size),
-            ..WebSocketConfig::default()
-        }
+        WebSocketConfig::default()
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_frame_size))
+            .read_buffer_size(READ_BUFFER_SIZE)
     }
 }
 
@@ -251,8 +256,9 @@ pub struct WsStream<S> {
     /// The rest of the binary message being read.
     incoming: Bytes,
     read_state: ReadState,
-    /// The binary frame being filled by writes; sent when full or on flush.
-    outgoing: Vec<u8>,
+    /// The binary frame being filled by writes; sent when full or on flush. Its memory comes back
+    /// for the next frame once tungstenite has copied the frame out.
+    outgoing: BytesMut,
     max_outgoing_frame: usize,
     /// Pings after quiet spells, when asked for (`with_pings`).
     heartbeat: Option<Heartbeat>,
@@ -277,7 +283,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             inner,
             incoming: Bytes::new(),
             read_state: ReadState::Open,
-            outgoing: Vec::new(),
+            outgoing: BytesMut::new(),
             max_outgoing_frame,
             heartbeat: None,
         }
@@ -322,7 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(ready) => ready.map_err(into_io_error)?,
             }
-            Pin::new(&mut *inner).start_send(Message::Ping(Vec::new())).map_err(into_io_error)?;
+            Pin::new(&mut *inner).start_send(Message::Ping(Bytes::new())).map_err(into_io_error)?;
             // What the socket does not take now goes with the next write or read.
             if let Poll::Ready(Err(err)) = Pin::new(&mut *inner).poll_flush(cx) {
                 return Err(into_io_error(err));
@@ -344,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     /// Hands the filled frame to the sink. Call only after `poll_ready` returned ready.
     fn start_send_outgoing(&mut self) -> io::Result<()> {
-        let frame = std::mem::take(&mut self.outgoing);
+        let frame = self.outgoing.split().freeze();
         self.sent();
         Pin::new(&mut self.inner).start_send(Message::Binary(frame)).map_err(into_io_error)
     }
@@ -376,6 +382,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 let n = buf.remaining().min(this.incoming.len());
                 buf.put_slice(&this.incoming[..n]);
                 this.incoming.advance(n);
+                if this.incoming.is_empty() {
+                    // Let go of tungstenite's read buffer, so it can reuse it for the next frame.
+                    this.incoming = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match this.read_state {
@@ -393,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 }
             };
             match next {
-                Some(Ok(Message::Binary(data))) => this.incoming = Bytes::from(data),
+                Some(Ok(Message::Binary(data))) => this.incoming = data,
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
                     this.read_state = ReadState::Refused;
@@ -466,7 +476,7 @@ fn into_io_error(err: tungstenite::Error) -> io::Error {
         tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             io::Error::new(io::ErrorKind::ConnectionReset, "the WebSocket connection ended without a Close frame")
         }
-        err @ (tungstenite::Error::Capacity(_) | tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8) => {
+        err @ (tungstenite::Error::Capacity(_) | tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => {
             io::Error::new(io::ErrorKind::InvalidData, err)
         }
         err => io::Error::other(err),
@@ -577,7 +587,7 @@ mod tests {
     async fn bytes_split_across_frames_read_as_one_stream() {
         let (mut stream, mut peer) = stream_and_peer(caps(1 << 20, 64 << 20)).await;
         for part in ["SEL", "", "ECT 1; -- ", "split", " frames"] {
-            peer.send(Message::Binary(part.as_bytes().to_vec())).await.expect("send");
+            peer.send(Message::Binary(Bytes::from_static(part.as_bytes()))).await.expect("send");
         }
         // Small reads consume a frame partly; the rest is kept for the next read.
         let mut got = Vec::new();
@@ -638,10 +648,10 @@ mod tests {
             let mut buf = [0u8; 5];
             stream.read_exact(&mut buf).await.map(|_| buf)
         });
-        peer.send(Message::Ping(b"are you there".to_vec())).await.expect("send ping");
+        peer.send(Message::Ping(Bytes::from_static(b"are you there"))).await.expect("send ping");
         let answer = timeout(STEP, peer.next()).await.expect("pong in time").expect("message").expect("no error");
-        assert_eq!(answer, Message::Pong(b"are you there".to_vec()));
-        peer.send(Message::Binary(b"hello".to_vec())).await.expect("send data");
+        assert_eq!(answer, Message::Pong(Bytes::from_static(b"are you there")));
+        peer.send(Message::Binary(Bytes::from_static(b"hello"))).await.expect("send data");
         let got = timeout(STEP, reader).await.expect("in time").expect("join").expect("read");
         assert_eq!(&got, b"hello");
     }
@@ -667,24 +677,24 @@ mod tests {
         });
 
         let (msg, at) = next_at(&mut peer).await;
-        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(msg, Message::Ping(Bytes::new()));
         assert_eq!(at - start, Duration::from_secs(30), "the first ping, after 30s of nothing");
 
         // Data from the peer does not put the next ping off (it may only be seen later)...
         tokio::time::sleep(Duration::from_secs(10)).await;
-        peer.send(Message::Binary(b"row".to_vec())).await.unwrap();
+        peer.send(Message::Binary(Bytes::from_static(b"row"))).await.unwrap();
         assert_eq!(got_rx.recv().await.unwrap(), b"row");
         let (msg, at) = next_at(&mut peer).await;
-        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(msg, Message::Ping(Bytes::new()));
         assert_eq!(at - start, Duration::from_secs(60));
 
         // ...data sent does.
         tokio::time::sleep(Duration::from_secs(10)).await;
         writer.write_all(b"query").await.unwrap();
         writer.flush().await.unwrap();
-        assert_eq!(next_at(&mut peer).await.0, Message::Binary(b"query".to_vec()));
+        assert_eq!(next_at(&mut peer).await.0, Message::Binary(Bytes::from_static(b"query")));
         let (msg, at) = next_at(&mut peer).await;
-        assert_eq!(msg, Message::Ping(Vec::new()));
+        assert_eq!(msg, Message::Ping(Bytes::new()));
         assert_eq!(at - start, Duration::from_secs(100));
     }
 
@@ -703,15 +713,15 @@ mod tests {
             assert!(stream.read(&mut buf).now_or_never().is_none());
             tokio::task::yield_now().await;
             let got = peer.next().now_or_never().flatten().map(|m| m.unwrap());
-            assert_eq!(got, pings.then(|| Message::Ping(Vec::new())), "every {every:?}");
+            assert_eq!(got, pings.then(|| Message::Ping(Bytes::new())), "every {every:?}");
         }
     }
 
     #[tokio::test]
     async fn text_frame_is_refused() {
         let (mut stream, mut peer) = stream_and_peer(caps(1 << 20, 64 << 20)).await;
-        peer.send(Message::Text("SELECT 1".to_string())).await.expect("send");
-        peer.send(Message::Binary(b"after".to_vec())).await.expect("send");
+        peer.send(Message::Text("SELECT 1".into())).await.expect("send");
+        peer.send(Message::Binary(Bytes::from_static(b"after"))).await.expect("send");
         let mut buf = [0u8; 16];
         for _ in 0..2 {
             let err = timeout(STEP, stream.read(&mut buf)).await.expect("in time").expect_err("text must fail");
@@ -723,7 +733,7 @@ mod tests {
     #[tokio::test]
     async fn close_from_peer_reads_as_eof_and_is_answered() {
         let (mut stream, mut peer) = stream_and_peer(caps(1 << 20, 64 << 20)).await;
-        peer.send(Message::Binary(b"last words".to_vec())).await.expect("send");
+        peer.send(Message::Binary(Bytes::from_static(b"last words"))).await.expect("send");
         peer.close(None).await.expect("close");
         let mut got = Vec::new();
         timeout(STEP, stream.read_to_end(&mut got)).await.expect("in time").expect("read");
@@ -761,7 +771,7 @@ mod tests {
             stream
         });
         let first = timeout(STEP, peer.next()).await.expect("in time").expect("message").expect("no error");
-        assert_eq!(first, Message::Binary(b"Terminate".to_vec()));
+        assert_eq!(first, Message::Binary(Bytes::from_static(b"Terminate")));
         let second = timeout(STEP, peer.next()).await.expect("in time").expect("message").expect("no error");
         assert!(matches!(second, Message::Close(_)), "{second:?}");
         timeout(STEP, shutdown).await.expect("shutdown in time").expect("join");
@@ -772,7 +782,7 @@ mod tests {
         let (a, b) = duplex(64 << 10);
         let mut stream = WsStream::new(WebSocketStream::from_raw_socket(a, Role::Client, Some(caps(1024, 4096))).await);
         let mut peer = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        peer.send(Message::Binary(vec![1u8; 2048])).await.expect("send");
+        peer.send(Message::Binary(vec![1u8; 2048].into())).await.expect("send");
         let err = timeout(STEP, stream.read(&mut [0u8; 64])).await.expect("in time").expect_err("too big");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
@@ -782,7 +792,7 @@ mod tests {
         let (a, b) = duplex(64 << 10);
         let mut stream = WsStream::new(WebSocketStream::from_raw_socket(a, Role::Client, Some(caps(8192, 4096))).await);
         let mut peer = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        peer.send(Message::Binary(vec![1u8; 6000])).await.expect("send");
+        peer.send(Message::Binary(vec![1u8; 6000].into())).await.expect("send");
         let err = timeout(STEP, stream.read(&mut [0u8; 64])).await.expect("in time").expect_err("too big");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }

@@ -14,11 +14,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,10 +36,19 @@ const PORT_ATTEMPTS: usize = 5;
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is released before returning, so another process may take it; callers that bind it
-/// later should be ready to retry with a new one.
+/// later should be ready to retry with a new one. It is never a port this test process was
+/// handed before: the kernel may give the same ephemeral port to two binds in a row, and a test
+/// asking for two ports (a listener and an admin endpoint, say) must get two.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// True when the effective user id is 0, read from /proc so no libc binding is needed.
