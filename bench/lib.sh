@@ -357,6 +357,29 @@ ratio() {
         else printf f "\n", a / b }'
 }
 
+# paired_ratio "A VALUES" "B VALUES": the median over runs of A[i] / B[i], where A[i] and B[i] ran
+# in the same round of an interleaved grid; "-" when the lists are empty or of different lengths
+# (a failed run). A slow spell of a shared machine hits both members of a pair, so on a noisy
+# machine this moves less than the ratio of the two medians.
+paired_ratio() {
+    local -a a b r=()
+    local i
+    read -ra a <<<"$1"
+    read -ra b <<<"$2"
+    if ((${#a[@]} == 0 || ${#a[@]} != ${#b[@]})); then
+        echo -
+        return
+    fi
+    for ((i = 0; i < ${#a[@]}; i++)); do
+        r+=("$(ratio "${a[i]}" "${b[i]}" %.4f)")
+    done
+    if [[ " ${r[*]} " == *" - "* ]]; then
+        echo -
+        return
+    fi
+    printf '%.2fx\n' "$(median "${r[@]}")"
+}
+
 # difference A B: A - B with 3 decimals, or "-".
 difference() {
     awk -v a="$1" -v b="$2" 'BEGIN {

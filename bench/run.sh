@@ -220,6 +220,7 @@ run_grid() {
                     "$SECS" "$@" -c "$clients" -j "$((clients > 1 ? 2 : 1))"); then
                     tps[$key]+="${result% *} "
                     lat[$key]+="${result#* } "
+                    log "$label: $target -c $clients run $run/$RUNS: ${result% *} tps, ${result#* } ms"
                 else
                     FAILURES=$((FAILURES + 1))
                 fi
@@ -320,7 +321,7 @@ bench_tunnel() {
     report ""
     report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), and over pgwarp tunnel (ws://) =="
     report_grid "1 32" "tcp relay tunnel" origin
-    report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") (target >= 0.85x; the bare relay: $(ratio "${mt[32|relay]}" "${mt[32|tcp]}"); tunnel/relay: $(ratio "${mt[32|tunnel]}" "${mt[32|relay]}") for what WebSocket framing costs beyond the bare hop); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms (relay: $(difference "${ml[1|relay]}" "${ml[1|tcp]}") ms)"
+    report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") of the medians, $(paired_ratio "${tps[32|tunnel]:-}" "${tps[32|tcp]:-}") paired by round (target >= 0.85x; the bare relay: $(ratio "${mt[32|relay]}" "${mt[32|tcp]}"), paired $(paired_ratio "${tps[32|relay]:-}" "${tps[32|tcp]:-}"); tunnel/relay: $(ratio "${mt[32|tunnel]}" "${mt[32|relay]}") for what WebSocket framing costs beyond the bare hop); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms (relay: $(difference "${ml[1|relay]}" "${ml[1|tcp]}") ms)"
 }
 
 # Unix-domain sockets on both sides, as a pooler next to the database (or a sidecar sharing a
