@@ -151,6 +151,30 @@ wait_for_port() {
 # rss_kib PID: resident set size of a process in KiB.
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
+# cpu_ticks PID...: user + system CPU time of the processes (all their threads) so far, in clock
+# ticks; a process that is gone counts 0.
+cpu_ticks() {
+    local pid ticks total=0
+    for pid in "$@"; do
+        ticks=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null) || ticks=0
+        total=$((total + ${ticks:-0}))
+    done
+    echo "$total"
+}
+
+# machine_ticks: "BUSY ALL" clock ticks of every CPU since boot (/proc/stat): busy is user, nice,
+# system, irq and softirq; all adds idle, iowait and steal.
+machine_ticks() {
+    awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8; print busy, busy + $5 + $6 + $9; exit }' /proc/stat
+}
+
+# us_per_txn TICKS TPS SECS: TICKS of CPU time over a run of SECS at TPS, in microseconds per
+# transaction.
+us_per_txn() {
+    awk -v t="$1" -v tps="$2" -v s="$3" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { if (tps + 0 == 0) print "-"; else printf "%.1f\n", t * 1e6 / hz / (tps * s) }'
+}
+
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL
 

@@ -207,19 +207,33 @@ bench_cache() {
 # run_grid LABEL "CLIENT COUNTS" "TARGETS" [PGBENCH ARGS...]: RUNS rounds of one pgbench run
 # per target (its port in the caller's associative array `port`) at each client count, targets
 # interleaved within a round. Appends each run's TPS and latency to the caller's `tps` and `lat`,
-# keyed "clients|target".
+# keyed "clients|target". A caller that also declares the associative arrays `cpu`, `idle`,
+# `pids` and `proc_cpu` gets each run's CPU time: the whole machine's per transaction in `cpu`,
+# the share of the machine left idle in `idle`, and, for a target whose processes `pids` names,
+# theirs per transaction in `proc_cpu`.
 run_grid() {
-    local label=$1 count_list=$2 target_list=$3 clients run target key result
+    local label=$1 count_list=$2 target_list=$3 clients run target key result measure=0
+    local machine_before procs procs_before
     shift 3
+    declare -p cpu idle pids proc_cpu >/dev/null 2>&1 && measure=1
     for clients in $count_list; do
         for ((run = 1; run <= RUNS; run++)); do
             for target in $target_list; do
                 key="$clients|$target"
                 log "$label: $target -c $clients run $run/$RUNS"
+                if ((measure)); then
+                    procs=${pids[$target]:-}
+                    machine_before=$(machine_ticks)
+                    # shellcheck disable=SC2086
+                    procs_before=$(cpu_ticks $procs)
+                fi
                 if result=$(pgbench_once "${port[$target]}" "$BENCH_USER" "$BENCH_PASSWORD" "$BENCH_DB" \
                     "$SECS" "$@" -c "$clients" -j "$((clients > 1 ? 2 : 1))"); then
                     tps[$key]+="${result% *} "
                     lat[$key]+="${result#* } "
+                    if ((measure)); then
+                        run_cpu "$key" "${result% *}" "$machine_before" "$procs_before" "$procs"
+                    fi
                     log "$label: $target -c $clients run $run/$RUNS: ${result% *} tps, ${result#* } ms"
                 else
                     FAILURES=$((FAILURES + 1))
@@ -227,6 +241,21 @@ run_grid() {
             done
         done
     done
+}
+
+# run_cpu KEY TPS "MACHINE TICKS BEFORE" "PROCESS TICKS BEFORE" "PIDS": appends the run that just
+# ended to the caller's `cpu`, `idle` and (with PIDS) `proc_cpu` (see run_grid).
+run_cpu() {
+    local key=$1 run_tps=$2 before=$3 procs_before=$4 procs=$5 after busy all
+    after=$(machine_ticks)
+    busy=$((${after% *} - ${before% *}))
+    all=$((${after#* } - ${before#* }))
+    cpu[$key]+="$(us_per_txn "$busy" "$run_tps" "$SECS") "
+    idle[$key]+="$(ratio "$((all - busy))" "$all" %.3f) "
+    if [[ -n $procs ]]; then
+        # shellcheck disable=SC2086
+        proc_cpu[$key]+="$(us_per_txn "$(($(cpu_ticks $procs) - procs_before))" "$run_tps" "$SECS") "
+    fi
 }
 
 # warm_grid "TARGETS": a short untimed run against each of the caller's `port` targets, so the
@@ -292,20 +321,15 @@ bench_far_origin() {
 # The WebSocket tunnel: pgbench -S through pgwarp over `pgwarp tunnel` (ws://, loopback) against
 # pgwarp over plain TCP. Target: the tunnel costs <= 15% TPS at 32 clients. The floor beside
 # them: pgwarp through a bare TCP relay process (bench/tcp_relay.rs), the cost of any far end
-# before it frames a byte.
+# before it frames a byte. And the tunnel as it runs on the database's own host, reaching
+# PostgreSQL on its Unix-domain socket (`--target /dir/.s.PGSQL.PORT`).
 bench_tunnel() {
     ((SKIP_PGWARP)) && return 0
-    local plain_port=${TARGET_PORT[pgwarp]} tunnel_port log=$BENCH_DIR/tunnel.log
-    free_port tunnel_port
-    target/release/pgwarp tunnel --listen "127.0.0.1:$tunnel_port" --target "127.0.0.1:$PG_PORT" \
-        --client-id bench --client-secret bench-secret --log-level warn >"$log" 2>&1 </dev/null &
-    local tunnel_pid=$!
-    on_exit "stop_pid $tunnel_pid"
-    wait_for_port "$tunnel_port" "$tunnel_pid" 15 "pgwarp tunnel" "$log"
-    start_pgwarp target/release/pgwarp \
-        "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache \
-        --tunnel-url "ws://127.0.0.1:$tunnel_port/" --tunnel-client-id bench --tunnel-client-secret bench-secret
-    local tunnel_pgwarp=$PGWARP_PORT relay_port relay_log=$BENCH_DIR/tcp_relay.log
+    local tunnel_pgwarp tunnel_pid socket_pgwarp socket_pid relay_port relay_log=$BENCH_DIR/tcp_relay.log
+    start_tunnel_pgwarp tunnel "127.0.0.1:$PG_PORT"
+    tunnel_pgwarp=$PGWARP_PORT tunnel_pid=$TUNNEL_PID
+    start_tunnel_pgwarp tunnel_socket "$PG_SOCKET_DIR/.s.PGSQL.$PG_PORT"
+    socket_pgwarp=$PGWARP_PORT socket_pid=$TUNNEL_PID
     free_port relay_port
     target/release/examples/tcp_relay --listen "127.0.0.1:$relay_port" --target "127.0.0.1:$PG_PORT" \
         >"$relay_log" 2>&1 </dev/null &
@@ -314,14 +338,41 @@ bench_tunnel() {
     wait_for_port "$relay_port" "$relay_pid" 15 tcp_relay "$relay_log"
     start_pgwarp target/release/pgwarp \
         "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$relay_port/$BENCH_DB" "$POOL_SIZE" --no-cache
-    local -A port=([tcp]=$plain_port [relay]=$PGWARP_PORT [tunnel]=$tunnel_pgwarp)
-    local -A tps=() lat=() mt=() ml=()
-    warm_grid "relay tunnel"
-    run_grid tunnel "1 32" "tcp relay tunnel" -S -M extended
+    local -A port=([tcp]=${TARGET_PORT[pgwarp]} [relay]=$PGWARP_PORT [tunnel]=$tunnel_pgwarp
+        [tunnel_socket]=$socket_pgwarp)
+    local -A tps=() lat=() mt=() ml=() cpu=() idle=() proc_cpu=()
+    local -A pids=([relay]=$relay_pid [tunnel]=$tunnel_pid [tunnel_socket]=$socket_pid)
+    local targets="tcp relay tunnel tunnel_socket"
+    warm_grid "relay tunnel tunnel_socket"
+    run_grid tunnel "1 32" "$targets" -S -M extended
     report ""
-    report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), and over pgwarp tunnel (ws://) =="
-    report_grid "1 32" "tcp relay tunnel" origin
+    report "== tunnel: pgbench -S -M extended through pgwarp, origin over plain TCP, over a bare TCP relay process (the floor for any far end), over pgwarp tunnel (ws://), and over pgwarp tunnel reaching PostgreSQL on its Unix-domain socket =="
+    report_grid "1 32" "$targets" origin
     report "tunnel/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel]}" "${mt[32|tcp]}") of the medians, $(paired_ratio "${tps[32|tunnel]:-}" "${tps[32|tcp]:-}") paired by round (target >= 0.85x; the bare relay: $(ratio "${mt[32|relay]}" "${mt[32|tcp]}"), paired $(paired_ratio "${tps[32|relay]:-}" "${tps[32|tcp]:-}"); tunnel/relay: $(ratio "${mt[32|tunnel]}" "${mt[32|relay]}") for what WebSocket framing costs beyond the bare hop); added latency at 1 client: $(difference "${ml[1|tunnel]}" "${ml[1|tcp]}") ms (relay: $(difference "${ml[1|relay]}" "${ml[1|tcp]}") ms)"
+    report "tunnel on the database's host (PostgreSQL on its socket)/tcp TPS at 32 clients: $(ratio "${mt[32|tunnel_socket]}" "${mt[32|tcp]}") of the medians, $(paired_ratio "${tps[32|tunnel_socket]:-}" "${tps[32|tcp]:-}") paired; added latency at 1 client: $(difference "${ml[1|tunnel_socket]}" "${ml[1|tcp]}") ms"
+    # Where the hop's cost goes. With every CPU busy, TPS is the machine's CPU divided by the CPU
+    # each transaction takes (pgbench, pgwarp, PostgreSQL and the far end together), so the TPS
+    # ratio is the ratio of those CPU times and the far end's own share is what the hop adds.
+    # shellcheck disable=SC2086
+    report "CPU at 32 clients, medians: machine idle $(median ${idle[32|tcp]:-}) tcp, $(median ${idle[32|relay]:-}) relay, $(median ${idle[32|tunnel]:-}) tunnel (share of all CPU time);" \
+        "machine CPU per transaction $(median ${cpu[32|tcp]:-}) us tcp, $(median ${cpu[32|relay]:-}) us relay, $(median ${cpu[32|tunnel]:-}) us tunnel, $(median ${cpu[32|tunnel_socket]:-}) us tunnel to the socket;" \
+        "the far end's own $(median ${proc_cpu[32|relay]:-}) us relay, $(median ${proc_cpu[32|tunnel]:-}) us pgwarp tunnel, $(median ${proc_cpu[32|tunnel_socket]:-}) us pgwarp tunnel to the socket" \
+        "(0.85x needs the whole hop within $(awk -v c="$(median ${cpu[32|tcp]:-})" 'BEGIN { if (c == "-") print "-"; else printf "%.1f", c / 0.85 - c }') us)"
+}
+
+# start_tunnel_pgwarp NAME TARGET: a `pgwarp tunnel` (ws://) in front of TARGET and a pure-pooler
+# pgwarp whose origin connections go through it; sets TUNNEL_PID and PGWARP_PORT/_PID/_LOG.
+start_tunnel_pgwarp() {
+    local name=$1 target=$2 listen log=$BENCH_DIR/$1.log
+    free_port listen
+    target/release/pgwarp tunnel --listen "127.0.0.1:$listen" --target "$target" \
+        --client-id bench --client-secret bench-secret --log-level warn >"$log" 2>&1 </dev/null &
+    TUNNEL_PID=$!
+    on_exit "stop_pid $TUNNEL_PID"
+    wait_for_port "$listen" "$TUNNEL_PID" 15 "pgwarp tunnel ($name)" "$log"
+    start_pgwarp target/release/pgwarp \
+        "postgres://$BENCH_USER:$BENCH_PASSWORD@127.0.0.1:$PG_PORT/$BENCH_DB" "$POOL_SIZE" --no-cache \
+        --tunnel-url "ws://127.0.0.1:$listen/" --tunnel-client-id bench --tunnel-client-secret bench-secret
 }
 
 # Unix-domain sockets on both sides, as a pooler next to the database (or a sidecar sharing a
