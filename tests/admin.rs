@@ -191,6 +191,54 @@ async fn metrics_show_clients_waiting_for_a_busy_pool_and_their_timeouts() {
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// Scrapes until `metric` reads `want`, or fails after five seconds.
+async fn wait_for_sample(admin: u16, metric: &str, want: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&scrape(admin), metric);
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {metric} is {now}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The count that busy polling reads to tell a wait for the database from a wait for clients,
+/// as the metrics page shows it: a client counts while its request is at the origin, over the
+/// simple and the extended protocol and on either worker, and not while it is idle, idle in a
+/// transaction, or gone.
+#[tokio::test]
+async fn metrics_count_clients_whose_request_the_origin_is_answering() {
+    let origin = Origin::start();
+    let (process, admin) = start(&origin, &["--workers", "2", "--no-cache"]);
+    let url = process.url(APP_USER, APP_PASSWORD, APP_DB);
+    let simple = common::connect(&url).await.unwrap();
+    let extended = common::connect(&url).await.unwrap();
+    let in_transaction = common::connect(&url).await.unwrap();
+    const AWAITING: &str = "pgwarp_clients_awaiting_origin";
+    assert_eq!(sample(&scrape(admin), AWAITING), 0.0, "three idle clients");
+
+    in_transaction.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let simple = tokio::spawn(async move { simple.batch_execute("SELECT pg_sleep(2)").await });
+    let extended = tokio::spawn(async move {
+        extended.query_one("SELECT pg_sleep(2)::text", &[]).await.map(|r| r.get::<_, String>(0))
+    });
+    wait_for_sample(admin, AWAITING, 2.0, "two clients wait for pg_sleep, one is idle in a transaction").await;
+
+    simple.await.unwrap().unwrap();
+    assert_eq!(extended.await.unwrap().unwrap(), "");
+    wait_for_sample(admin, AWAITING, 0.0, "both answered").await;
+    in_transaction.batch_execute("COMMIT").await.unwrap();
+
+    // A client that leaves while its request runs is no longer counted.
+    let mut leaving = RawClient::connect(process.port(), APP_USER, APP_PASSWORD, APP_DB).await;
+    leaving.send(&query("SELECT pg_sleep(30)")).await;
+    wait_for_sample(admin, AWAITING, 1.0, "the long request is at the origin").await;
+    drop(leaving);
+    wait_for_sample(admin, AWAITING, 0.0, "its client left").await;
+}
+
 #[tokio::test]
 async fn healthz_turns_503_while_shutdown_drains_and_bad_requests_get_http_errors() {
     let origin = Origin::start();

@@ -30,6 +30,8 @@ pub struct Snapshot {
     /// Databases whose new logins DISABLE refuses.
     pub disabled: Vec<String>,
     pub clients: usize,
+    /// Clients whose request the origin is answering now.
+    pub awaiting_origin: usize,
     pub max_clients: usize,
     pub logins: u64,
     /// Refused client connections by SQLSTATE.
@@ -55,6 +57,7 @@ impl Snapshot {
             paused: ctx.pools.is_paused(),
             disabled: ctx.pools.disabled().into_iter().collect(),
             clients: ctx.connected_clients(),
+            awaiting_origin: ctx.awaiting_origin.count(),
             max_clients: ctx.max_client_conn(),
             logins: ctx.clients.logins(),
             refusals: ctx.clients.refusals(),
@@ -117,6 +120,8 @@ impl Collector for Snapshot {
         family(&mut e, "database_disabled", "1 for a database whose new logins DISABLE refuses", disabled)?;
 
         one(&mut e, "clients", "Client connections logged in or logging in", ConstGauge::new(self.clients as i64))?;
+        let awaiting = ConstGauge::new(self.awaiting_origin as i64);
+        one(&mut e, "clients_awaiting_origin", "Clients whose request the origin is answering now", awaiting)?;
         one(&mut e, "max_clients", "Client connections accepted at once", ConstGauge::new(self.max_clients as i64))?;
         one(&mut e, "client_logins", "Client logins", ConstCounter::new(self.logins))?;
         let refusals = self.refusals.iter().map(|(code, n)| (vec![("sqlstate", code.as_str())], ConstCounter::new(*n)));
@@ -231,6 +236,7 @@ mod tests {
             paused: false,
             disabled: vec!["old".to_owned()],
             clients: 7,
+            awaiting_origin: 2,
             max_clients: 100,
             logins: 40,
             refusals: vec![("28P01".to_owned(), 2), ("53300".to_owned(), 1)],
@@ -270,6 +276,7 @@ mod tests {
             "pgwarp_draining 0",
             "pgwarp_paused 0",
             "pgwarp_clients 7",
+            "pgwarp_clients_awaiting_origin 2",
             "# TYPE pgwarp_client_logins counter",
             "pgwarp_client_logins_total 40",
             "pgwarp_client_refusals_total{sqlstate=\"28P01\"} 2",

@@ -43,7 +43,7 @@ use crate::transport::tcp_options::TcpOptions;
 use crate::transport::tls::{ClientTls, OriginTls, TlsError};
 use crate::transport::websocket::WsConfig;
 use crate::transport::{self, ClientStream, HostChoice, OriginTarget, Peer, TunnelRoute};
-use crate::workers::{self, Workers};
+use crate::workers::{self, AwaitingOrigin, Workers};
 
 /// What every session shares.
 pub struct ServerContext {
@@ -74,6 +74,8 @@ pub struct ServerContext {
     pub started: Instant,
     /// Logged-in clients and consoles, for `SHOW CLIENTS`.
     pub client_roster: Arc<Roster<ClientEntry>>,
+    /// Clients whose origin is answering them now, over every worker.
+    pub awaiting_origin: AwaitingOrigin,
     /// Where RELOAD re-reads the settings from: the flags and the --config file.
     source: OnceLock<ConfigSource>,
     /// One reload at a time.
@@ -393,6 +395,7 @@ impl Server {
             clients: ClientStats::default(),
             started: Instant::now(),
             client_roster: Arc::new(Roster::default()),
+            awaiting_origin: workers.awaiting_origin(),
             config: RwLock::new(Arc::new(config)),
         });
         Ok(Server { ctx, listener, unix, workers, admin })

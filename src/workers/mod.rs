@@ -10,12 +10,14 @@
 //! New clients go to the worker with the fewest live sessions.
 //!
 //! A worker that runs out of work polls for I/O a little before it sleeps (`busy_poll`).
+//! To tell a wait for a database from a wait for clients, each worker counts its sessions that
+//! wait for their origin's answer; `AwaitingOrigin` adds those counts up for the metrics page.
 
 mod busy_poll;
 mod quota;
 mod run_queue;
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,8 +36,9 @@ thread_local! {
     /// Polls of this worker's tasks so far: how the park hook tells work from an empty turn.
     static POLLS: Cell<u64> = const { Cell::new(0) };
     static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
-    /// Sessions on this worker waiting for their origin to answer (`mark_awaiting_origin`).
-    static AWAITING: Cell<usize> = const { Cell::new(0) };
+    /// Sessions on this worker waiting for their origin to answer (`mark_awaiting_origin`),
+    /// shared with `Workers`; unset outside the workers.
+    static AWAITING: OnceCell<Arc<AtomicUsize>> = const { OnceCell::new() };
 }
 
 /// Sets a session's flag `awaiting` to `owed`, whether its origin owes it an answer, and counts
@@ -47,8 +50,27 @@ pub fn mark_awaiting_origin(awaiting: &mut bool, owed: bool) {
     }
     *awaiting = owed;
     // Normally on the worker that set it; elsewhere (a runtime dropped from another thread, or
-    // at thread exit) a count is only a hint, so it must not underflow or fail.
-    let _ = AWAITING.try_with(|n| n.set(if owed { n.get() + 1 } else { n.get().saturating_sub(1) }));
+    // at thread exit) the count is only a hint, so it must not underflow or fail.
+    let _ = AWAITING.try_with(|n| {
+        let Some(n) = n.get() else { return };
+        if owed {
+            n.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+    });
+}
+
+/// The sessions of a set of workers that wait for their origin to answer, counted per worker
+/// by `mark_awaiting_origin`: requests the databases are working on now.
+#[derive(Clone, Debug, Default)]
+pub struct AwaitingOrigin(Arc<[Arc<AtomicUsize>]>);
+
+impl AwaitingOrigin {
+    /// How many sessions wait for their origin now, over every worker.
+    pub fn count(&self) -> usize {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// A worker thread's busy-poll state and the waker that keeps its runtime from sleeping.
@@ -72,7 +94,8 @@ fn before_park() {
         let Idle { poll, run_queue, keep_awake, .. } = &mut *idle;
         let Some(poll) = poll.as_mut() else { return };
         let now = Instant::now();
-        let awaits = || if AWAITING.with(Cell::get) > 0 { Awaits::Origin } else { Awaits::Clients };
+        let awaiting = || AWAITING.with(|n| n.get().map_or(0, |n| n.load(Ordering::Relaxed)));
+        let awaits = || if awaiting() > 0 { Awaits::Origin } else { Awaits::Clients };
         if poll.idle(now, worked, awaits, || run_queue.crowded(now)) {
             // Let a database or client process that shares this core run first.
             std::thread::yield_now();
@@ -129,6 +152,8 @@ pub struct Workers {
 struct Worker {
     handle: Handle,
     live: Arc<AtomicUsize>,
+    /// Its sessions waiting for their origin (`mark_awaiting_origin`).
+    awaiting: Arc<AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -145,8 +170,13 @@ impl Workers {
                 .build()?;
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
+            let awaiting = Arc::new(AtomicUsize::new(0));
+            let counted = Arc::clone(&awaiting);
             std::thread::Builder::new().name(format!("pgwarp-worker-{index}")).spawn(move || {
                 WORKER.with(|w| w.set(index));
+                AWAITING.with(|n| {
+                    n.get_or_init(|| counted);
+                });
                 if !busy_poll.is_zero() {
                     IDLE.with(|idle| idle.borrow_mut().poll = Some(BusyPoll::new(busy_poll)));
                 }
@@ -157,7 +187,7 @@ impl Workers {
                     }
                 });
             })?;
-            workers.push(Worker { handle, live: Arc::new(AtomicUsize::new(0)), _stop: stop });
+            workers.push(Worker { handle, live: Arc::new(AtomicUsize::new(0)), awaiting, _stop: stop });
         }
         Ok(Workers { workers, busy_poll })
     }
@@ -165,6 +195,11 @@ impl Workers {
     /// How long each worker polls after work before it sleeps.
     pub fn busy_poll(&self) -> Duration {
         self.busy_poll
+    }
+
+    /// Counts these workers' sessions that wait for their origin.
+    pub fn awaiting_origin(&self) -> AwaitingOrigin {
+        AwaitingOrigin(self.workers.iter().map(|w| Arc::clone(&w.awaiting)).collect())
     }
 
     pub fn len(&self) -> usize {
