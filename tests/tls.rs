@@ -1,6 +1,7 @@
 //! TLS on both sides, against a real Postgres with `ssl = on` and certificates made by the test:
 //! clients with psql's sslmode=require / verify-full, the origin in each sslmode (and a
-//! verify-full failure on a wrong host name), --tls-required, and certificate reload on SIGHUP.
+//! verify-full failure on a wrong host name, prefer falling back to plain text), the origin asking
+//! for pgwarp's client certificate, --tls-required, and certificate reload on SIGHUP.
 
 mod common;
 mod support;
@@ -62,6 +63,8 @@ async fn tls_required_refuses_plain_clients() {
     let base = format!("postgresql://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}", pgwarp.port);
     let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=disable"), "SELECT 1").await;
     assert!(!ok && err.contains("requires an encrypted connection"), "{err}");
+    let err = common::connect(&pgwarp.url()).await.unwrap_err();
+    assert_eq!(code(&err), "28000", "{err:?}");
     let (ok, _, err) = psql_at(&origin, format!("{base}?sslmode=require"), "SELECT 1").await;
     assert!(ok, "{err}");
 }
@@ -178,6 +181,47 @@ async fn require_fails_against_an_origin_without_tls() {
     let err = common::connect(&pgwarp.url()).await.unwrap_err();
     let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
     assert!(message.contains("does not accept TLS"), "{message}");
+    // prefer, as in libpq, goes on in plain text there.
+    let url = origin_url(&origin, "127.0.0.1", "sslmode=prefer");
+    let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(url)).await;
+    let client = pgwarp.client().await;
+    let ssl: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(!ssl);
+}
+
+/// An origin that asks for a client certificate (pg_hba `clientcert=verify-ca`) gets the one the
+/// origin URL names in sslcert and sslkey; without it the login fails with the server's reason.
+#[tokio::test]
+async fn origin_client_certificate_comes_from_sslcert_and_sslkey() {
+    let certs = Certs::new("origin-client", "DNS:localhost");
+    let origin = Origin::start_with_ssl(&certs);
+    let (cert, key) = certs.client(APP_USER);
+    let ca = certs.path("ca.pem");
+    origin.cluster.psql(&format!("ALTER SYSTEM SET ssl_ca_file = '{}'", ca.display()));
+    let hba = format!(
+        "local all all trust\nhostnossl all {APP_USER} 127.0.0.1/32 reject\n\
+         hostssl all {APP_USER} 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\nhost all all 127.0.0.1/32 scram-sha-256\n"
+    );
+    std::fs::write(origin.cluster.data_dir().join("pg_hba.conf"), hba).unwrap();
+    origin.cluster.psql("SELECT pg_reload_conf()");
+
+    let verify = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    let with_cert =
+        origin_url(&origin, "localhost", &format!("{verify}&sslcert={}&sslkey={}", cert.display(), key.display()));
+    let pgwarp = Pgwarp::start(&origin, move |c| c.origin = Some(with_cert)).await;
+    let client = pgwarp.client().await;
+    let dn: String =
+        client.query_one("SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(dn, format!("/CN={APP_USER}"));
+
+    // Without one, the client hears that pgwarp's own login failed, and pgwarp's log says why.
+    let without = origin_url(&origin, "localhost", &verify);
+    let process = PgwarpProcess::start(&["--origin", &without, "--log-level", "warn"]);
+    let err = common::connect(&process.url(APP_USER, APP_PASSWORD, APP_DB)).await.unwrap_err();
+    assert_eq!(code(&err), "08004", "{err:?}");
+    let log = process.log();
+    assert!(log.contains("requires a valid client certificate"), "{log}");
 }
 
 #[tokio::test]
@@ -211,8 +255,15 @@ async fn sighup_reloads_the_certificate() {
     assert!(!psql_at(&origin, verify_with(&second.path("ca.pem")), "SELECT 1").await.0);
     install(&second);
     process.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (ok, _, err) = psql_at(&origin, verify_with(&second.path("ca.pem")), "SELECT 1").await;
-    assert!(ok, "after SIGHUP the new certificate is served: {err}");
+    // The reload runs on its own; wait for the new certificate rather than a fixed time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, _, err) = psql_at(&origin, verify_with(&second.path("ca.pem")), "SELECT 1").await;
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "after SIGHUP the new certificate is served: {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(!psql_at(&origin, verify_with(&first.path("ca.pem")), "SELECT 1").await.0);
 }

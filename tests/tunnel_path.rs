@@ -1,5 +1,7 @@
 //! The whole tunnel path with real parts: client -> pgwarp -> WebSocket -> `pgwarp tunnel` ->
-//! Postgres, over ws:// and wss://, with Postgres TLS inside the tunnel; a wrong service token;
+//! Postgres, over ws:// and wss://, with Postgres TLS inside the tunnel, pgwarp's origin URL
+//! naming a dead port so that only the tunnel reaches the database; both binaries with the
+//! service token from the environment, one WebSocket per origin connection; a wrong service token;
 //! pings that keep connections through a proxy that closes idle ones; and pgwarp's tunnel
 //! client against websockify, a WebSocket-to-TCP bridge nobody here wrote.
 
@@ -32,8 +34,11 @@ fn start_tunnel(target_port: u16, tls: Option<&Certs>) -> PgwarpProcess {
     PgwarpProcess::start(&args)
 }
 
+/// pgwarp reaching the database only through the WebSocket at `url`: its origin URL names a
+/// port where nothing listens, so a query that works went through the tunnel.
 async fn pgwarp_through(origin: &Origin, url: String, tweak: impl FnOnce(&mut pgwarp::config::Config)) -> Pgwarp {
     Pgwarp::start(origin, |c| {
+        c.origin = Some(common::postgres_url(common::free_port(), APP_USER, APP_PASSWORD, APP_DB));
         c.tunnel_url = Some(url);
         c.tunnel_client_id = Some(ID.into());
         c.tunnel_client_secret = Some(SECRET.into());
@@ -48,9 +53,10 @@ async fn tls_inside_wss(tweak: impl FnOnce(&mut pgwarp::config::Config)) -> (Cer
     let certs = Certs::new("tunnel", "DNS:localhost,IP:127.0.0.1");
     let origin = Origin::start_with_ssl(&certs);
     let tunnel = start_tunnel(origin.cluster.port(), Some(&certs));
+    // Only the tunnel reaches the database: nothing listens on the URL's port.
     let url = format!(
         "postgres://{APP_USER}:{APP_PASSWORD}@localhost:{}/{APP_DB}?sslmode=verify-full&sslrootcert={}",
-        origin.cluster.port(),
+        common::free_port(),
         certs.path("ca.pem").display()
     );
     let ca = certs.path("ca.pem");
@@ -119,6 +125,55 @@ async fn one_connection_of_tls_inside_wss_moves_between_workers_as_their_clients
         pids.extend(c.await.unwrap());
     }
     assert_eq!(pids.len(), 1, "every client used the one connection: {pids:?}");
+}
+
+/// Both binaries as an operator runs them, each taking the service token from the environment:
+/// every origin connection is a WebSocket of its own (the tunnel logs one session for each
+/// connection the database saw), and nothing reaches the database but through the tunnel.
+#[tokio::test]
+async fn the_binaries_take_the_token_from_the_environment_and_open_a_websocket_per_origin_connection() {
+    let origin = Origin::start();
+    origin.cluster.psql("ALTER SYSTEM SET log_connections = on; SELECT pg_reload_conf()");
+    let env = [("PGWARP_TUNNEL_CLIENT_ID", ID), ("PGWARP_TUNNEL_CLIENT_SECRET", SECRET)];
+    let target = format!("127.0.0.1:{}", origin.cluster.port());
+    let tunnel = PgwarpProcess::start_with_env(&["tunnel", "--target", &target], &env);
+    let tunnel_url = format!("ws://127.0.0.1:{}/", tunnel.port());
+    let dead_origin = common::postgres_url(common::free_port(), APP_USER, APP_PASSWORD, APP_DB);
+    let args = ["--origin", &dead_origin, "--tunnel-url", &tunnel_url, "--pool-size", "3", "--no-cache"];
+    let before = origin.cluster.log().matches("connection authorized: user=app").count();
+    let mut pgwarp = PgwarpProcess::start_with_env(&args, &env);
+
+    // Three clients in transactions at once hold three origin connections.
+    let url = pgwarp.url(APP_USER, APP_PASSWORD, APP_DB);
+    let mut clients = Vec::new();
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let client = common::connect(&url).await.unwrap();
+        client.batch_execute("BEGIN").await.unwrap();
+        backends.insert(client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get::<_, i32>(0));
+        clients.push(client);
+    }
+    assert_eq!(backends.len(), 3, "three origin connections");
+    for client in &clients {
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    drop(clients);
+
+    // Stopping pgwarp closes its origin connections, and the tunnel logs each session's end.
+    pgwarp.signal("TERM");
+    assert!(pgwarp.wait_exit(Duration::from_secs(10)).is_some(), "pgwarp stops; log:\n{}", pgwarp.log());
+    let opened = origin.cluster.log().matches("connection authorized: user=app").count() - before;
+    assert!(opened >= 3, "the database saw {opened} logins");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ended = tunnel.log().matches("tunnel session ended").count();
+        if ended == opened {
+            break;
+        }
+        assert!(ended < opened, "{ended} tunnel sessions for {opened} origin connections:\n{}", tunnel.log());
+        assert!(std::time::Instant::now() < deadline, "{ended} of {opened} sessions ended:\n{}", tunnel.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

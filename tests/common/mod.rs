@@ -518,6 +518,11 @@ impl PgwarpProcess {
     /// `--listen`. stdout and stderr go to a log file. Returns once the port accepts TCP
     /// connections; panics with the log if the process exits first or does not listen in time.
     pub fn start(args: &[&str]) -> PgwarpProcess {
+        PgwarpProcess::start_with_env(args, &[])
+    }
+
+    /// `start`, with `env` added to the process's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> PgwarpProcess {
         let dir = tempfile::Builder::new().prefix("pgwarp-proc-").tempdir().expect("create temp dir for pgwarp");
         let log_path = dir.path().join("pgwarp.log");
         let log = fs::File::create(&log_path).expect("create pgwarp log");
@@ -535,6 +540,7 @@ impl PgwarpProcess {
 
         let child = Command::new(env!("CARGO_BIN_EXE_pgwarp"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
