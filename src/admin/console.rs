@@ -533,13 +533,15 @@ async fn run(
 /// the protocol, or shutdown began: those were told why).
 async fn next_message(ctx: &ServerContext, stream: &mut ClientStream, reader: &mut MessageReader) -> Option<Message> {
     let read = tokio::select! {
-        read = reader.read(stream) => read,
-        // Shutdown closes an idle console as it closes idle clients.
+        // Shutdown closes an idle console as it closes idle clients, even one whose next
+        // command has just arrived.
+        biased;
         () = ctx.drain.cancelled() => {
             let bye = build::error(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "pgwarp is shutting down");
             let _ = stream.write_all(&bye).await;
             return None;
         }
+        read = reader.read(stream) => read,
     };
     match read {
         Ok(Some(msg)) => Some(msg),

@@ -288,11 +288,14 @@ impl Session {
                     watch.observe(Some(Stretch::Still { in_transaction: false }), |s| time_limit(pool, s));
                 }
                 let mut drain = std::pin::pin!(self.cancel.slot.stopped(Stop::Drain));
+                // Shutdown or a time limit first: a query that arrives as the drain reaches
+                // this client does not start a new transaction.
                 tokio::select! {
-                    r = self.client.readable() => if r.is_err() { return End::ClientGone },
+                    biased;
                     r = std::future::poll_fn(|cx| watch.poll_stop_or_expired(drain.as_mut(), cx)) => {
                         return r.map_or_else(|| self.stopped(), End::out_of_time);
                     }
+                    r = self.client.readable() => if r.is_err() { return End::ClientGone },
                 }
             }
             if let Err(end) = Box::pin(self.until_idle()).await {
