@@ -82,6 +82,19 @@ fn sample(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
     *samples.get(name).unwrap_or_else(|| panic!("no {name} in {samples:#?}"))
 }
 
+/// Scrapes until `metric` reads `want`, or fails after five seconds.
+async fn wait_for_sample(admin: u16, metric: &str, want: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&scrape(admin), metric);
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {metric} is {now}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn pool(metric: &str) -> String {
     format!("pgwarp_{metric}{{database=\"{APP_DB}\",user=\"{APP_USER}\"}}")
 }
@@ -146,11 +159,7 @@ async fn metrics_count_logins_refusals_checkouts_traffic_and_cache_answers() {
     assert!(delta(&after, "pool_transaction_seconds_total") >= delta(&after, "pool_query_seconds_total"));
 
     drop(client);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sample(&scrape(admin), "pgwarp_clients") != 0.0 {
-        assert!(Instant::now() < deadline, "the gauge goes back to 0 when the client leaves");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_sample(admin, "pgwarp_clients", 0.0, "the gauge goes back to 0 when the client leaves").await;
 }
 
 #[tokio::test]
@@ -163,11 +172,7 @@ async fn metrics_show_clients_waiting_for_a_busy_pool_and_their_timeouts() {
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     let waiting = tokio::spawn(async move { waiter.query_one("SELECT 2", &[]).await.map(|r| r.get::<_, i32>(0)) });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sample(&scrape(admin), &pool("pool_waiting_clients")) != 1.0 {
-        assert!(Instant::now() < deadline, "the waiting client shows up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_sample(admin, &pool("pool_waiting_clients"), 1.0, "the waiting client shows up").await;
     let busy = scrape(admin);
     assert_eq!(sample(&busy, &pool("pool_active_connections")), 1.0);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -189,19 +194,6 @@ async fn metrics_show_clients_waiting_for_a_busy_pool_and_their_timeouts() {
     // At least: once, on a loaded machine, this read 2 (not reproduced since).
     assert!(sample(&timed_out, &pool("pool_timeouts_total")) >= 1.0, "{timed_out:#?}");
     holder.batch_execute("COMMIT").await.unwrap();
-}
-
-/// Scrapes until `metric` reads `want`, or fails after five seconds.
-async fn wait_for_sample(admin: u16, metric: &str, want: f64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = sample(&scrape(admin), metric);
-        if now == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {metric} is {now}, not {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The count that busy polling reads to tell a wait for the database from a wait for clients,

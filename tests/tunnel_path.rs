@@ -161,7 +161,7 @@ async fn the_binaries_take_the_token_from_the_environment_and_open_a_websocket_p
 
     // Stopping pgwarp closes its origin connections, and the tunnel logs each session's end.
     pgwarp.signal("TERM");
-    assert!(pgwarp.wait_exit(Duration::from_secs(10)).is_some(), "pgwarp stops; log:\n{}", pgwarp.log());
+    assert!(exited(&mut pgwarp, Duration::from_secs(10)).await.is_some(), "pgwarp stops; log:\n{}", pgwarp.log());
     let opened = origin.cluster.log().matches("connection authorized: user=app").count() - before;
     assert!(opened >= 3, "the database saw {opened} logins");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
